@@ -1,0 +1,138 @@
+"""Training data in memory, patch sampling and weak augmentation.
+
+All randomness comes from one ``numpy.random.Generator`` owned by the sampler, so that its state can
+be checkpointed and a resumed run draws exactly the patches an uninterrupted run would have drawn.
+MONAI's array transforms do the cropping, padding, flipping and rotating with parameters we draw.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.transforms import Flip, Rotate90, SpatialCrop, SpatialPad
+
+from .crosslabel import UNLABELLED
+
+log = logging.getLogger(__name__)
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    """Per-scan z-score normalisation (what the LA benchmark data already has; idempotent there)."""
+    std = float(image.std())
+    return ((image - float(image.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
+
+
+@dataclass
+class Case:
+    """One training scan on the canonical grid, with whatever supervision it has."""
+
+    id: str
+    image: np.ndarray  # float32, z-scored
+    target: np.ndarray | None = None  # uint8, 255 = not labelled (cross) or dense
+    pseudo: np.ndarray | None = None  # uint8, fused generalist pseudo-label
+    extra: dict = field(default_factory=dict)
+
+
+def effective_patch(patch: tuple[int, int, int], shapes: list[tuple[int, ...]], divisor: int) -> tuple[int, int, int]:
+    """Clamp the patch to the smallest scan on each axis, keeping it a multiple of the network's divisor."""
+    out = []
+    for axis, p in enumerate(patch):
+        smallest = min(s[axis] for s in shapes) if shapes else p
+        q = min(p, max(divisor, (smallest // divisor) * divisor))
+        out.append(int(q))
+    if tuple(out) != tuple(patch):
+        log.info("patch size clamped from %s to %s to fit the smallest scan", tuple(patch), tuple(out))
+    return tuple(out)  # type: ignore[return-value]
+
+
+class PatchSampler:
+    """Draws batches of patches: ``labelled_bs`` from supervised cases, the rest from unlabelled ones."""
+
+    def __init__(self, labelled: list[Case], unlabelled: list[Case], patch: tuple[int, int, int],
+                 batch_size: int, labelled_bs: int, seed: int, augment: bool = True):
+        if not labelled:
+            raise ValueError("no labelled scan to train on: make cross-labels first (fmabs crosslabel simulate)")
+        self.labelled = labelled
+        self.unlabelled = unlabelled
+        self.patch = tuple(patch)
+        self.batch_size = batch_size
+        self.labelled_bs = labelled_bs if unlabelled else batch_size
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+        self._pad = SpatialPad(self.patch, mode="constant")
+
+    # -- state for checkpoints --
+    def state_dict(self) -> dict:
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+
+    # -- sampling --
+    def _crop_start(self, shape: tuple[int, ...], must_contain: np.ndarray | None) -> list[int]:
+        """Random crop start; if ``must_contain`` (voxel index) is given, the crop includes it."""
+        starts = []
+        for axis in range(3):
+            room = shape[axis] - self.patch[axis]
+            if must_contain is None:
+                starts.append(int(self.rng.integers(0, room + 1)))
+            else:
+                lo = max(0, int(must_contain[axis]) - self.patch[axis] + 1)
+                hi = min(room, int(must_contain[axis]))
+                starts.append(int(self.rng.integers(lo, hi + 1)))
+        return starts
+
+    def _padded(self, array: np.ndarray | None) -> np.ndarray | None:
+        if array is None:
+            return None
+        return np.asarray(self._pad(array[None].astype(np.int16), value=UNLABELLED))  # type: ignore[call-arg]
+
+    def _sample(self, case: Case, supervised: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image = np.asarray(self._pad(case.image[None]))
+        shape = image.shape[1:]
+        target = self._padded(case.target if supervised else None)
+        pseudo = self._padded(case.pseudo)
+        anchor = None
+        if target is not None:
+            # Crops must see labelled voxels: anchor on a random labelled voxel (cross-labels are sparse).
+            labelled = np.flatnonzero(target[0] != UNLABELLED)
+            if len(labelled):
+                anchor = np.array(np.unravel_index(int(self.rng.choice(labelled)), shape))
+        start = self._crop_start(shape, anchor)
+        crop = SpatialCrop(roi_start=start, roi_end=[s + p for s, p in zip(start, self.patch)])
+        unlabelled = np.full((1, *self.patch), UNLABELLED, dtype=np.int16)
+        img = np.asarray(crop(image))
+        tgt = unlabelled if target is None else np.asarray(crop(target))
+        pse = unlabelled if pseudo is None else np.asarray(crop(pseudo))
+        if self.augment:
+            img, tgt, pse = self._augment(img, tgt, pse)
+        return img, tgt[0], pse[0]
+
+    def _augment(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Random rot90 in the axial plane then a flip on one random axis (UA-MT's RandomRotFlip)."""
+        square = self.patch[0] == self.patch[1]
+        k = int(self.rng.integers(0, 4)) if square else 2 * int(self.rng.integers(0, 2))
+        axis = int(self.rng.integers(0, 3))
+        rot, flip = Rotate90(k=k, spatial_axes=(0, 1)), Flip(spatial_axis=axis)
+        return [np.ascontiguousarray(np.asarray(flip(rot(a)))) for a in arrays]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        images, targets, pseudos, is_lab = [], [], [], []
+        for i in range(self.batch_size):
+            supervised = i < self.labelled_bs
+            pool = self.labelled if supervised else self.unlabelled
+            case = pool[int(self.rng.integers(0, len(pool)))]
+            img, tgt, pse = self._sample(case, supervised)
+            images.append(img)
+            targets.append(tgt)
+            pseudos.append(pse)
+            is_lab.append(supervised)
+        return {
+            "image": torch.from_numpy(np.stack(images).astype(np.float32)),
+            "target": torch.from_numpy(np.stack(targets).astype(np.int64)),
+            "pseudo": torch.from_numpy(np.stack(pseudos).astype(np.int64)),
+            "labelled": torch.tensor(is_lab),
+        }

@@ -1,0 +1,116 @@
+"""Dice, Jaccard, 95 % Hausdorff and average surface distance, in voxels and in mm.
+
+An empty prediction (or empty ground truth) has no surface: its distances are reported as NaN with
+``failed=True`` and counted separately, never as 0 (the reference code's HD = 0 flatters failures).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+
+@dataclass
+class CaseScores:
+    case: str
+    dice: float
+    jaccard: float
+    hd95_vox: float
+    asd_vox: float
+    hd95_mm: float
+    asd_mm: float
+    failed: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def dice_jaccard(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    p, g = pred.astype(bool), gt.astype(bool)
+    inter = np.logical_and(p, g).sum()
+    total = p.sum() + g.sum()
+    union = np.logical_or(p, g).sum()
+    if total == 0:
+        return 1.0, 1.0  # both empty: perfect agreement
+    return float(2 * inter / total), float(inter / union)
+
+
+def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | None) -> tuple[float, float]:
+    p = torch.from_numpy(pred.astype(np.float32))[None, None]
+    g = torch.from_numpy(gt.astype(np.float32))[None, None]
+    hd = compute_hausdorff_distance(p, g, percentile=95, spacing=spacing)
+    asd = compute_average_surface_distance(p, g, symmetric=True, spacing=spacing)
+    return float(hd.item()), float(asd.item())
+
+
+def score_case(case: str, pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> CaseScores:
+    """Scores of one binary prediction against one binary ground truth."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"{case}: prediction shape {pred.shape} differs from label shape {gt.shape}")
+    pred, gt = pred > 0, gt > 0
+    dice, jac = dice_jaccard(pred, gt)
+    if not pred.any() or not gt.any():
+        return CaseScores(case, dice, jac, math.nan, math.nan, math.nan, math.nan, failed=True)
+    hd_v, asd_v = _surface_distances(pred, gt, None)
+    hd_mm, asd_mm = _surface_distances(pred, gt, spacing)
+    return CaseScores(case, dice, jac, hd_v, asd_v, hd_mm, asd_mm, failed=False)
+
+
+METRIC_KEYS = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
+
+
+def summarise(scores: list[CaseScores]) -> dict:
+    """Mean and std per metric; distances over non-failed cases only, failures counted."""
+    out: dict = {"n_cases": len(scores), "n_failed": sum(s.failed for s in scores)}
+    for key in METRIC_KEYS:
+        vals = np.array([getattr(s, key) for s in scores], dtype=float)
+        vals = vals[~np.isnan(vals)]
+        out[key] = {"mean": float(vals.mean()) if len(vals) else math.nan,
+                    "std": float(vals.std()) if len(vals) else math.nan}
+    return out
+
+
+def format_table(scores: list[CaseScores], summary: dict) -> str:
+    head = f"{'case':<28}{'Dice':>8}{'Jacc':>8}{'95HD vx':>9}{'ASD vx':>8}{'95HD mm':>9}{'ASD mm':>8}"
+    lines = [head, "-" * len(head)]
+
+    def fmt(v: float, w: int) -> str:
+        return f"{'nan':>{w}}" if math.isnan(v) else f"{v:>{w}.3f}"
+
+    for s in scores:
+        lines.append(f"{s.case[:27]:<28}" + fmt(s.dice, 8) + fmt(s.jaccard, 8) + fmt(s.hd95_vox, 9)
+                     + fmt(s.asd_vox, 8) + fmt(s.hd95_mm, 9) + fmt(s.asd_mm, 8) + ("  FAILED (empty)" if s.failed else ""))
+    lines.append("-" * len(head))
+    means = [summary[k]["mean"] for k in METRIC_KEYS]
+    stds = [summary[k]["std"] for k in METRIC_KEYS]
+    widths = (8, 8, 9, 8, 9, 8)
+    lines.append(f"{'mean':<28}" + "".join(fmt(m, w) for m, w in zip(means, widths)))
+    lines.append(f"{'std':<28}" + "".join(fmt(m, w) for m, w in zip(stds, widths)))
+    lines.append(f"{summary['n_failed']} of {summary['n_cases']} cases failed (empty prediction or label); "
+                 "their distances are excluded from the means")
+    return "\n".join(lines)
+
+
+def evaluate_folders(pred_dir, label_dir, num_classes: int | None = None) -> tuple[list[CaseScores], dict]:
+    """Score every prediction in ``pred_dir`` that has a same-named label in ``label_dir`` (binary: label > 0)."""
+    from . import io
+    from .errors import InputError
+
+    preds = {io.case_id(p): p for p in io.list_niftis(pred_dir) if not io.case_id(p).endswith("_probs")}
+    labels = {io.case_id(p): p for p in io.list_niftis(label_dir)}
+    common = sorted(set(preds) & set(labels))
+    if not common:
+        raise InputError(f"no prediction in {pred_dir} has a label of the same name in {label_dir}")
+    scores = []
+    for cid in common:
+        pred = io.load_label(preds[cid], num_classes)
+        gt = io.load_label(labels[cid], num_classes)
+        problems = io.check_pair(gt, pred)
+        if problems:
+            raise InputError("; ".join(problems))
+        scores.append(score_case(cid, pred.array, gt.array, gt.spacing))
+    return scores, summarise(scores)

@@ -1,0 +1,73 @@
+"""Synthetic MRI-like scans with a known structure, for the demo and the tests.
+
+Each scan holds one smooth blob (a few overlapping ellipsoids, warped by a smooth field) brighter than
+a textured background, with Rician-like noise and a multiplicative bias field, as in MR images. The
+affine can be oblique and non-RAS so that orientation handling is exercised end to end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from .io import atomic_path
+
+
+def _smooth_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / (np.abs(field).max() + 1e-8)
+
+
+def make_phantom(shape: tuple[int, int, int] = (64, 64, 48), rng: np.random.Generator | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(image float32, label uint8) of one synthetic scan."""
+    rng = rng or np.random.default_rng()
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    warp = np.stack([_smooth_noise(shape, 6, rng) for _ in range(3)]) * 3.0
+    coords = grid + warp
+    centre = np.array(shape, dtype=np.float32) * rng.uniform(0.4, 0.6, 3)
+    inside = np.zeros(shape, dtype=bool)
+    for _ in range(int(rng.integers(2, 4))):
+        c = centre + rng.normal(0, 0.06, 3) * np.array(shape)
+        radii = np.array(shape) * rng.uniform(0.12, 0.22, 3)
+        d = sum(((coords[a] - c[a]) / radii[a]) ** 2 for a in range(3))
+        inside |= d <= 1.0
+    label = inside.astype(np.uint8)
+    texture = 0.15 * _smooth_noise(shape, 2, rng)
+    image = 0.25 + texture + 0.45 * ndimage.gaussian_filter(label.astype(np.float32), 0.8)
+    bias = 1.0 + 0.3 * _smooth_noise(shape, 12, rng)
+    noise_r, noise_i = rng.normal(0, 0.06, shape), rng.normal(0, 0.06, shape)
+    image = np.sqrt((image * bias + noise_r) ** 2 + noise_i**2)  # Rician magnitude
+    return image.astype(np.float32), label
+
+
+def phantom_affine(rng: np.random.Generator, spacing: tuple[float, float, float] = (1.0, 1.0, 1.25),
+                   oblique: bool = True) -> np.ndarray:
+    """An LPS-ish, slightly rotated affine (so that canonical reorientation is really needed)."""
+    angle = rng.uniform(-0.2, 0.2) if oblique else 0.0
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    flip = np.diag([-1.0, -1.0, 1.0])  # L->R and P->A flipped, as DICOM-derived files often are
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ flip @ np.diag(spacing)
+    affine[:3, 3] = rng.uniform(-50, 50, 3)
+    return affine
+
+
+def write_dataset(folder: str | Path, n_cases: int = 16, shape: tuple[int, int, int] = (64, 64, 48),
+                  seed: int = 0) -> Path:
+    """Write ``imagesTr/`` and ``labelsTr/`` (nnU-Net / MSD layout) of synthetic scans."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for i in range(n_cases):
+        image, label = make_phantom(shape, rng)
+        affine = phantom_affine(rng)
+        for sub, arr in (("imagesTr", image), ("labelsTr", label)):
+            path = folder / sub / f"phantom_{i:03d}.nii.gz"
+            with atomic_path(path) as tmp:
+                nib.save(nib.Nifti1Image(arr, affine), str(tmp))
+    return folder
