@@ -45,6 +45,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Hook:
+    """Something that acts between steps regardless of the method (active cross-labelling rounds, ...)."""
+
+    def prepare(self, tr: "Trainer") -> None:
+        """Before the data is loaded (e.g. the warm-up selection of the first scans to cross-label)."""
+
+    def setup(self, tr: "Trainer") -> None:
+        """After the network, optimiser and resume state exist."""
+
+    def before_step(self, tr: "Trainer", it: int) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def default_hooks(cfg: TrainConfig) -> list[Hook]:
+    hooks: list[Hook] = []
+    if cfg.active:
+        from .active.hook import ActiveLearningHook
+
+        hooks.append(ActiveLearningHook())
+    return hooks
+
+
 class Cancelled(Exception):
     """Raised inside the loop after a cancel request was honoured (checkpoint written)."""
 
@@ -64,6 +90,7 @@ class Trainer:
         self.ckpts = CheckpointStore(self.run_dir / "checkpoints", keep_last=cfg.keep_last)
         self._progress = progress
         self._cancel = False
+        self.hooks: list[Hook] = default_hooks(cfg)
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._request_cancel)
@@ -130,6 +157,20 @@ class Trainer:
         log.info("%d labelled and %d unlabelled training scans, %d validation scans, patch %s",
                  len(labelled), len(unlabelled), len(self.val_cases), self.patch)
 
+    def refresh_crosslabels(self, case_ids: list[str]) -> None:
+        """Move newly cross-labelled scans from the unlabelled to the labelled pool (active rounds)."""
+        if self.method.supervision == "dense":
+            return
+        by_id = {c.id: c for c in self.train_cases}
+        for cid in case_ids:
+            case = by_id[cid]
+            case.target = self.project.load_crosslabel(cid).array
+            if case in self.unlabelled:
+                self.unlabelled.remove(case)
+            if case not in self.labelled:
+                self.labelled.append(case)
+        self.sampler.labelled_bs = self.cfg.labelled_bs if self.sampler.unlabelled else self.cfg.batch_size
+
     # ---- state ----------------------------------------------------------------------------------------
     def state_dict(self, iteration: int) -> dict:
         return {
@@ -142,6 +183,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "best_dice": self.best_dice,
+            "hooks": [h.state_dict() for h in self.hooks],
         }
 
     def load_state_dict(self, state: dict) -> int:
@@ -153,6 +195,8 @@ class Trainer:
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.best_dice = float(state.get("best_dice", -1.0))
+        for hook, hook_state in zip(self.hooks, state.get("hooks", [])):
+            hook.load_state_dict(hook_state)
         return int(state["iteration"])
 
     def checkpoint(self, iteration: int) -> Path:
@@ -186,6 +230,8 @@ class Trainer:
         """Build everything and resume from the newest good checkpoint; returns the first iteration."""
         cfg = self.cfg
         seed_everything(cfg.seed)
+        for hook in self.hooks:
+            hook.prepare(self)
         self.load_data()
         self.net = build_network(cfg.net).to(self.device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -201,6 +247,8 @@ class Trainer:
             raise InputError(f"{self.run_dir}: this run is finished; choose a new --run name.")
         io.atomic_write_text(config_path, cfg.to_json())
         self.method.setup(self)
+        for hook in self.hooks:
+            hook.setup(self)
         return start
 
     def train(self) -> Path:
@@ -218,6 +266,8 @@ class Trainer:
                                 total=cfg.iterations - start)
             for it in bar:
                 t0 = time.time()
+                for hook in self.hooks:
+                    hook.before_step(self, it)
                 self.method.before_step(self, it)
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in self.sampler.next_batch().items()}
                 lr = self.lr_at(it)

