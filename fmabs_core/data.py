@@ -62,6 +62,9 @@ class PatchSampler:
         self.labelled_bs = labelled_bs if unlabelled else batch_size
         self.augment = augment
         self.rng = np.random.default_rng(seed)
+        #: indices of the global batch this process trains on (None: all); set by distributed runs,
+        #: which share one generator seed so that every rank plans the same global batch
+        self.keep: list[int] | None = None
         self._pad = SpatialPad(self.patch, mode="constant")
 
     # -- state for checkpoints --
@@ -90,46 +93,71 @@ class PatchSampler:
             return None
         return np.asarray(self._pad(array[None].astype(np.int16), value=UNLABELLED))  # type: ignore[call-arg]
 
-    def _sample(self, case: Case, supervised: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        image = np.asarray(self._pad(case.image[None]))
-        shape = image.shape[1:]
-        target = self._padded(case.target if supervised else None)
-        pseudo = self._padded(case.pseudo)
+    def _plan(self, case: Case, supervised: bool) -> dict:
+        """Draw everything random about one patch (crop start, augmentation) without touching voxels.
+
+        The draws are exactly those of cropping and augmenting the padded arrays, so that a rank of
+        a distributed run can plan the whole global batch (keeping the shared generator in step) and
+        only cut out its own patches.
+        """
+        shape = tuple(max(s, p) for s, p in zip(case.image.shape, self.patch))
+        offset = [(p - s) // 2 for s, p in zip(case.image.shape, shape)]  # SpatialPad's symmetric padding
         anchor = None
+        target = case.target if supervised else None
         if target is not None:
             # Crops must see labelled voxels: anchor on a random labelled voxel (cross-labels are sparse).
-            labelled = np.flatnonzero(target[0] != UNLABELLED)
+            # Padding only adds unlabelled voxels, so the unpadded order of labelled voxels is the same.
+            labelled = np.flatnonzero(target != UNLABELLED)
             if len(labelled):
-                anchor = np.array(np.unravel_index(int(self.rng.choice(labelled)), shape))
+                anchor = np.array(np.unravel_index(int(self.rng.choice(labelled)), target.shape)) + offset
         start = self._crop_start(shape, anchor)
+        plan: dict = {"case": case, "supervised": supervised, "start": start}
+        if self.augment:
+            square = self.patch[0] == self.patch[1]
+            plan["k"] = int(self.rng.integers(0, 4)) if square else 2 * int(self.rng.integers(0, 2))
+            plan["axis"] = int(self.rng.integers(0, 3))
+        return plan
+
+    def _materialise(self, plan: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        case, start = plan["case"], plan["start"]
+        image = np.asarray(self._pad(case.image[None]))
+        target = self._padded(case.target if plan["supervised"] else None)
+        pseudo = self._padded(case.pseudo)
         crop = SpatialCrop(roi_start=start, roi_end=[s + p for s, p in zip(start, self.patch)])
         unlabelled = np.full((1, *self.patch), UNLABELLED, dtype=np.int16)
         img = np.asarray(crop(image))
         tgt = unlabelled if target is None else np.asarray(crop(target))
         pse = unlabelled if pseudo is None else np.asarray(crop(pseudo))
         if self.augment:
-            img, tgt, pse = self._augment(img, tgt, pse)
+            img, tgt, pse = self._augment(plan["k"], plan["axis"], img, tgt, pse)
         return img, tgt[0], pse[0]
 
-    def _augment(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        """Random rot90 in the axial plane then a flip on one random axis (UA-MT's RandomRotFlip)."""
-        square = self.patch[0] == self.patch[1]
-        k = int(self.rng.integers(0, 4)) if square else 2 * int(self.rng.integers(0, 2))
-        axis = int(self.rng.integers(0, 3))
+    def _sample(self, case: Case, supervised: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._materialise(self._plan(case, supervised))
+
+    @staticmethod
+    def _augment(k: int, axis: int, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Rot90 (``k`` quarter turns) in the axial plane then a flip on ``axis`` (UA-MT's RandomRotFlip)."""
         rot, flip = Rotate90(k=k, spatial_axes=(0, 1)), Flip(spatial_axis=axis)
         return [np.ascontiguousarray(np.asarray(flip(rot(a)))) for a in arrays]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        images, targets, pseudos, is_lab = [], [], [], []
+        """The next batch; with ``keep`` set (distributed runs) only those indices of the global batch."""
+        plans = []
         for i in range(self.batch_size):
             supervised = i < self.labelled_bs
             pool = self.labelled if supervised else self.unlabelled
             case = pool[int(self.rng.integers(0, len(pool)))]
-            img, tgt, pse = self._sample(case, supervised)
+            plans.append(self._plan(case, supervised))
+        if self.keep is not None:
+            plans = [plans[i] for i in self.keep]
+        images, targets, pseudos, is_lab = [], [], [], []
+        for plan in plans:
+            img, tgt, pse = self._materialise(plan)
             images.append(img)
             targets.append(tgt)
             pseudos.append(pse)
-            is_lab.append(supervised)
+            is_lab.append(plan["supervised"])
         return {
             "image": torch.from_numpy(np.stack(images).astype(np.float32)),
             "target": torch.from_numpy(np.stack(targets).astype(np.int64)),

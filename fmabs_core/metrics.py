@@ -7,6 +7,7 @@ An empty prediction (or empty ground truth) has no surface: its distances are re
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -42,8 +43,10 @@ def dice_jaccard(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
 def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | None) -> tuple[float, float]:
     p = torch.from_numpy(pred.astype(np.float32))[None, None]
     g = torch.from_numpy(gt.astype(np.float32))[None, None]
-    hd = compute_hausdorff_distance(p, g, percentile=95, spacing=spacing)
-    asd = compute_average_surface_distance(p, g, symmetric=True, spacing=spacing)
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = compute_hausdorff_distance(p, g, percentile=95, spacing=spacing)
+        asd = compute_average_surface_distance(p, g, symmetric=True, spacing=spacing)
     return float(hd.item()), float(asd.item())
 
 

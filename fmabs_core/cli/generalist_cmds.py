@@ -1,0 +1,180 @@
+"""``fmabs weights``, ``fmabs pseudo-label`` and ``fmabs bench pseudo-label``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..generalist.models import GENERALISTS
+
+    names = sorted(GENERALISTS)
+
+    # ---- weights
+    w = subparsers.add_parser("weights", help="list, download or check generalist weights")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    p = wsub.add_parser("list", help="registry: file, size, sha256, URL and whether present")
+    p.set_defaults(func=_weights_list)
+    p = wsub.add_parser("fetch", help="download NAME into the cache ($FMABS_CACHE or ~/.cache/fmabs), checked")
+    p.add_argument("name")
+    p.add_argument("--dest", help="folder to save into (default: the cache)")
+    p.add_argument("--url", help="download from this URL instead (a mirror); the same checks apply")
+    p.add_argument("--force", action="store_true", help="replace an existing file that fails its check")
+    p.set_defaults(func=_weights_fetch)
+    p = wsub.add_parser("verify", help="check NAME's file (size, sha256, name hash)")
+    p.add_argument("name")
+    p.add_argument("--path", help="a local file to check (default: the bundled or cached file)")
+    p.set_defaults(func=_weights_verify)
+
+    # ---- pseudo-label
+    p = subparsers.add_parser(
+        "pseudo-label",
+        help="multi-view generalist pseudo-labels of one scan, prompted from a mask",
+        description="Prompt a generalist slice by slice in the axial, coronal and sagittal views from a mask "
+        "(the teacher's prediction, or any label such as the ground truth) and fuse the three answers.",
+    )
+    p.add_argument("--image", required=True, help="scan (NIfTI)")
+    p.add_argument("--prompt-from", required=True, help="mask on the scan's grid (0 background, 1..C) that prompts")
+    p.add_argument("--generalist", default="litemedsam", choices=names)
+    p.add_argument("--checkpoint", help="local weights file for the generalist (offline use)")
+    p.add_argument("--fusion", default="mv", choices=["mv", "ua"], help="mv: >= 2 of 3 views; ua: all 3")
+    p.add_argument("--output", required=True, help="output folder for <case>_{axial,coronal,sagittal,fused}.nii.gz")
+    p.add_argument("--case", help="case name in the output files (default: from the image file name)")
+    p.add_argument("--label", help="ground truth: print the Dice of each view and of the fused result")
+    p.add_argument("--max-slices", type=int, help="prompt at most N foreground slices per view (CPU checks)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jitter", type=int, default=10, help="max random box expansion per side, px (default 10)")
+    p.add_argument("--points", type=int, help="positive points per box (default: the generalist's)")
+    p.add_argument("--prompt-mode", default="component", choices=["component", "slice"])
+    p.add_argument("--batch-size", type=int, help="slices per encoder call (default: 1 on CPU, more on CUDA)")
+    p.set_defaults(func=_pseudo_label)
+
+    # ---- bench
+    b = subparsers.add_parser("bench", help="speed benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser("pseudo-label", help="batched pseudo-labelling vs a one-slice-at-a-time loop")
+    p.add_argument("--generalist", default="litemedsam", choices=names)
+    p.add_argument("--checkpoint")
+    p.add_argument("--slices", type=int, default=8, help="slices timed per mode (default 8)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, help="encoder batch for the batched path (default: generalist's)")
+    p.add_argument("--image", help="scan to use (default: first LA 2018 scan if present, else synthetic)")
+    p.add_argument("--label", help="mask for the prompts (with --image)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_bench)
+
+
+def _weights_list(args: argparse.Namespace) -> int:
+    from ..generalist import weights as W
+
+    print(f"cache folder: {W.cache_dir()}  (set FMABS_CACHE to change)")
+    header = f"{'name':<11} {'file':<22} {'size (bytes)':>13}  {'sha256':<16} {'present':<8} source"
+    print(header)
+    print("-" * len(header))
+    for e in W.REGISTRY.values():
+        try:
+            path = W.default_path(e)
+            present = "yes" if path.is_file() else "no"
+        except Exception:
+            present = "no"
+        sha = (e.sha256[:12] + "...") if e.sha256 else "not recorded"
+        size = str(e.size) if e.size else "not recorded"
+        src = "bundled: " + e.note if e.bundled else (e.url or e.note)
+        print(f"{e.name:<11} {e.filename:<22} {size:>13}  {sha:<16} {present:<8} {src}")
+    print("'not recorded': no value is known for certain here, so that check is skipped (never guessed).")
+    return 0
+
+
+def _weights_fetch(args: argparse.Namespace) -> int:
+    from ..generalist import weights as W
+
+    path = W.fetch(args.name, dest_dir=args.dest, url=args.url, force=args.force)
+    print(path)
+    return 0
+
+
+def _weights_verify(args: argparse.Namespace) -> int:
+    from ..generalist import weights as W
+
+    path = W.verify(args.name, args.path)
+    e = W.get_entry(args.name)
+    checks = ["present"] + (["size"] if e.size else []) + (["sha256"] if e.sha256 else []) + (
+        ["name hash"] if e.name_hash else [])
+    print(f"{path}: ok ({', '.join(checks)})")
+    return 0
+
+
+def _pseudo_label(args: argparse.Namespace) -> int:
+    from .. import io
+    from ..generalist import get_generalist
+    from ..pseudolabel import dice, multiview_pseudolabel, save_pseudolabels
+
+    image = io.load_image(args.image)
+    prompt = io.load_label(args.prompt_from, allow_unlabelled=True)
+    problems = io.check_pair(image, prompt)
+    gt = None
+    if args.label:
+        gt = io.load_label(args.label)
+        problems += io.check_pair(image, gt)
+    if problems:
+        raise InputError(" ".join(problems))
+    if args.max_slices is not None and args.max_slices < 1:
+        raise InputError(f"--max-slices must be >= 1, got {args.max_slices}.")
+    g = get_generalist(args.generalist, device=args.device, checkpoint=args.checkpoint)
+    result = multiview_pseudolabel(
+        g, image.array, prompt.array, np.random.default_rng(args.seed), fusion=args.fusion,
+        box_jitter=args.jitter, n_points=args.points, max_slices_per_view=args.max_slices,
+        batch_size=args.batch_size, prompt_mode=args.prompt_mode,
+    )
+    case = args.case or io.case_id(args.image)
+    protect = tuple(Path(p) for p in (args.image, args.prompt_from, args.label) if p)
+    out = Path(args.output)
+    for key in ("axial", "coronal", "sagittal", "fused"):
+        io.save_like(result[key], image, out / f"{case}_{key}.nii.gz", np.uint8, protect=protect)
+    n = sum(v.size for v in result.slices.values())
+    print(f"{case}: {n} slices, {result.prompts} prompts, {result.seconds:.1f} s -> {out}")
+    if gt is not None:
+        print(f"Dice vs {args.label}:")
+        for key in ("axial", "coronal", "sagittal", "fused"):
+            line = f"  {key:<9} {dice(result[key], gt.array):.4f}"
+            if args.max_slices is not None and key != "fused":
+                from ..io import VIEW_AXIS
+
+                sel = np.zeros(gt.array.shape[VIEW_AXIS[key]], bool)
+                # slices indices are in display order; both orientations keep the slice axis order
+                sel[result.slices[key]] = True
+                shape = [1, 1, 1]
+                shape[VIEW_AXIS[key]] = -1
+                mask = np.broadcast_to(sel.reshape(shape), gt.array.shape)
+                line += f"   (on the {sel.sum()} prompted slices: {dice(result[key], gt.array, mask):.4f})"
+            print(line)
+        if args.max_slices is not None:
+            print("  (--max-slices leaves unprompted slices background: whole-scan Dice is a lower bound)")
+    _ = save_pseudolabels  # the library writer; the CLI writes itself to protect its input files
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..bench import bench_pseudolabel, format_table
+
+    report = bench_pseudolabel(
+        generalist=args.generalist, n_slices=args.slices, device=args.device, batch_size=args.batch_size,
+        image=args.image, label=args.label, checkpoint=args.checkpoint,
+    )
+    print(format_table(report))
+    if args.json:
+        import json
+
+        from ..io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,220 @@
+"""Multi-view generalist pseudo-labels (FM-ABS Sec. 2.2).
+
+The in-training teacher's prediction (or any mask) prompts a frozen 2D generalist slice by slice in
+each of the three views; the three 3D answers are fused by unanimous agreement (UA, all 3 views) or
+majority vote (MV, >= 2 of 3). Slices where the prompt mask is empty get no generalist call and stay
+background.
+
+Cost model: each prompted slice is encoded once (the expensive part), in batches of slices on a GPU,
+and all of its prompts (classes x connected components) are decoded from that one embedding.
+
+Multi-class (C > 1): each class is prompted with its own binary mask, so the class-agnostic
+generalist answers "this object" per class. Where, in one view, two classes' answers overlap, the
+class with the higher generalist probability takes the pixel (the generalist's confidence is the only
+evidence there; a fixed class order would bias towards one class). After that each view holds one
+label per voxel, so UA/MV fusion cannot produce a tie: with 3 views at most one class can reach 2 votes.
+
+Slice orientation: slices are shown to the generalist in radiological display orientation (rows
+anterior->posterior or superior->inferior, patient right on the left), the orientation of the
+medical slices LiteMedSAM/MedSAM were trained on; ``orientation="array"`` gives raw array order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .generalist.base import Generalist, intensity_range
+from .generalist.prompts import Mode, slice_prompts
+from .io import VIEW_AXIS, VIEWS, Volume, save_like
+
+log = logging.getLogger(__name__)
+
+Fusion = Literal["mv", "ua"]
+Orientation = Literal["radiological", "array"]
+UNLABELLED = 255
+
+
+def view_slices(volume: np.ndarray, view: str, orientation: Orientation = "radiological") -> np.ndarray:
+    """Canonical XYZ volume -> ``N x H x W`` stack of ``view`` slices (a numpy view, no copy)."""
+    if view not in VIEW_AXIS:
+        raise InputError(f"unknown view {view!r}; use one of {', '.join(VIEWS)}.")
+    s = np.moveaxis(volume, VIEW_AXIS[view], 0)
+    if orientation == "radiological":
+        return s[:, ::-1, ::-1].transpose(0, 2, 1)
+    if orientation == "array":
+        return s
+    raise InputError(f"orientation must be 'radiological' or 'array', got {orientation!r}.")
+
+
+def from_view_slices(slices: np.ndarray, view: str, orientation: Orientation = "radiological") -> np.ndarray:
+    """Inverse of :func:`view_slices`: ``N x H x W`` stack -> canonical XYZ volume (contiguous)."""
+    s = slices.transpose(0, 2, 1)[:, ::-1, ::-1] if orientation == "radiological" else slices
+    return np.ascontiguousarray(np.moveaxis(s, 0, VIEW_AXIS[view]))
+
+
+def fuse(views: Sequence[np.ndarray], fusion: Fusion = "mv") -> np.ndarray:
+    """Fuse per-view label volumes: UA = every view agrees on the class, MV = more than half agree."""
+    if fusion not in ("mv", "ua"):
+        raise InputError(f"fusion must be 'mv' or 'ua', got {fusion!r}.")
+    if not views:
+        raise InputError("fuse: no views given.")
+    need = len(views) if fusion == "ua" else len(views) // 2 + 1
+    out = np.zeros(views[0].shape, np.uint8)
+    classes = sorted(set(np.unique(np.concatenate([np.unique(v) for v in views])).tolist()) - {0, UNLABELLED})
+    for c in classes:
+        votes = np.zeros(views[0].shape, np.uint8)
+        for v in views:
+            votes += v == c
+        out[votes >= need] = c
+    return out
+
+
+class PseudoLabels(dict):
+    """``{'axial', 'coronal', 'sagittal', 'fused'} -> uint8 volume``, plus run facts as attributes."""
+
+    slices: dict[str, np.ndarray]  # prompted slice indices per view
+    prompts: int
+    seconds: float
+    fusion: str
+
+
+def _pick(idx: np.ndarray, limit: int | None) -> np.ndarray:
+    if limit is None or idx.size <= limit:
+        return idx
+    if limit <= 0:
+        return idx[:0]
+    return idx[np.unique(np.round(np.linspace(0, idx.size - 1, limit)).astype(int))]
+
+
+def view_pseudolabel(
+    generalist: Generalist,
+    image: np.ndarray,
+    prompt_mask: np.ndarray,
+    view: str,
+    rng: np.random.Generator,
+    intensity_window: tuple[float, float],
+    box_jitter: int = 10,
+    n_points: int | tuple[int, int] | None = None,
+    max_slices: int | None = None,
+    batch_size: int | None = None,
+    prompt_mode: Mode = "component",
+    min_component_px: int = 10,
+    orientation: Orientation = "radiological",
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """One view's 3D pseudo-label (XYZ uint8), the prompted slice indices and the number of prompts."""
+    img_v = view_slices(image, view, orientation)
+    pm_v = view_slices(prompt_mask, view, orientation)
+    fg = (pm_v > 0) & (pm_v != UNLABELLED)
+    idx = _pick(np.flatnonzero(fg.reshape(fg.shape[0], -1).any(axis=1)), max_slices)
+    out = np.zeros(pm_v.shape, np.uint8)
+    n_pts = generalist.default_n_points if n_points is None else n_points
+    bs = generalist.batch_size(batch_size)
+    n_prompts = 0
+    for start in range(0, idx.size, bs):
+        chunk = idx[start : start + bs]
+        owners: list[tuple[int, int]] = []  # (position in chunk, class) per prompt
+        boxes, points = [], []
+        for j, k in enumerate(chunk):
+            sl = pm_v[k]
+            for c in np.unique(sl[fg[k]]).tolist():
+                for p in slice_prompts(sl == c, rng, box_jitter, n_pts, prompt_mode, min_component_px):
+                    owners.append((j, int(c)))
+                    boxes.append(p.box)
+                    points.append(p.points)
+        emb = generalist.encode(np.ascontiguousarray(img_v[chunk]), intensity_window, batch_size=bs)
+        probs = generalist.decode(emb.select([o[0] for o in owners]), np.stack(boxes), points, return_probs=True)
+        n_prompts += len(owners)
+        for j, k in enumerate(chunk):
+            best = np.full(out.shape[1:], 0.5, np.float32)  # a class needs p > 0.5 to claim a pixel
+            lab = np.zeros(out.shape[1:], np.uint8)
+            for c in sorted({c for (jj, c) in owners if jj == j}):
+                pc = np.max(probs[[i for i, o in enumerate(owners) if o == (j, c)]], axis=0)  # union of components
+                win = pc > best
+                lab[win] = c
+                best[win] = pc[win]
+            out[k] = lab
+    return from_view_slices(out, view, orientation), idx, n_prompts
+
+
+def multiview_pseudolabel(
+    generalist: Generalist,
+    image: np.ndarray,
+    prompt_mask: np.ndarray,
+    rng: np.random.Generator,
+    fusion: Fusion = "mv",
+    box_jitter: int = 10,
+    n_points: int | tuple[int, int] | None = None,
+    max_slices_per_view: int | None = None,
+    batch_size: int | None = None,
+    prompt_mode: Mode = "component",
+    min_component_px: int = 10,
+    orientation: Orientation = "radiological",
+    intensity_window: tuple[float, float] | None = None,
+) -> PseudoLabels:
+    """Axial, coronal and sagittal generalist pseudo-labels of one scan, and their fusion.
+
+    ``image``: canonical XYZ float32 intensities; ``prompt_mask``: XYZ uint8 (0 background, 1..C;
+    255 counts as background). ``n_points``: positive points per box (None: the generalist's default,
+    0 for LiteMedSAM which was trained with boxes only). ``max_slices_per_view``: prompt only that
+    many foreground slices per view, evenly spaced (a CPU-time knob for checks: the others stay
+    background, so the result under-segments). ``batch_size``: slices per encoder call (None: the
+    generalist's default, 1 on CPU where batching measured slower, larger on CUDA).
+    """
+    image = np.asarray(image)
+    prompt_mask = np.asarray(prompt_mask)
+    if image.ndim != 3 or image.shape != prompt_mask.shape:
+        raise InputError(
+            f"image {image.shape} and prompt mask {prompt_mask.shape} must be 3D volumes of the same shape."
+        )
+    if fusion not in ("mv", "ua"):
+        raise InputError(f"fusion must be 'mv' or 'ua', got {fusion!r}.")
+    window = intensity_window or intensity_range(image)
+    t0 = time.perf_counter()
+    result = PseudoLabels()
+    result.slices, result.prompts, result.fusion = {}, 0, fusion
+    for view in VIEWS:
+        tv = time.perf_counter()
+        vol, idx, n = view_pseudolabel(
+            generalist, image, prompt_mask, view, rng, window, box_jitter, n_points, max_slices_per_view,
+            batch_size, prompt_mode, min_component_px, orientation,
+        )
+        result[view], result.slices[view] = vol, idx
+        result.prompts += n
+        log.info("%s: %d slices, %d prompts, %.1f s", view, idx.size, n, time.perf_counter() - tv)
+    result["fused"] = fuse([result[v] for v in VIEWS], fusion)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def save_pseudolabels(
+    result: dict, reference: Volume, out_dir: str | Path, case: str
+) -> dict[str, Path]:
+    """Write ``<case>_{axial,coronal,sagittal,fused}.nii.gz`` on ``reference``'s grid (atomically)."""
+    out_dir = Path(out_dir)
+    return {
+        key: save_like(result[key], reference, out_dir / f"{case}_{key}.nii.gz", np.uint8)
+        for key in (*VIEWS, "fused")
+    }
+
+
+def dice(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Foreground Dice (mean over the reference's classes); ``mask`` restricts the voxels counted.
+
+    NaN when both are empty. Used for the CLI's quick report; the project's metrics module is the
+    reference for evaluation.
+    """
+    if mask is not None:
+        pred, ref = pred[mask], ref[mask]
+    classes = sorted(set(np.unique(ref).tolist()) - {0, UNLABELLED}) or [1]
+    scores = []
+    for c in classes:
+        p, r = pred == c, ref == c
+        s = p.sum() + r.sum()
+        scores.append(float(2 * (p & r).sum() / s) if s else float("nan"))
+    return float(np.mean(scores))
