@@ -13,7 +13,7 @@ Only numpy, nibabel and VTK/MRML are used, no Qt: the functions run headless wit
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import vtk
@@ -117,20 +117,23 @@ def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(array, back))
 
 
-def canonical_grid(volume_node: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The canonical-grid affine and shape of a node (without copying voxels)."""
+def canonical_header(affine: np.ndarray, dims: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Canonical affine and shape of a grid from its affine and shape alone (no voxels read)."""
     import nibabel as nib
 
-    image = volume_node.GetImageData()
-    if image is None:
-        raise GeometryError(f"volume node '{volume_node.GetName()}' has no voxels; load the volume again.")
-    affine = ijk_to_ras(volume_node)
-    dims = image.GetDimensions()
     ornt = canonical_orientation(affine)
     shape = [0, 0, 0]
     for axis, (out_axis, _flip) in enumerate(ornt):
-        shape[int(out_axis)] = dims[axis]
-    return affine @ nib.orientations.inv_ornt_aff(ornt, dims), tuple(shape)
+        shape[int(out_axis)] = int(dims[axis])
+    return affine @ nib.orientations.inv_ornt_aff(ornt, tuple(dims)[:3]), tuple(shape)  # type: ignore[return-value]
+
+
+def canonical_grid(volume_node: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The canonical-grid affine and shape of a node (without copying voxels)."""
+    image = volume_node.GetImageData()
+    if image is None:
+        raise GeometryError(f"volume node '{volume_node.GetName()}' has no voxels; load the volume again.")
+    return canonical_header(ijk_to_ras(volume_node), image.GetDimensions())
 
 
 def node_to_canonical(volume_node: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,519 @@
+"""FMABSLogic: everything the panels do, on an explicit MRML scene, without Qt.
+
+The Slicer module's ``SlicerFMABSLogic`` hands it ``slicer.mrmlScene``; tests hand it a fresh
+``vtkMRMLScene`` from slicer-core. Long work (training, suggestions, segmentation) runs in child
+processes (:mod:`.jobs`); this class only starts them and reads their files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import deps, geometry, jobs, segmentations
+
+log = logging.getLogger(__name__)
+
+deps.ensure_fmabs_core_importable()
+
+from fmabs_core import io as fio  # noqa: E402  (needs the path set up above)
+from fmabs_core.datastore import Project, import_folder  # noqa: E402
+
+VIEWS = ("axial", "coronal", "sagittal")
+PSEUDO_LAYERS = ("axial", "coronal", "sagittal", "fused")
+CASE_ATTRIBUTE = "FMABS.case"
+LAYER_ATTRIBUTE = "FMABS.layer"
+
+
+def safe_name(name: str) -> str:
+    """A case / file name from a node name: letters, digits, ``._-`` only."""
+    out = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
+    return out or "scan"
+
+
+def parse_classes(text: str) -> dict[int, str]:
+    """'1:left atrium, 2:scar' -> {1: 'left atrium', 2: 'scar'}; a bare name list is numbered from 1."""
+    text = (text or "").strip()
+    if not text:
+        return {1: "foreground"}
+    out: dict[int, str] = {}
+    for i, part in enumerate([p.strip() for p in re.split(r"[,;\n]", text) if p.strip()], start=1):
+        if ":" in part:
+            key, name = part.split(":", 1)
+            try:
+                value = int(key)
+            except ValueError as exc:
+                raise ValueError(f"class '{part}': the value before ':' must be an integer") from exc
+        else:
+            value, name = i, part
+        if not 1 <= value <= 254:
+            raise ValueError(f"class '{part}': values must be 1..254 (0 is background, 255 'not labelled')")
+        if value in out:
+            raise ValueError(f"class value {value} is given twice")
+        out[value] = name.strip() or f"class {value}"
+    return out
+
+
+@dataclass
+class PredictionJob:
+    process: jobs.BackgroundProcess
+    volume_node_id: str
+    output: Path
+    started: float
+
+
+class FMABSLogic:
+    """The module's logic on one MRML scene (no Qt, no torch)."""
+
+    def __init__(self, scene: Any, segmentations_logic: Any = None):
+        import slicer
+
+        self.scene = scene
+        if segmentations_logic is None:
+            segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+            segmentations_logic.SetMRMLScene(scene)
+        self.seg_logic = segmentations_logic
+        self.project: Project | None = None
+        self.train_job: jobs.BackgroundProcess | None = None
+        self.watcher: jobs.RunWatcher | None = None
+        self.suggest_job: jobs.BackgroundProcess | None = None
+        self.suggest_output: Path | None = None
+        self.prediction: PredictionJob | None = None
+        self.python: str | None = None  # None: PythonSlicer or this interpreter
+
+    # ---- project ------------------------------------------------------------------------------
+    def require_project(self) -> Project:
+        if self.project is None:
+            raise RuntimeError("No project is open: create or open one in the Project panel.")
+        return self.project
+
+    def create_project(self, folder: str | os.PathLike, classes: Mapping[int, str]) -> Project:
+        self.project = Project.create(folder, dict(classes))
+        log.info("created project %s with classes %s", folder, dict(classes))
+        return self.project
+
+    def open_project(self, folder: str | os.PathLike) -> Project:
+        self.project = Project(folder)
+        return self.project
+
+    def case_rows(self) -> list[tuple[str, bool]]:
+        """(case, cross-labelled?) for every scan of the project."""
+        project = self.require_project()
+        labelled = set(project.crosslabelled())
+        return [(case, case in labelled) for case in project.cases]
+
+    def add_folder(self, folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+        """Import a folder of scans (or imagesTr/labelsTr); returns (new cases, problems)."""
+        project = self.require_project()
+        before = set(project.cases)
+        _, problems = import_folder(folder, project.root, classes=None)
+        added = [c for c in project.cases if c not in before]
+        return added, [str(p) for p in problems]
+
+    def add_volume_nodes(self, nodes: Sequence[Any]) -> list[str]:
+        """Copy loaded volumes into the project (the user's files are only read)."""
+        project = self.require_project()
+        added = []
+        existing = set(project.cases)
+        for node in nodes:
+            case = node.GetAttribute(CASE_ATTRIBUTE) or safe_name(node.GetName())
+            if case in existing:
+                log.info("'%s' is already in the project as case %s", node.GetName(), case)
+                node.SetAttribute(CASE_ATTRIBUTE, case)
+                continue
+            source = self.unmodified_nifti_file(node)
+            if source is not None:
+                project.add_case(source, case=case)
+            else:
+                with tempfile.TemporaryDirectory(prefix="fmabs-add-") as tmp:
+                    path = self.write_volume_nifti(node, Path(tmp) / f"{case}.nii.gz")
+                    project.add_case(path, case=case)
+            node.SetAttribute(CASE_ATTRIBUTE, case)
+            existing.add(case)
+            added.append(case)
+        return added
+
+    # ---- volumes ------------------------------------------------------------------------------
+    @staticmethod
+    def unmodified_nifti_file(node: Any) -> Path | None:
+        """The NIfTI file a node was read from, if it still holds exactly that file's voxels."""
+        storage = node.GetStorageNode()
+        if storage is None or not storage.GetFileName():
+            return None
+        path = Path(storage.GetFileName())
+        if not fio.is_nifti(path) or not path.exists() or node.GetModifiedSinceRead():
+            return None
+        return path
+
+    def load_volume_file(self, path: str | os.PathLike, name: str | None = None) -> Any:
+        """Read a scan with Slicer's reader and check its geometry against nibabel's reading."""
+        import nibabel as nib
+        import slicer
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or fio.case_id(path))
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetSingleFile(True)
+        storage.SetCenterImage(False)
+        self.scene.AddNode(storage)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        if not storage.ReadData(node):
+            self.scene.RemoveNode(node)
+            self.scene.RemoveNode(storage)
+            raise OSError(f"{path}: Slicer could not read this file")
+        node.CreateDefaultDisplayNodes()
+        if fio.is_nifti(path):
+            img = nib.load(str(path))
+            if len(img.shape) == 3:
+                ref_affine, ref_shape = geometry.canonical_header(img.affine, img.shape)
+                affine, shape = geometry.canonical_grid(node)
+                if not geometry.same_grid(affine, shape, ref_affine, ref_shape):
+                    self.scene.RemoveNode(node)
+                    self.scene.RemoveNode(storage)
+                    raise geometry.GeometryError(
+                        f"{path}: Slicer and nibabel read different geometry (max affine difference "
+                        f"{np.abs(affine - ref_affine).max():.3g} mm); the qform and sform of the header "
+                        "probably disagree. Fix the header (e.g. nibabel: set both to the same affine)."
+                    )
+        return node
+
+    def load_case(self, case: str) -> Any:
+        """The project scan as a volume node (reused when already loaded)."""
+        project = self.require_project()
+        for node in self._nodes("vtkMRMLScalarVolumeNode"):
+            if node.GetAttribute(CASE_ATTRIBUTE) == case and node.GetAttribute("FMABS.project") == str(project.root):
+                return node
+        node = self.load_volume_file(project.image_path(case), case)
+        node.SetAttribute(CASE_ATTRIBUTE, case)
+        node.SetAttribute("FMABS.project", str(project.root))
+        return node
+
+    def write_volume_nifti(self, node: Any, path: str | os.PathLike) -> Path:
+        """Write a volume node as NIfTI in its own voxel order and IJK-to-RAS (atomic)."""
+        import nibabel as nib
+
+        array = geometry.node_array_ijk(node)
+        affine = geometry.ijk_to_ras(node)
+        img = nib.Nifti1Image(array, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        with fio.atomic_path(path) as tmp:
+            nib.save(img, str(tmp))
+        return Path(path)
+
+    def _nodes(self, class_name: str) -> list[Any]:
+        nodes = self.scene.GetNodesByClass(class_name)
+        return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+
+    # ---- labelling ----------------------------------------------------------------------------
+    def centre_slices(self, volume_node: Any) -> dict[str, dict[str, Any]]:
+        """Fallback suggestion: the middle plane of each view."""
+        _, shape = geometry.canonical_grid(volume_node)
+        return {v: {"index": int(shape[geometry.VIEW_AXIS[v]] // 2), "ras": None} for v in VIEWS}
+
+    def place_views(self, volume_node: Any, slices: Mapping[str, Any], slice_nodes: Mapping[str, Any]) -> dict[str, float]:
+        """Align the red/green/yellow views with the volume and move them to the given planes."""
+        offsets = {}
+        for view, entry in geometry.slice_points(slices).items():
+            node = slice_nodes.get(view)
+            if node is None:
+                continue
+            offsets[view] = geometry.place_slice_view(node, volume_node, view, entry["index"], entry["ras"])
+        return offsets
+
+    def shown_slices(self, volume_node: Any, slice_nodes: Mapping[str, Any]) -> dict[str, int]:
+        """The canonical plane each view shows now (the planes that will be saved)."""
+        return {view: geometry.shown_index(node, volume_node, view) for view, node in slice_nodes.items()}
+
+    def create_label_segmentation(self, volume_node: Any, classes: Mapping[int, str] | None = None) -> Any:
+        """A segmentation on the volume's grid with one empty segment per project class."""
+        classes = dict(classes or self.require_project().classes)
+        case = volume_node.GetAttribute(CASE_ATTRIBUTE) or volume_node.GetName()
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{case} cross-label")
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        segmentations.add_class_segments(node, classes)
+        node.SetAttribute(CASE_ATTRIBUTE, case)
+        node.SetAttribute(LAYER_ATTRIBUTE, "drawing")
+        return node
+
+    def save_crosslabel(self, case: str, segmentation_node: Any, volume_node: Any,
+                        slices: Mapping[str, int]) -> segmentations.CrossLabelReport:
+        """Write what was drawn on the three planes as ``crosslabels/<case>.nii.gz`` on the image's grid."""
+        project = self.require_project()
+        reference = fio.load_image(project.image_path(case))
+        class_map = segmentations.class_of_segments(segmentation_node, project.classes)
+        drawn, affine = segmentations.segmentation_to_canonical(self.seg_logic, self.scene, segmentation_node,
+                                                                volume_node, class_map)
+        if not geometry.same_grid(affine, drawn.shape, reference.affine, reference.array.shape):
+            raise geometry.GeometryError(
+                f"volume '{volume_node.GetName()}' is not on the grid of {project.image_path(case)}; "
+                "load the scan from the project (Label panel: Load) and draw on it."
+            )
+        cross, report = segmentations.crosslabel_from_drawing(drawn, slices)
+        path = project.crosslabel_path(case)
+        fio.save_like(cross, reference, path, np.uint8)
+        report.path = path
+        log.info("saved cross-label %s (%s)", path, report.drawn_voxels)
+        return report
+
+    # ---- training -----------------------------------------------------------------------------
+    def runs(self) -> list[str]:
+        project = self.require_project()
+        root = project.root / "runs"
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+    def trained_runs(self) -> list[str]:
+        """Runs with a model to segment with (a finished run, or any checkpoint)."""
+        project = self.require_project()
+        out = []
+        for run in self.runs():
+            d = project.run_dir(run)
+            status = jobs.read_json(d / "status.json") or {}
+            if status.get("model") or any(d.glob("*.pt")) or any((d / "checkpoints").glob("*.pt")):
+                out.append(run)
+        return out
+
+    def job_pythonpath(self) -> list[str]:
+        root = deps.ensure_fmabs_core_importable()
+        return [str(root)] if root else []
+
+    def start_training(self, run: str, method: str, iterations: int, device: str = "auto",
+                       generalist: str | None = None, active: str | None = None, budget: int | None = None,
+                       expert: str | None = None) -> jobs.RunWatcher:
+        """Launch ``fmabs train`` in its own process; returns the watcher the timer polls."""
+        project = self.require_project()
+        if self.train_job is not None and self.train_job.running:
+            raise RuntimeError(f"a training job is already running (pid {self.train_job.pid}); cancel it first")
+        args = jobs.train_args(project.root, run, method, iterations, None if device == "auto" else device,
+                               generalist, active, budget)
+        if expert and active and active != "none":
+            args += ["--expert", expert]
+        if device == "auto":
+            i = args.index("--device")
+            del args[i:i + 2]
+        run_dir = project.run_dir(run)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.watcher = jobs.RunWatcher(run_dir)
+        self.watcher.events.offset = (run_dir / "events.jsonl").stat().st_size if (run_dir / "events.jsonl").exists() else 0
+        self.train_job = jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), run_dir / "slicer-job.log",
+                                                jobs.job_environment(self.job_pythonpath()), cwd=run_dir)
+        return self.watcher
+
+    def watch_run(self, run: str) -> jobs.RunWatcher:
+        """Watch an existing run (e.g. one started from a terminal)."""
+        self.watcher = jobs.RunWatcher(self.require_project().run_dir(run))
+        return self.watcher
+
+    def poll_training(self) -> tuple[jobs.JobStatus, list[str]]:
+        if self.watcher is None:
+            return jobs.JobStatus(), []
+        running = None
+        if self.train_job is not None:
+            running = self.train_job.running
+        status, lines = self.watcher.poll(running)
+        if self.train_job is not None and not running and self.train_job.returncode == jobs.EXIT_NEEDS_LABELS:
+            status.state = jobs.WAITING  # the run stopped for the expert (it may have written "cancelled")
+            return status, lines
+        if self.train_job is not None and not running and status.state == "running":
+            status.state = "cancelled" if self.train_job.cancelled else "stale"
+        if self.train_job is not None and not running and self.train_job.process.returncode not in (0, None) \
+                and status.state in ("stale", "not started"):
+            tail = self.train_job.log_tail(1500).strip().splitlines()
+            status.state = "failed"
+            status.error = status.error or (tail[-1] if tail else f"exit code {self.train_job.process.returncode}")
+        return status, lines
+
+    def cancel_training(self) -> bool:
+        """SIGTERM to the job we started, or to the run's recorded pid when it is still alive."""
+        if self.train_job is not None and self.train_job.running:
+            self.train_job.cancel()
+            return True
+        if self.watcher is not None:
+            status = jobs.status_from_dict(jobs.read_json(self.watcher.run_dir / "status.json") or {})
+            if status.state == "running" and jobs.pid_alive(status.pid):
+                import signal
+
+                os.kill(int(status.pid), signal.SIGTERM)  # type: ignore[arg-type]
+                return True
+        return False
+
+    # ---- suggestions --------------------------------------------------------------------------
+    def start_suggestions(self, run: str, strategy: str = "her", k: int = 2) -> jobs.BackgroundProcess:
+        project = self.require_project()
+        out_dir = project.run_dir(run)
+        self.suggest_output = out_dir / "slicer-suggest.json"
+        if self.suggest_output.exists():
+            self.suggest_output.unlink()
+        args = ["suggest", "--project", str(project.root), "--run", run, "--strategy", strategy, "-k", str(int(k))]
+        # stdout is the JSON answer; the log file doubles as the output file
+        self.suggest_job = jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), self.suggest_output,
+                                                  jobs.job_environment(self.job_pythonpath()), cwd=out_dir)
+        return self.suggest_job
+
+    def finish_suggestions(self) -> list[jobs.Suggestion] | None:
+        """None while running; the suggestions when done (raises with the job's output on failure)."""
+        job = self.suggest_job
+        if job is None or job.poll() is None:
+            return None
+        self.suggest_job = None
+        text = job.log_tail(200000)
+        if job.process.returncode != 0:
+            raise RuntimeError(f"fmabs suggest failed (exit {job.process.returncode}):\n{text[-1500:]}")
+        start = min([i for i in (text.find("{"), text.find("[")) if i >= 0], default=-1)
+        if start < 0:
+            raise RuntimeError(f"fmabs suggest printed no JSON:\n{text[-1500:]}")
+        return jobs.parse_suggestions(text[start:])
+
+    def suggestions_from_run(self, run: str) -> list[jobs.Suggestion]:
+        """The latest suggestion a training run wrote to its events (empty if none)."""
+        latest = None
+        for event in jobs.EventReader(self.require_project().run_dir(run) / "events.jsonl").read_new():
+            if event.get("type") == "suggestion":
+                latest = event
+        return jobs.parse_suggestions(latest) if latest else []
+
+    # ---- review -------------------------------------------------------------------------------
+    def review_files(self, case: str, run: str) -> dict[str, Path]:
+        """Which review layers exist for a case in a run."""
+        d = self.require_project().run_dir(run)
+        files = {layer: d / "pseudo" / f"{case}_{layer}.nii.gz" for layer in PSEUDO_LAYERS}
+        files["prediction"] = d / "predictions" / f"{case}.nii.gz"
+        files["label"] = self.require_project().crosslabel_path(case)
+        return {k: v for k, v in files.items() if v.exists()}
+
+    def load_review_layers(self, case: str, run: str, volume_node: Any) -> dict[str, Any]:
+        """Load the per-view and fused SAM pseudo-labels and the prediction as coloured segmentations."""
+        project = self.require_project()
+        files = self.review_files(case, run)
+        files.pop("label", None)
+        self.remove_review_layers(case)
+        nodes = {}
+        for layer, path in files.items():
+            title = f"{case} SAM {layer}" if layer in PSEUDO_LAYERS else f"{case} {layer} ({run})"
+            node = segmentations.load_label_file_as_segmentation(self.seg_logic, self.scene, path, volume_node,
+                                                                 title, project.classes, layer)
+            node.SetAttribute(CASE_ATTRIBUTE, case)
+            node.SetAttribute("FMABS.run", run)
+            nodes[layer] = node
+        return nodes
+
+    def remove_review_layers(self, case: str) -> None:
+        for node in self._nodes("vtkMRMLSegmentationNode"):
+            if node.GetAttribute(CASE_ATTRIBUTE) == case and node.GetAttribute(LAYER_ATTRIBUTE) in (*PSEUDO_LAYERS, "prediction"):
+                self.scene.RemoveNode(node)
+
+    @staticmethod
+    def set_layer_visible(node: Any, visible: bool, opacity: float | None = None) -> None:
+        display = node.GetDisplayNode() if node is not None else None
+        if display is None:
+            return
+        display.SetVisibility(bool(visible))
+        if opacity is not None:
+            display.SetOpacity2DFill(float(opacity))
+
+    # ---- segment and export -------------------------------------------------------------------
+    def work_dir(self, name: str) -> Path:
+        base = self.project.root / "segmentations" if self.project else Path(tempfile.gettempdir()) / "fmabs-segment"
+        d = base / f"{safe_name(name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def start_prediction(self, model: str | os.PathLike, volume_node: Any, device: str = "auto") -> PredictionJob:
+        """Segment a volume in a child process (``fmabs predict``); poll with :meth:`finish_prediction`."""
+        if self.prediction is not None and self.prediction.process.running:
+            raise RuntimeError("a segmentation is already running; wait for it or cancel it")
+        model = Path(model)
+        if not model.exists():
+            raise FileNotFoundError(f"{model}: no such model (a run folder or a model file)")
+        work = self.work_dir(volume_node.GetName())
+        source = self.unmodified_nifti_file(volume_node)
+        if source is None:  # unsaved, edited or non-NIfTI (DICOM, NRRD): hand the job a NIfTI copy
+            source = self.write_volume_nifti(volume_node, work / "input" / f"{safe_name(volume_node.GetName())}.nii.gz")
+        args = ["predict", "--model", str(model), "--input", str(source), "--output", str(work / "output")]
+        if device != "auto":
+            args += ["--device", device]
+        process = jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), work / "predict.log",
+                                         jobs.job_environment(self.job_pythonpath()), cwd=work)
+        self.prediction = PredictionJob(process, volume_node.GetID(), work / "output" / f"{fio.case_id(source)}.nii.gz",
+                                        time.time())
+        return self.prediction
+
+    def cancel_prediction(self) -> None:
+        if self.prediction is not None:
+            self.prediction.process.cancel()
+
+    def finish_prediction(self) -> Any | None:
+        """None while running; the segmentation node when done (raises with the log tail on failure)."""
+        job = self.prediction
+        if job is None or job.process.poll() is None:
+            return None
+        self.prediction = None
+        if job.process.returncode != 0 or not job.output.exists():
+            raise RuntimeError(
+                f"segmentation {'was cancelled' if job.process.cancelled else 'failed'} "
+                f"(exit {job.process.returncode}); log {job.process.log_path}:\n{job.process.log_tail(1500)}"
+            )
+        volume = self.scene.GetNodeByID(job.volume_node_id)
+        if volume is None:
+            raise RuntimeError(f"the volume was removed from the scene; the result is in {job.output}")
+        classes = self.project.classes if self.project else {1: "foreground"}
+        node = segmentations.load_label_file_as_segmentation(
+            self.seg_logic, self.scene, job.output, volume, f"{volume.GetName()} FM-ABS", classes, "prediction")
+        node.SetAttribute(LAYER_ATTRIBUTE, "segmentation")
+        return node
+
+    def export_segmentation(self, segmentation_node: Any, volume_node: Any, out_dir: str | os.PathLike,
+                            basename: str | None = None, overwrite: bool = False) -> tuple[Path, Path]:
+        """Write ``<basename>.nii.gz`` (on the volume's own grid and voxel order) and ``<basename>.seg.nrrd``.
+
+        The NIfTI keeps the voxel order and affine of the volume's NIfTI file when it came from one,
+        so it overlays the input in any viewer; the input file itself is never overwritten.
+        """
+        out_dir = Path(out_dir)
+        basename = safe_name(basename or f"{volume_node.GetName()}_segmentation")
+        nii, nrrd = out_dir / f"{basename}.nii.gz", out_dir / f"{basename}.seg.nrrd"
+        for path in (nii, nrrd):
+            if path.exists() and not overwrite:
+                raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+        classes = self.project.classes if self.project else {}
+        try:
+            class_map = segmentations.class_of_segments(segmentation_node, classes) if classes else {}
+        except ValueError:
+            class_map = {}
+        if not class_map:  # not a project segmentation: number the segments 1..N in their order
+            class_map = {sid: i + 1 for i, sid in enumerate(segmentations.segment_ids(segmentation_node))}
+        array, affine = segmentations.segmentation_to_canonical(self.seg_logic, self.scene, segmentation_node,
+                                                                volume_node, class_map)
+        source = self.unmodified_nifti_file(volume_node)
+        out_affine = geometry.ijk_to_ras(volume_node)
+        if source is not None:
+            import nibabel as nib
+
+            img = nib.load(str(source))
+            if len(img.shape) == 3 and geometry.same_grid(*geometry.canonical_header(img.affine, img.shape),
+                                                          affine, array.shape):
+                out_affine = img.affine
+        protect = [source] if source else []
+        storage = volume_node.GetStorageNode()
+        if storage is not None and storage.GetFileName():
+            protect.append(Path(storage.GetFileName()))
+        for path in (nii, nrrd):
+            if any(path.resolve() == Path(p).resolve() for p in protect):
+                raise ValueError(f"{path}: refusing to overwrite the input volume; choose another name.")
+        segmentations.write_nifti_canonical(array, affine, nii, out_affine, protect)
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        segmentations.write_seg_nrrd(self.scene, segmentation_node, nrrd)
+        log.info("exported %s and %s", nii, nrrd)
+        return nii, nrrd

@@ -1,0 +1,67 @@
+"""Shared fixtures for the module's headless tests.
+
+The MRML tests run on real nodes from the ``slicer-core`` wheel (Slicer's data layer without the
+application). When it is missing they are skipped with a message; CI installs it (test extras).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slicer_helpers import AFFINES, write_nifti  # noqa: F401  (helpers live in their own module: two
+# conftest.py files in Testing/ would make "from conftest import" ambiguous)
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "SlicerFMABS"
+for p in (str(REPO), str(MODULE_DIR)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+SLICER_MISSING = "slicer-core is not installed (pip install slicer-core, or the 'test' extras): MRML tests skipped"
+
+
+def slicer_core():
+    """Import slicer-core's ``slicer`` package or skip the calling test with a clear message."""
+    try:
+        import slicer  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken binary wheel
+        pytest.skip(f"{SLICER_MISSING} ({exc})")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip(f"{SLICER_MISSING} (the installed 'slicer' has no vtkMRMLScene)")
+    return slicer
+
+
+@pytest.fixture
+def slicer_mod():
+    return slicer_core()
+
+
+@pytest.fixture
+def scene(slicer_mod):
+    """A fresh MRML scene, also set as ``slicer.mrmlScene`` (as in the application)."""
+    import vtk
+
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    scn = slicer_mod.vtkMRMLScene()
+    slicer_mod.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scn)
+    previous = getattr(slicer_mod, "mrmlScene", None)
+    slicer_mod.mrmlScene = scn
+    yield scn
+    scn.Clear(1)
+    slicer_mod.mrmlScene = previous
+
+
+@pytest.fixture
+def oblique_scan(tmp_path):
+    """A smooth random scan on an oblique, left-handed grid (the hardest case), and its affine."""
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(18, 20, 12)) * 50 + 100).astype(np.float32)
+    path = tmp_path / "input" / "patient01.nii.gz"
+    path.parent.mkdir()
+    affine = write_nifti(path, data, AFFINES["oblique_lefthanded"])
+    return path, data, affine

@@ -1,0 +1,155 @@
+"""The Widget's glue code (widgets -> Logic -> widgets).
+
+MOCK NOTICE: Qt, CTK and Slicer's application classes (``qt``, ``ctk``,
+``slicer.ScriptedLoadableModule``) do not exist outside the Slicer application, so ONLY those are
+replaced by small fakes here, and the widgets are fakes named after the .ui file. Everything behind
+the Widget is real: the Logic runs on a real MRML scene from slicer-core, on real files. The real
+Qt widgets are exercised by SlicerFMABSTest inside Slicer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import sys
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slicer_helpers import AFFINES, write_nifti
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class FakeWidget:
+    """Stands in for any Qt widget of the .ui: the few properties and methods the Widget touches."""
+
+    def __init__(self, name: str):
+        self.name, self.text, self.value, self.enabled, self.checked = name, "", 0, True, True
+        self.currentPath, self.items, self.lines, self.node = "", [], [], None
+
+    # combo boxes / lists
+    def clear(self):
+        self.items, self.lines = [], []
+
+    def addItem(self, text):
+        self.items.append(text)
+
+    @property
+    def currentText(self):
+        return self.text or (self.items[0] if self.items else "")
+
+    def setCurrentText(self, text):
+        self.text = text
+
+    # plain text edit
+    def appendPlainText(self, line):
+        self.lines.append(line)
+
+    # MRML node combo boxes
+    def currentNode(self):
+        return self.node
+
+    def setCurrentNode(self, node):
+        self.node = node
+
+    def connect(self, *args):
+        pass
+
+
+@pytest.fixture
+def widget_module(monkeypatch, slicer_mod):
+    """SlicerFMABS.py imported with fake qt/ctk/ScriptedLoadableModule (see MOCK NOTICE)."""
+    qt = types.ModuleType("qt")
+    qt.QIcon = lambda path: path
+    qt.QTimer = type("QTimer", (), {"setInterval": lambda s, i: None, "connect": lambda s, *a: None,
+                                    "start": lambda s: setattr(s, "active", True),
+                                    "stop": lambda s: setattr(s, "active", False)})
+    qt.QSettings = type("QSettings", (), {"value": lambda s, k, d="": d, "setValue": lambda s, k, v: None})
+    sl = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(sl, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setitem(sys.modules, "ctk", types.ModuleType("ctk"))
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", sl)
+
+    @contextlib.contextmanager
+    def raise_errors(message=None, show=True, waitCursor=False):
+        yield  # the application would show a dialog; here the error fails the test
+
+    monkeypatch.setattr(slicer_mod.util, "tryWithErrorDisplay", raise_errors, raising=False)
+    monkeypatch.setattr(slicer_mod.util, "showStatusMessage", lambda *a, **k: None, raising=False)
+    warnings = []
+    monkeypatch.setattr(slicer_mod.util, "warningDisplay", lambda text, **k: warnings.append(text), raising=False)
+    spec = importlib.util.spec_from_file_location("SlicerFMABS_under_test", REPO / "SlicerFMABS" / "SlicerFMABS.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module._warnings = warnings
+    return module
+
+
+@pytest.fixture
+def widget(widget_module, scene):
+    from SlicerFMABSLib.logic import FMABSLogic
+
+    w = widget_module.SlicerFMABSWidget.__new__(widget_module.SlicerFMABSWidget)
+    widget_module.SlicerFMABSWidget.__init__(w)
+    names = [e.get("name") for e in ET.parse(REPO / "Resources" / "UI" / "SlicerFMABS.ui").getroot().iter("widget")]
+    w.ui = types.SimpleNamespace(**{n: FakeWidget(n) for n in names})
+    w.logic = widget_module.SlicerFMABSLogic()
+    w.logic._core = FMABSLogic(scene)
+    w.logic._dependenciesChecked = True
+    w.timer = sys.modules["qt"].QTimer()
+    return w
+
+
+def test_project_panel_creates_and_lists(widget, tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    for name in ("a", "b"):
+        write_nifti(src / f"{name}.nii.gz", np.zeros((6, 6, 6), np.float32), AFFINES["LAS"])
+    widget.ui.projectPathLineEdit.currentPath = str(tmp_path / "proj")
+    widget.ui.classesLineEdit.text = "1:atrium, 2:scar"
+    widget.onCreateProject()
+    widget.ui.importFolderPathLineEdit.currentPath = str(src)
+    widget.onImportFolder()
+    assert widget.ui.caseComboBox.items == ["a", "b"] and widget.ui.reviewCaseComboBox.items == ["a", "b"]
+    assert "2 scans, 0 cross-labelled" in widget.ui.projectInfoLabel.text and "2:scar" in widget.ui.projectInfoLabel.text
+
+
+def test_train_panel_reads_run_files(widget, tmp_path):
+    core = widget.logic.core
+    core.create_project(tmp_path / "proj", {1: "x"})
+    run = core.project.run_dir("r1")
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "running", "iteration": 30, "iterations": 120,
+                                                 "eta_s": 95, "val_dice": 0.8766, "pid": _own_pid()}))
+    (run / "events.jsonl").write_text(
+        json.dumps({"type": "progress", "iteration": 30, "lr": 0.01, "eta_s": 95}) + "\n"
+        + json.dumps({"type": "suggestion", "cases": [{"case": "la_9", "score": 0.3, "axial": {"index": 4, "ras": [0, 0, 0]}}]})
+        + "\n")
+    widget.ui.runNameLineEdit.text = "r1"
+    widget.onWatchRun()
+    assert widget.timer.active
+    widget.onTimer()
+    assert widget.ui.trainingProgressBar.value == 25
+    assert widget.ui.etaLabel.text == "ETA: 1m 35s" and widget.ui.diceLabel.text == "val Dice: 0.877"
+    assert widget.ui.trainingStateLabel.text == "running 30/120"
+    assert any("progress" in line for line in widget.ui.trainingLogTextEdit.lines)
+    assert widget.ui.suggestionComboBox.items == ["la_9 (score 0.300): axial 4"]
+    assert widget.timer.active  # still running: keep polling
+    (run / "status.json").write_text(json.dumps({"state": "done", "iteration": 120, "iterations": 120}))
+    widget.onTimer()
+    assert widget.ui.trainingProgressBar.value == 100 and not widget.timer.active
+    assert widget.ui.startTrainingButton.enabled and not widget.ui.cancelTrainingButton.enabled
+
+
+def _own_pid() -> int:
+    import os
+
+    return os.getpid()
