@@ -289,13 +289,12 @@ class FMABSLogic:
         root = deps.ensure_fmabs_core_importable()
         return [str(root)] if root else []
 
-    def start_training(self, run: str, method: str, iterations: int, device: str = "auto",
-                       generalist: str | None = None, active: str | None = None, budget: int | None = None,
-                       expert: str | None = None) -> jobs.RunWatcher:
-        """Launch ``fmabs train`` in its own process; returns the watcher the timer polls."""
+    def train_arguments(self, run: str, method: str, iterations: int, device: str = "auto",
+                        generalist: str | None = None, active: str | None = None, budget: int | None = None,
+                        expert: str | None = None, options: Sequence[str] = ()) -> list[str]:
+        """The ``fmabs train`` arguments of the Train panel's choices; ``options``: further CLI options as given
+        (e.g. ``["--patch-size", "64", "64", "64"]``). Device "auto" leaves the choice to the job."""
         project = self.require_project()
-        if self.train_job is not None and self.train_job.running:
-            raise RuntimeError(f"a training job is already running (pid {self.train_job.pid}); cancel it first")
         args = jobs.train_args(project.root, run, method, iterations, None if device == "auto" else device,
                                generalist, active, budget)
         if expert and active and active != "none":
@@ -303,6 +302,16 @@ class FMABSLogic:
         if device == "auto":
             i = args.index("--device")
             del args[i:i + 2]
+        return args + [str(o) for o in options]
+
+    def start_training(self, run: str, method: str, iterations: int, device: str = "auto",
+                       generalist: str | None = None, active: str | None = None, budget: int | None = None,
+                       expert: str | None = None, options: Sequence[str] = ()) -> jobs.RunWatcher:
+        """Launch ``fmabs train`` in its own process; returns the watcher the timer polls."""
+        project = self.require_project()
+        if self.train_job is not None and self.train_job.running:
+            raise RuntimeError(f"a training job is already running (pid {self.train_job.pid}); cancel it first")
+        args = self.train_arguments(run, method, iterations, device, generalist, active, budget, expert, options)
         run_dir = project.run_dir(run)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.watcher = jobs.RunWatcher(run_dir)

@@ -7,6 +7,10 @@ from pathlib import Path
 import numpy as np
 
 
+#: `fmabs train` options for a network small enough to train a few iterations on a CPU in seconds
+TINY_TRAIN = ["--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1"]
+
+
 def rotation(rx: float, ry: float, rz: float) -> np.ndarray:
     """Rotation matrix from angles in degrees (x, then y, then z), no scipy needed."""
     ax, ay, az = np.deg2rad([rx, ry, rz])

@@ -1,4 +1,12 @@
-"""The job watcher and launcher on real files and real child processes (no MRML, no torch)."""
+"""The job watcher and launcher on real files and real child processes (no MRML).
+
+REAL PROCESSES: the training tests below make the module's logic launch the real
+``python -m fmabs_core train`` in a child process on a tiny real project (six 32^3 phantom scans,
+a width-4 network, a few iterations on the CPU) and watch its real run folder, as the Train panel
+does in Slicer. There is no stand-in ``fmabs_core``: the library runs here, so the tests run it
+(a mock is only for what cannot run here, the Slicer application's Qt GUI; see test_widget_mock.py).
+Each test takes a few seconds to ~20 s on a quiet 2-core machine (mostly the child's torch import).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +14,12 @@ import json
 import os
 import signal
 import sys
-import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
+from slicer_helpers import TINY_TRAIN
 from SlicerFMABSLib import jobs
 
 
@@ -103,127 +112,130 @@ def test_train_args_and_status_spellings():
     assert jobs.format_eta(3725) == "1h 02m" and jobs.format_eta(None) == "unknown" and jobs.format_eta(9) == "9s"
 
 
-FAKE_CLI = textwrap.dedent('''
-    """A stand-in for `python -m fmabs_core train`: writes the run files like the real engine, fast."""
-    import json, os, signal, sys, time
-    from pathlib import Path
-
-    args = sys.argv[1:]
-    project, run = Path(args[args.index("--project") + 1]), args[args.index("--run") + 1]
-    total = int(args[args.index("--iterations") + 1])
-    run_dir = project / "runs" / run
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-
-    def status(**kw):
-        kw.setdefault("pid", os.getpid())
-        tmp = run_dir / ".status.tmp"
-        tmp.write_text(json.dumps(kw))
-        os.replace(tmp, run_dir / "status.json")
-
-    def event(**kw):
-        with open(run_dir / "events.jsonl", "a") as fh:
-            fh.write(json.dumps(kw) + "\\n")
-
-    print("argv:", " ".join(args), flush=True)
-    for it in range(1, total + 1):
-        if stop:
-            status(state="cancelled", iteration=it - 1, iterations=total)
-            event(type="cancelled", iteration=it - 1)
-            sys.exit(130)
-        time.sleep(0.05)
-        event(type="progress", iteration=it, lr=0.01, eta_s=(total - it) * 0.05)
-        status(state="running", iteration=it, iterations=total, eta_s=(total - it) * 0.05)
-    event(type="validation", iteration=total, dice=0.75)
-    status(state="done", iteration=total, iterations=total, eta_s=0, val_dice=0.75, model=str(run_dir / "model.pt"))
-    event(type="done", iteration=total)
-''')
+#: the watcher's polling is generous: the child imports torch and may share a busy CPU
+TIMEOUT = 180.0
 
 
 @pytest.fixture
-def fake_core(tmp_path, monkeypatch):
-    """A fake ``fmabs_core`` package on the job's PYTHONPATH (the real one would train with torch)."""
-    pkg = tmp_path / "fake" / "fmabs_core"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "__main__.py").write_text(FAKE_CLI)
-    return tmp_path / "fake"
+def make_logic():
+    """make_logic(project_root): the module's logic without a scene (the job part needs none).
 
-
-def _logic_without_scene(tmp_path, fake_core, monkeypatch):
-    pytest.importorskip("nibabel")
+    Jobs run with this interpreter (the one with fmabs_core installed; Slicer uses PythonSlicer),
+    and the logic's own PYTHONPATH (the folder of the real fmabs_core). Any job still running at
+    the end of a test is killed: a failed test must not leave a 2000-iteration training behind.
+    """
     from fmabs_core.datastore import Project
     from SlicerFMABSLib import logic as logic_mod
 
-    lg = logic_mod.FMABSLogic.__new__(logic_mod.FMABSLogic)  # the job part needs no scene
-    lg.project = Project.create(tmp_path / "proj")
-    lg.train_job = lg.watcher = lg.suggest_job = lg.prediction = None
-    lg.python = sys.executable
-    monkeypatch.setattr(lg, "job_pythonpath", lambda: [str(fake_core)], raising=False)
-    return lg
+    made = []
+
+    def make(root):
+        lg = logic_mod.FMABSLogic.__new__(logic_mod.FMABSLogic)
+        lg.scene = lg.seg_logic = None
+        lg.project = Project(root)
+        lg.train_job = lg.watcher = lg.suggest_job = lg.suggest_output = lg.prediction = None
+        lg.python = sys.executable
+        made.append(lg)
+        return lg
+
+    yield make
+    for lg in made:
+        if lg.train_job is not None and lg.train_job.running:
+            lg.train_job.process.kill()
+            lg.train_job.wait(30)
 
 
-def _poll_until(lg, pred, timeout=20.0):
-    lines = []
+def _poll_until(lg, pred, timeout=TIMEOUT):
+    """Poll like the Train panel's timer; returns (status, log lines, every state seen)."""
+    lines, states = [], []
     t0 = time.time()
     while time.time() - t0 < timeout:
         status, new = lg.poll_training()
         lines += new
+        states.append(status.state)
         if pred(status):
-            return status, lines
-        time.sleep(0.05)
-    raise AssertionError(f"timed out; last status {status}")
+            if status.finished and lg.train_job is not None:
+                # the job writes status.json before its last event: once it has exited, one more poll
+                # (the panel's next tick) reads the lines still missing
+                lg.train_job.wait(30)
+                status, new = lg.poll_training()
+                lines += new
+            return status, lines, states
+        time.sleep(0.1)
+    tail = lg.train_job.log_tail(1500) if lg.train_job is not None else ""
+    raise AssertionError(f"timed out; last status {status}; job log:\n{tail}")
 
 
-def test_training_job_runs_in_background(tmp_path, fake_core, monkeypatch):
-    lg = _logic_without_scene(tmp_path, fake_core, monkeypatch)
+def test_train_arguments(tmp_path, make_logic):
+    from fmabs_core.datastore import Project
+
+    lg = make_logic(Project.create(tmp_path / "p").root)
+    args = lg.train_arguments("r", "fmabs", 12, device="auto", generalist="litemedsam", active="her", budget=4,
+                              expert="human", options=["--width", 4])
+    assert args == ["train", "--project", str(lg.project.root), "--method", "fmabs", "--iterations", "12", "--run",
+                    "r", "--generalist", "litemedsam", "--active", "her", "--budget", "4", "--expert", "human",
+                    "--width", "4"]  # device "auto": no --device, the job picks CUDA when there is one
+    args = lg.train_arguments("r", "sup", 5, device="cpu", active="none", budget=3, expert="human")
+    assert args[-2:] == ["--device", "cpu"] and "--expert" not in args and "--active" not in args
+
+
+def test_training_job_runs_in_background(labelled_project, make_logic):
+    lg = make_logic(labelled_project)
     t0 = time.time()
-    lg.start_training("run1", "fmabs", 12, device="auto", generalist="litemedsam", active="her", budget=4,
-                      expert="human")
+    lg.start_training("run1", "sup", 6, device="cpu", options=[*TINY_TRAIN, "--val-every", "3"])
     assert time.time() - t0 < 2.0  # returns at once: the GUI never blocks
-    status, lines = _poll_until(lg, lambda s: s.finished)
-    assert status.state == "done" and status.val_dice == 0.75 and status.iteration == 12
-    assert sum("progress" in line for line in lines) == 12
-    log_text = (lg.project.run_dir("run1") / "slicer-job.log").read_text()
-    assert "--active her --budget 4 --expert human" in log_text and "--device" not in log_text
+    assert lg.train_job.argv[:3] == [sys.executable, "-m", "fmabs_core"]
+    status, lines, states = _poll_until(lg, lambda s: s.finished)
+    assert status.state == "done", lg.train_job.log_tail()
+    assert status.iteration == status.total == 6 and status.fraction == 1.0
+    assert status.val_dice is not None and 0.0 <= status.val_dice <= 1.0
+    assert "running" in states and states.index("running") < states.index("done")  # progress, then done
+    progress = [line for line in lines if "progress" in line]
+    assert progress and progress[-1].startswith("[6] progress: loss")
+    assert lines[0].startswith("[0] started (6 iterations on cpu)") and lines[-1] == "[6] done"
+    assert any(line.startswith("[3] validation Dice") for line in lines)
+    assert lg.train_job.wait(10) == 0
+    run = lg.project.run_dir("run1")
+    assert (run / "model.pt").is_file() and "model: " in (run / "slicer-job.log").read_text()
+    assert lg.trained_runs() == ["run1"]
 
 
-def test_cancel_sends_sigterm(tmp_path, fake_core, monkeypatch):
-    lg = _logic_without_scene(tmp_path, fake_core, monkeypatch)
-    lg.start_training("run2", "sup", 400, device="cpu")
-    _poll_until(lg, lambda s: (s.iteration or 0) >= 2)
+def test_cancel_sends_sigterm(labelled_project, make_logic):
+    lg = make_logic(labelled_project)
+    lg.start_training("run2", "sup", 2000, device="cpu", options=TINY_TRAIN)
+    _poll_until(lg, lambda s: (s.iteration or 0) >= 1)
     assert lg.cancel_training()
-    status, _ = _poll_until(lg, lambda s: s.finished)
-    assert status.state == "cancelled"
-    assert lg.train_job.wait(10) == 130  # the job handled SIGTERM and stopped cleanly
+    status, lines, _ = _poll_until(lg, lambda s: s.finished, timeout=60.0)
+    assert status.state == "cancelled" and status.iteration < 2000
+    assert lg.train_job.wait(30) == 130  # the job handled SIGTERM: checkpoint, then a clean exit
+    assert any("cancelled (resume" in line for line in lines)
+    saved = jobs.read_json(lg.project.run_dir("run2") / "status.json")
+    assert Path(saved["checkpoint"]).is_file() and saved["checkpoint_iteration"] == status.iteration
     assert not lg.cancel_training()  # nothing left to cancel
+    assert lg.trained_runs() == ["run2"]  # the checkpoint is a model to segment with
 
 
-def test_crashing_job_is_reported(tmp_path, fake_core, monkeypatch):
-    (fake_core / "fmabs_core" / "__main__.py").write_text("raise SystemExit('fmabs: error: no cross-labels yet')")
-    lg = _logic_without_scene(tmp_path, fake_core, monkeypatch)
-    lg.start_training("run3", "sup", 5)
-    status, _ = _poll_until(lg, lambda s: s.finished)
-    assert status.state == "failed" and "no cross-labels yet" in status.error
+def test_crashing_job_is_reported(bare_project, make_logic):
+    """The real CLI refuses to train without cross-labels (exit code 2); the panel says why."""
+    lg = make_logic(bare_project)
+    lg.start_training("run3", "sup", 5, device="cpu", options=TINY_TRAIN)
+    status, lines, _ = _poll_until(lg, lambda s: s.finished)
+    assert lg.train_job.wait(10) == 2
+    assert status.state == "failed" and "no training scan has cross-labels" in status.error
+    assert any(line.startswith("[0] FAILED") and "no training scan has cross-labels" in line for line in lines)
 
 
-def test_run_waiting_for_the_expert(tmp_path, fake_core, monkeypatch):
-    """Active learning with a human expert: the job stops with exit code 3 after suggesting scans."""
+def test_run_waiting_for_the_expert(bare_project, make_logic):
+    """Active learning with a human expert: the warm-up asks for cross-labels, the job stops with exit code 3."""
     s = jobs.status_from_dict({"state": "waiting_for_labels", "waiting_for_labels": ["la_3", "la_9"], "iteration": 40})
     assert s.state == jobs.WAITING and s.finished and s.waiting_for == ["la_3", "la_9"]
-    (fake_core / "fmabs_core" / "__main__.py").write_text(textwrap.dedent('''
-        import json, sys
-        from pathlib import Path
-        args = sys.argv[1:]
-        run = Path(args[args.index("--project") + 1]) / "runs" / args[args.index("--run") + 1]
-        (run / "status.json").write_text(json.dumps({"state": "cancelled", "iteration": 40, "iterations": 100}))
-        sys.exit(3)
-    '''))
-    lg = _logic_without_scene(tmp_path, fake_core, monkeypatch)
-    lg.start_training("run4", "fmabs", 100, active="her", budget=4, expert="human")
-    status, _ = _poll_until(lg, lambda st: st.finished)
+    lg = make_logic(bare_project)
+    lg.start_training("run4", "sup", 100, device="cpu", active="her", budget=5, expert="human", options=TINY_TRAIN)
+    status, _, _ = _poll_until(lg, lambda st: st.finished)
+    assert lg.train_job.wait(10) == jobs.EXIT_NEEDS_LABELS
     assert status.state == jobs.WAITING
+    assert status.waiting_for and set(status.waiting_for) <= set(lg.project.split("train"))
+    assert "waiting for the expert" in lg.train_job.log_tail()
 
 
 def test_background_process_sigterm(tmp_path):
