@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -191,7 +193,7 @@ def split_batch(batch_size: int, labelled_bs: int) -> tuple[list[int], int]:
     n = layout.world_size
     unlabelled = batch_size - labelled_bs
     if labelled_bs % n or unlabelled % n:
-        raise ValueError(
+        raise InputError(
             f"--batch-size {batch_size} with {labelled_bs} labelled patches cannot be split evenly over "
             f"{n} processes: make both the labelled and the unlabelled counts multiples of {n}")
     lab, unl = labelled_bs // n, unlabelled // n

@@ -7,19 +7,21 @@ import logging
 import random
 import signal
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
-from . import io
+from . import distributed, io
 from .checkpoint import CheckpointStore
 from .config import TrainConfig
 from .data import Case, PatchSampler, effective_patch, zscore
 from .datastore import Project
-from .errors import InputError
-from .events import RunLog
+from .errors import FmabsError, InputError
+from .events import RunLog, read_status
+from .jobs import RunLock
 from .infer import MODEL_FILE, predict_proba, save_model
 from .methods import Method, get_method
 from .metrics import dice_jaccard
@@ -32,14 +34,21 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one falls back to CPU, said once."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         log.warning("CUDA was requested but is not available here: training on the CPU instead")
         return torch.device("cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (network initialisation, dropout, MT perturbations)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -75,8 +84,51 @@ class Cancelled(Exception):
     """Raised inside the loop after a cancel request was honoured (checkpoint written)."""
 
 
+class OutOfMemory(FmabsError):
+    """The GPU ran out of memory; the message says which option to lower."""
+
+
+def _last_line(exc: BaseException) -> str:
+    """The last line of the traceback (``Type: message``), what a user reads first."""
+    return traceback.format_exception_only(type(exc), exc)[-1].strip()
+
+
+def _rng_state(device: torch.device) -> dict:
+    """Global RNG states of this process, in types ``torch.load(weights_only=True)`` accepts.
+
+    CUDA: only this process's device (touching the others would create a context on every GPU).
+    """
+    np_state = np.random.get_state(legacy=False)
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "python": [version, list(internal), gauss],
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][0], device)
+    npst = state.get("numpy")
+    if npst:
+        np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                             npst["gauss"]))
+    if state.get("python"):
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
 class Trainer:
-    """Owns the network, optimiser, sampler and run folder; calls the method's hooks each step."""
+    """Owns the network, optimiser, sampler and run folder; calls the method's hooks each step.
+
+    Under ``torchrun`` every rank builds a Trainer: ``net`` is the plain module (EMA teachers, saving
+    and validation use it), ``train_net`` the DistributedDataParallel wrapper the loop trains with;
+    only rank 0 writes the run folder (``runlog`` is a no-op sink elsewhere).
+    """
 
     def __init__(self, project: Project, run: str, cfg: TrainConfig,
                  progress: Callable[..., Iterable] | None = None, install_signal_handlers: bool = False):
@@ -84,20 +136,32 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = project.run_dir(run)
         self.run_name = run
-        self.device = resolve_device(cfg.device)
+        self._owns_group = distributed.env_info().enabled and not distributed.is_initialized()
+        self.dist, self.device = distributed.init(resolve_device(cfg.device))
         self.method: Method = get_method(cfg.method)
-        self.runlog = RunLog(self.run_dir)
+        self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         self.ckpts = CheckpointStore(self.run_dir / "checkpoints", keep_last=cfg.keep_last)
+        self.lock = RunLock(self.run_dir)
         self._progress = progress
         self._cancel = False
+        self._cancel_signal: int | None = None
         self.hooks: list[Hook] = default_hooks(cfg)
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._request_cancel)
 
     # ---- small services the methods use ----------------------------------------------------------
-    def _request_cancel(self, signum, frame) -> None:  # noqa: ARG002
+    def _request_cancel(self, signum: int, frame: object) -> None:  # noqa: ARG002
+        """First SIGTERM/SIGINT: checkpoint after the current step and exit; a second one: stop now."""
+        if self._cancel:
+            log.warning("second cancel request (signal %d): stopping without a checkpoint", signum)
+            raise KeyboardInterrupt
         log.warning("cancel requested (signal %d): checkpointing after this step", signum)
+        self._cancel = True
+        self._cancel_signal = signum
+
+    def request_cancel(self) -> None:
+        """Ask the loop to checkpoint and stop after the current step (thread-safe: sets a flag)."""
         self._cancel = True
 
     def progress(self, items: Iterable, desc: str = "", total: int | None = None) -> Iterable:
@@ -151,8 +215,10 @@ class Trainer:
         self.labelled, self.unlabelled = labelled, unlabelled
         self.patch = effective_patch(tuple(cfg.patch_size), [c.image.shape for c in self.train_cases],
                                      size_divisor(cfg.net))
+        # One generator seed on every rank: each rank plans the same global batch and keeps its share.
         self.sampler = PatchSampler(labelled, unlabelled if self.method.uses_unlabelled else [], self.patch,
                                     cfg.batch_size, cfg.labelled_bs, cfg.seed, cfg.augment)
+        self._split_batch()
         self.val_cases = [c for c in project.split("val") if project.has_label(c)][: cfg.max_val_cases]
         log.info("%d labelled and %d unlabelled training scans, %d validation scans, patch %s",
                  len(labelled), len(unlabelled), len(self.val_cases), self.patch)
@@ -170,9 +236,19 @@ class Trainer:
             if case not in self.labelled:
                 self.labelled.append(case)
         self.sampler.labelled_bs = self.cfg.labelled_bs if self.sampler.unlabelled else self.cfg.batch_size
+        self._split_batch()
+
+    def _split_batch(self) -> None:
+        """Distributed runs: which patches of the global batch (``--batch-size``) this rank trains on."""
+        if self.dist.enabled:
+            self.sampler.keep, _ = distributed.split_batch(self.sampler.batch_size, self.sampler.labelled_bs)
+
 
     # ---- state ----------------------------------------------------------------------------------------
-    def state_dict(self, iteration: int) -> dict:
+    def state_dict(self, iteration: int, gather: bool = True) -> dict:
+        """Everything a resume needs. ``gather`` collects every rank's RNG state (a collective call:
+        all ranks must make it); ``best.pt``, written by rank 0 alone, does without."""
+        rng = _rng_state(self.device)
         return {
             "iteration": iteration,
             "model": self.net.state_dict(),
@@ -180,8 +256,9 @@ class Trainer:
             "method": self.method.state_dict(),
             "eval_model": self.method.eval_model(self).state_dict(),
             "sampler": self.sampler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "torch_rng": rng["torch"],
+            "rng": distributed.all_gather_object(rng) if gather else [rng],
+            "world_size": self.dist.world_size,
             "best_dice": self.best_dice,
             "hooks": [h.state_dict() for h in self.hooks],
         }
@@ -191,35 +268,72 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"], self)
         self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        rngs = state.get("rng") or []
+        if len(rngs) == self.dist.world_size:
+            _set_rng_state(rngs[self.dist.rank], self.device)
+        elif not rngs and "torch_rng" in state and self.dist.world_size == 1:
+            torch.set_rng_state(state["torch_rng"])  # a checkpoint from before per-rank RNG states
+        else:
+            # Another number of processes: patches are still those of the shared sampler, but dropout
+            # and perturbation draws cannot continue exactly; start them afresh per rank.
+            log.warning("checkpoint written by %d process(es), resuming with %d: random perturbations are "
+                        "reseeded, so this resume is not bitwise identical to an uninterrupted run",
+                        int(state.get("world_size", 1)), self.dist.world_size)
+            seed_everything(self.cfg.seed + 7919 * (int(state["iteration"]) + 1) + self.dist.rank)
         self.best_dice = float(state.get("best_dice", -1.0))
         for hook, hook_state in zip(self.hooks, state.get("hooks", [])):
             hook.load_state_dict(hook_state)
         return int(state["iteration"])
 
     def checkpoint(self, iteration: int) -> Path:
-        path = self.ckpts.save(self.state_dict(iteration), iteration)
-        self.runlog.event("checkpoint", iteration=iteration, path=str(path))
+        """Write the checkpoint of ``iteration`` (rank 0; a collective call in distributed runs)."""
+        t0 = time.time()
+        state = self.state_dict(iteration)
+        path = self.ckpts.path_for(iteration)
+        if self.dist.is_main:
+            path = self.ckpts.save(state, iteration)
+            seconds = time.time() - t0
+            self.runlog.update_status(checkpoint=str(path), checkpoint_iteration=iteration)
+            self.runlog.event("checkpoint", iteration=iteration, path=str(path), seconds=seconds)
+        # No rank runs ahead (or exits, which makes torchrun kill rank 0) while rank 0 is writing.
+        distributed.barrier()
+        self._last_ckpt = iteration
         return path
 
     # ---- validation ---------------------------------------------------------------------------------
     def validate(self, iteration: int) -> float | None:
-        if not self.val_cases:
-            return None
+        """Mean Dice of the eval model on the validation scans (rank 0; the others wait).
+
+        Stops early, without a score, when a cancel is requested, so that a cancel never waits
+        for a whole validation. Uses no random numbers, so a resume sees the same RNG states.
+        """
+        dice = None
+        if self.dist.is_main and self.val_cases:
+            dice = self._validate(iteration)
+        distributed.barrier()
+        return dice
+
+    def _validate(self, iteration: int) -> float | None:
         model = self.method.eval_model(self)
+        self.runlog.update_status(phase="validation")
         dices = []
         for cid in self.val_cases:
+            if self._cancel:
+                log.info("validation at iteration %d skipped: cancel requested", iteration)
+                self.runlog.update_status(phase="training")
+                return None
             image = zscore(self.project.load_image(cid).array)
             pred = self.predict(model, image).argmax(0)
             dices.append(dice_jaccard(pred, self.project.load_label(cid).array)[0])
         dice = float(np.mean(dices))
-        self.runlog.event("validation", iteration=iteration, dice=dice, per_case=dict(zip(self.val_cases, dices)))
-        self.runlog.update_status(val_dice=dice)
         if dice > self.best_dice:
             self.best_dice = dice
-            self.ckpts.save_best(self.state_dict(iteration))
+            self.ckpts.save_best(self.state_dict(iteration, gather=False))
+        self.runlog.event("validation", iteration=iteration, dice=dice, per_case=dict(zip(self.val_cases, dices)),
+                          best_dice=self.best_dice)
+        self.runlog.update_status(phase="training", val_dice=dice,
+                                  metrics={"val_dice": dice, "best_val_dice": self.best_dice,
+                                           "val_iteration": iteration})
         return dice
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -229,7 +343,7 @@ class Trainer:
     def setup(self) -> int:
         """Build everything and resume from the newest good checkpoint; returns the first iteration."""
         cfg = self.cfg
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed + self.dist.rank)  # rank 0 draws as a single process would
         for hook in self.hooks:
             hook.prepare(self)
         self.load_data()
@@ -238,30 +352,96 @@ class Trainer:
                                          weight_decay=cfg.weight_decay)
         self.best_dice = -1.0
         start = 0
-        config_path = self.run_dir / "config.json"
-        state = self.ckpts.load_latest(map_location=self.device)
+        # On the CPU: RNG states must stay there, and load_state_dict copies the rest onto the device.
+        state = self.ckpts.load_latest(map_location="cpu") if self.dist.is_main else None
+        if self.dist.enabled:
+            # Rank 0 alone reads the folder (it may be local to its machine) and shares the state.
+            state = distributed.broadcast_object(state)
         if state is not None:
             start = self.load_state_dict(state)
             log.info("resuming %s from iteration %d", self.run_dir, start)
-        elif config_path.exists() and (self.run_dir / MODEL_FILE).exists():
-            raise InputError(f"{self.run_dir}: this run is finished; choose a new --run name.")
-        io.atomic_write_text(config_path, cfg.to_json())
+        self._last_ckpt = start
+        if self.dist.is_main:
+            io.atomic_write_text(self.run_dir / "config.json", cfg.to_json())
+        self.train_net = distributed.wrap(self.net, self.device)
         self.method.setup(self)
         for hook in self.hooks:
             hook.setup(self)
         return start
 
-    def train(self) -> Path:
-        start = self.setup()
+    def _preflight(self) -> None:
+        """Own the run folder before touching it: the lock, a finished run, leftovers of a kill."""
+        if not self.dist.is_main:
+            return
+        self.lock.acquire()
+        if (self.run_dir / MODEL_FILE).exists():
+            self.lock.release()
+            raise InputError(f"{self.run_dir}: this run is finished; choose a new --run name.")
+        self.runlog.repair()
+        self.ckpts.clean_temporary()
+
+    def _sync_step(self, finite: bool, logs: dict[str, float]) -> tuple[bool, bool, dict[str, float]]:
+        """(cancel on any rank, loss finite on all ranks, losses averaged over ranks): one collective."""
+        if not self.dist.enabled:
+            return self._cancel, finite, logs
+        gathered = distributed.all_gather_object((self._cancel, finite, logs))
+        return (any(g[0] for g in gathered), all(g[1] for g in gathered),
+                distributed.mean_dicts([g[2] for g in gathered]))
+
+    def _oom_advice(self, it: int) -> str:
         cfg = self.cfg
-        self.runlog.update_status(state="running", iteration=start, iterations=cfg.iterations, device=str(self.device),
-                                  method=cfg.method, run=self.run_name)
-        self.runlog.event("started", iteration=start, iterations=cfg.iterations, device=str(self.device),
-                          resumed=start > 0)
-        self.net.train()
-        step_times: list[float] = []
-        it = start
+        smaller = tuple(max(size_divisor(cfg.net), (p // 2 // size_divisor(cfg.net)) * size_divisor(cfg.net))
+                        for p in self.patch) if hasattr(self, "patch") else None
+        where = f"{self.device}" + (f" (rank {self.dist.rank})" if self.dist.enabled else "")
+        advice = (f"CUDA ran out of memory on {where} at iteration {it} with --batch-size {cfg.batch_size} "
+                  f"and --patch-size {' '.join(map(str, getattr(self, 'patch', cfg.patch_size)))}. "
+                  f"Lower --batch-size (e.g. {max(1, cfg.batch_size // 2)})")
+        if smaller:
+            advice += f" or --patch-size (e.g. {' '.join(map(str, smaller))})"
+        advice += (", close other programs using the GPU (nvidia-smi), or train with --device cpu. "
+                   "The run resumes from its last checkpoint with the same command.")
+        return advice
+
+    def _fail(self, exc: BaseException, it: int, error: str | None = None) -> None:
+        error = error or _last_line(exc)
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.runlog.update_status(durable=True, state="failed", error=error, phase=None)
+        self.runlog.event("failed", iteration=it, error=error, message=error, traceback=tb[-8000:],
+                          resume_from=self._last_ckpt if self._last_ckpt else None)
+
+    def train(self) -> Path:
+        """Train (or resume) the run; owns the run folder for the whole call."""
+        self._preflight()
         try:
+            return self._train()
+        finally:
+            self.lock.release()
+            if self._owns_group:
+                distributed.shutdown()
+
+    def _train(self) -> Path:
+        cfg = self.cfg
+        t_begin = time.time()
+        self._last_ckpt = 0
+        # A fresh status, keeping what a resumed run already knows (last validation and checkpoint).
+        previous = read_status(self.run_dir) if self.dist.is_main else {}
+        self.runlog.status = {k: previous[k] for k in ("metrics", "val_dice", "checkpoint", "checkpoint_iteration")
+                              if k in previous}
+        self.runlog.update_status(durable=True, state="starting", run=self.run_name, method=cfg.method,
+                                  iteration=0, iterations=cfg.iterations, device=str(self.device),
+                                  world_size=self.dist.world_size, started=t_begin, error=None)
+        it = 0
+        try:
+            start = self.setup()
+            it = start
+            self.runlog.update_status(durable=True, state="running", phase="training", iteration=start, eta_s=None)
+            self.runlog.event("started", iteration=start, iterations=cfg.iterations, device=str(self.device),
+                              resumed=start > 0, pid=self.runlog.status["pid"], host=self.runlog.status["host"],
+                              world_size=self.dist.world_size, method=cfg.method)
+            self.train_net.train()
+            step_times: list[float] = []
+            if distributed.any_true(self._cancel):
+                raise Cancelled()  # cancelled while loading: nothing new to checkpoint
             bar = self.progress(range(start, cfg.iterations), desc=f"training {cfg.method}",
                                 total=cfg.iterations - start)
             for it in bar:
@@ -274,10 +454,12 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 with self.autocast():
-                    logits = self.net(batch["image"])
+                    logits = self.train_net(batch["image"])
                 loss, logs = self.method.loss(self, batch, logits, it)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {float(loss)} at iteration {it}; lower --lr")
+                logs = {"loss": float(loss.detach()), **logs}
+                cancel, finite, logs = self._sync_step(bool(np.isfinite(logs["loss"])), logs)
+                if not finite:
+                    raise FloatingPointError(f"loss became {logs['loss']} at iteration {it}; lower --lr")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -285,31 +467,53 @@ class Trainer:
                 done = it + 1
                 step_times.append(time.time() - t0)
                 eta = float(np.mean(step_times[-50:])) * (cfg.iterations - done)
-                logs = {"loss": float(loss.detach()), **logs}
-                self.runlog.event("progress", iteration=done, lr=lr, eta_s=eta, **logs)
                 self.runlog.update_status(iteration=done, eta_s=eta, lr=lr, losses=logs)
+                self.runlog.event("progress", iteration=done, iterations=cfg.iterations, loss=logs["loss"],
+                                  losses=logs, lr=lr, eta_s=eta, step_s=step_times[-1])
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{logs['loss']:.3f}")
                 if done % cfg.val_every == 0 or done == cfg.iterations:
                     self.validate(done)
-                if self._cancel:
+                # One process reads its own flag (a signal during this step stops after it); ranks of a
+                # distributed run stop on the step they agreed on at the last synchronisation.
+                if cancel or (self._cancel and not self.dist.enabled):
                     self.checkpoint(done)
+                    it = done
                     raise Cancelled()
                 if done % cfg.ckpt_every == 0 and done < cfg.iterations:
                     self.checkpoint(done)
+            it = cfg.iterations
+            self.checkpoint(cfg.iterations)
+            model_path = self.run_dir / MODEL_FILE
+            if self.dist.is_main:
+                save_model(model_path, self.method.eval_model(self).state_dict(), cfg.net, self.patch,
+                           self.project.classes)
+            distributed.barrier()
         except Cancelled:
-            self.runlog.update_status(state="cancelled")
-            self.runlog.event("cancelled", iteration=it + 1)
+            ckpt = self.ckpts.path_for(self._last_ckpt) if self._last_ckpt else None
+            self.runlog.update_status(durable=True, state="cancelled", phase=None, eta_s=None)
+            self.runlog.event("cancelled", iteration=it, checkpoint=str(ckpt) if ckpt else None,
+                              signal=self._cancel_signal)
+            distributed.barrier()  # the other ranks exit only once rank 0 has recorded the cancel
             raise
+        except torch.cuda.OutOfMemoryError as exc:
+            advice = self._oom_advice(it)
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+            self._fail(exc, it, error=advice)
+            raise OutOfMemory(advice) from exc
         except Exception as exc:
-            self.runlog.update_status(state="failed", error=str(exc))
-            self.runlog.event("failed", iteration=it, message=f"{type(exc).__name__}: {exc}")
+            self._fail(exc, it)
             raise
-        self.checkpoint(cfg.iterations)
-        model_path = self.run_dir / MODEL_FILE
-        save_model(model_path, self.method.eval_model(self).state_dict(), cfg.net, self.patch, self.project.classes)
-        self.runlog.update_status(state="done", iteration=cfg.iterations, eta_s=0.0, model=str(model_path))
-        self.runlog.event("done", iteration=cfg.iterations, model=str(model_path), best_val_dice=self.best_dice)
+        except BaseException as exc:  # KeyboardInterrupt (second Ctrl+C), SystemExit
+            self._fail(exc, it, error=f"interrupted ({type(exc).__name__}) without a checkpoint; "
+                                      "resume from the last checkpoint with the same command")
+            raise
+        seconds = time.time() - t_begin
+        self.runlog.update_status(durable=True, state="done", phase=None, iteration=cfg.iterations, eta_s=0.0,
+                                  model=str(model_path))
+        self.runlog.event("done", iteration=cfg.iterations, model=str(model_path), best_val_dice=self.best_dice,
+                          seconds=seconds)
         return model_path
 
 

@@ -33,7 +33,8 @@ def config_from_args(args: argparse.Namespace, project: Project) -> TrainConfig:
         method=args.method, iterations=args.iterations, seed=args.seed, device=args.device or "auto",
         batch_size=args.batch_size, labelled_bs=args.labelled_batch_size,
         net=NetConfig(name=args.network, out_channels=project.num_classes + 1, width=args.width,
-                      dropout=args.dropout),
+                      dropout=args.dropout, norm=args.norm),
+        augment=not args.no_augment, keep_last=args.keep_last,
         val_every=args.val_every or max(1, args.iterations // 10),
         ckpt_every=args.ckpt_every or max(1, args.iterations // 10),
         max_val_cases=args.max_val_cases, generalist=args.generalist, generalist_checkpoint=args.generalist_checkpoint,
@@ -92,12 +93,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train (or resume) a specialist on a project")
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``fmabs train`` (``fmabs jobs start`` takes the same ones)."""
     p.add_argument("--project", required=True)
     p.add_argument("--method", choices=sorted(METHODS), default="sup")
     p.add_argument("--iterations", type=int, default=6000)
-    p.add_argument("--run", required=True, help="run name (folder under runs/); an existing run resumes")
+    # --run-name: torchrun's own parser rejects "--run" as an ambiguous abbreviation of its --run-path
+    p.add_argument("--run", "--run-name", dest="run", required=True,
+                   help="run name (folder under runs/); an existing run resumes")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--labelled-batch-size", type=int, default=2)
@@ -107,8 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--network", default="vnet", help="vnet (default), unet, segresnet, basicunet")
     p.add_argument("--width", type=int, default=16, help="base filters (16 = the papers' V-Net)")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--norm", choices=["batch", "instance", "none"], default="batch",
+                   help="normalisation layers (batch = the papers' V-Net)")
+    p.add_argument("--no-augment", action="store_true", help="no random rotation/flip of patches")
     p.add_argument("--val-every", type=int)
     p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--keep-last", type=int, default=3, help="iteration checkpoints kept (plus best.pt)")
     p.add_argument("--max-val-cases", type=int)
     p.add_argument("--generalist", default="litemedsam")
     p.add_argument("--generalist-checkpoint")
@@ -120,6 +127,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--active", choices=["random", "lc", "he", "her"])
     p.add_argument("--budget", type=int)
     p.add_argument("--expert", choices=["simulated", "human"], default="simulated")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train (or resume) a specialist on a project")
+    add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment scans with a trained model")

@@ -1,0 +1,156 @@
+"""events.jsonl and status.json: the documented schema, failures, out-of-memory advice, torn lines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmabs_core.config import TrainConfig
+from fmabs_core.datastore import Project, import_folder
+from fmabs_core.engine import OutOfMemory, Trainer
+from fmabs_core.errors import FmabsError
+from fmabs_core.events import COMMON_FIELDS, EVENT_TYPES, REQUIRED_FIELDS, RunLog, read_events, read_status
+from fmabs_core.nets import NetConfig
+
+STATUS_FIELDS = ("state", "run", "method", "iteration", "iterations", "eta_s", "lr", "losses", "metrics", "pid",
+                 "device", "host", "updated", "started", "world_size", "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, phantom_data) -> Path:
+    from fmabs_core.cli.project_cmds import simulate_crosslabels
+
+    root = tmp_path_factory.mktemp("events") / "proj"
+    project, problems = import_folder(phantom_data, root, val_fraction=0.2, seed=0)
+    assert not problems
+    simulate_crosslabels(project, project.split("train")[:3], "centre", 0)
+    return root
+
+
+@pytest.fixture()
+def project(template, tmp_path) -> Project:
+    shutil.copytree(template, tmp_path / "proj")
+    return Project(tmp_path / "proj")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two torch threads on a shared two-core machine spin against each other: use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(**kw) -> TrainConfig:
+    base = dict(method="sup", iterations=4, device="cpu", patch_size=(16, 16, 16), batch_size=2,
+                net=NetConfig(width=4, out_channels=2), val_every=2, ckpt_every=2, max_val_cases=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def check_schema(events: list[dict]) -> None:
+    for e in events:
+        assert e["type"] in EVENT_TYPES
+        missing = [f for f in (*COMMON_FIELDS, *REQUIRED_FIELDS[e["type"]]) if f not in e]
+        assert not missing, f"{e['type']} event lacks {missing}: {e}"
+        assert isinstance(e["time"], float) and isinstance(e["iteration"], int)
+
+
+def test_event_and_status_schema(project):
+    Trainer(project, "r", tiny()).train()
+    run = project.run_dir("r")
+    events = read_events(run)
+    check_schema(events)
+    types = [e["type"] for e in events]
+    assert types[0] == "started" and types[-1] == "done"
+    assert {"progress", "validation", "checkpoint"} <= set(types)
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [e["iteration"] for e in progress] == [1, 2, 3, 4]
+    assert progress[0]["losses"]["loss"] == progress[0]["loss"] and "loss_sup" in progress[0]["losses"]
+    status = read_status(run)
+    assert not [f for f in STATUS_FIELDS if f not in status]
+    assert status["state"] == "done" and status["iteration"] == 4 and status["metrics"]["val_dice"] is not None
+
+
+def test_failure_is_recorded(project, monkeypatch):
+    tr = Trainer(project, "f", tiny())
+    real = tr.method.loss
+
+    def loss(trainer, batch, logits, it):
+        if it == 2:
+            raise ValueError("the loss exploded on purpose")
+        return real(trainer, batch, logits, it)
+
+    monkeypatch.setattr(tr.method, "loss", loss)
+    with pytest.raises(ValueError):
+        tr.train()
+    events = read_events(project.run_dir("f"))
+    check_schema(events)
+    failed = events[-1]
+    assert failed["type"] == "failed" and failed["iteration"] == 2
+    assert failed["error"] == "ValueError: the loss exploded on purpose"
+    assert "Traceback" in failed["traceback"] and failed["resume_from"] == 2
+    status = read_status(project.run_dir("f"))
+    assert status["state"] == "failed" and status["error"] == failed["error"]
+
+
+def test_setup_failure_is_recorded(project, monkeypatch):
+    monkeypatch.setattr(Trainer, "load_data", lambda self: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError):
+        Trainer(project, "s", tiny()).train()
+    assert read_status(project.run_dir("s"))["error"] == "OSError: disk gone"
+
+
+def test_out_of_memory_advice(project, monkeypatch):
+    tr = Trainer(project, "oom", tiny(batch_size=4, labelled_bs=2))
+
+    def boom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tr.method, "loss", boom)
+    with pytest.raises(OutOfMemory) as info:
+        tr.train()
+    assert isinstance(info.value, FmabsError)
+    msg = str(info.value)
+    assert "--batch-size 4" in msg and "--batch-size (e.g. 2)" in msg and "--patch-size (e.g. 16 16 16)" in msg
+    failed = read_events(project.run_dir("oom"))[-1]
+    assert failed["type"] == "failed" and failed["error"] == msg
+
+
+def test_torn_last_line_is_repaired(tmp_path):
+    log = RunLog(tmp_path)
+    log.event("started", iteration=0)
+    with open(log.events_path, "a") as fh:
+        fh.write('{"type": "progress", "iter')  # a writer killed mid-line
+    assert len(read_events(tmp_path)) == 1
+    log.repair()
+    log.event("progress", iteration=1)
+    assert [e["type"] for e in read_events(tmp_path)] == ["started", "progress"]
+
+
+def test_status_never_half_written(tmp_path):
+    """A reader polling status.json while it is rewritten always gets complete JSON."""
+    log = RunLog(tmp_path)
+    log.update_status(state="running", iteration=0)
+    stop, bad = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                json.loads((tmp_path / "status.json").read_text())
+            except json.JSONDecodeError as exc:
+                bad.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(300):
+        log.update_status(iteration=i, losses={"loss": 1.0 / (i + 1)}, padding="x" * 4000)
+    stop.set()
+    t.join()
+    assert not bad

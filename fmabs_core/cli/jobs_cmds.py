@@ -1,0 +1,117 @@
+"""``fmabs jobs start|status|cancel|list``: training runs in the background.
+
+``start`` takes exactly the options of ``fmabs train`` and runs it detached; the other
+sub-commands only read the run folder (and ``cancel`` sends SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .. import jobs
+from ..datastore import Project
+from ..errors import FmabsError, InputError
+from .common import print_json
+from .train_cmds import add_train_arguments
+
+log = logging.getLogger(__name__)
+
+
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """The ``fmabs train`` command line that reproduces ``args`` (options left at their default are omitted)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(parser)
+    out: list[str] = []
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public list of actions
+        if not action.option_strings:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _run_dir(args: argparse.Namespace):
+    project = Project(args.project)
+    run_dir = project.run_dir(args.run)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such run in {project.root} (see 'fmabs jobs list --project {args.project}')")
+    return run_dir
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    project = Project(args.project)  # fails early, in the foreground, on a bad project
+    argv = train_argv(args)
+    argv[argv.index("--project") + 1] = str(project.root.resolve())
+    job = jobs.start_job(project.run_dir(args.run), argv)
+    print(f"started pid {job.pid}")
+    print(f"run folder: {job.run_dir}")
+    print(f"log: {job.log_path}")
+    print(f"follow with: fmabs jobs status --project {project.root} --run {args.run}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = jobs.job_status(_run_dir(args))
+    if args.json:
+        print_json(status)
+    else:
+        print(jobs.summary_line(status))
+    return 1 if status["state"] in ("failed", "crashed") else 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    try:
+        status = jobs.cancel_job(_run_dir(args), timeout_s=args.timeout, kill_after=args.kill)
+    except TimeoutError as exc:
+        raise FmabsError(str(exc)) from None
+    print(jobs.summary_line(status))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    project = Project(args.project)
+    runs = jobs.list_runs(project.root)
+    if args.json:
+        print_json(runs)
+    elif not runs:
+        print(f"no runs in {project.root}")
+    for status in [] if args.json else runs:
+        print(jobs.summary_line(status))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("jobs", help="background training: start, status, cancel, list")
+    jsub = p.add_subparsers(dest="jobs_command", required=True)
+
+    s = jsub.add_parser("start", help="run 'fmabs train' detached (same options); output goes to runs/<run>/train.log")
+    add_train_arguments(s)
+    s.set_defaults(func=cmd_start)
+
+    s = jsub.add_parser("status", help="state, progress and ETA of a run (detects crashed jobs)")
+    s.add_argument("--project", required=True)
+    s.add_argument("--run", required=True)
+    s.add_argument("--json", action="store_true", help="the full status as JSON")
+    s.set_defaults(func=cmd_status)
+
+    s = jsub.add_parser("cancel", help="SIGTERM a running job: it checkpoints and exits")
+    s.add_argument("--project", required=True)
+    s.add_argument("--run", required=True)
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the checkpoint (default 120)")
+    s.add_argument("--kill", action="store_true",
+                   help="SIGKILL after the timeout (loses the work since the last checkpoint)")
+    s.set_defaults(func=cmd_cancel)
+
+    s = jsub.add_parser("list", help="runs of a project with their states")
+    s.add_argument("--project", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list)
