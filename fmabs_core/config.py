@@ -6,7 +6,21 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .nets import NetConfig
+
+
+METHOD_NAMES = ("sup", "sup-dense", "mt", "fmabs")  # kept here so the CLI can list them without torch
+
+
+@dataclass
+class NetConfig:
+    """Saved with every run so that ``predict`` can rebuild the network."""
+
+    name: str = "vnet"
+    in_channels: int = 1
+    out_channels: int = 2
+    width: int = 16
+    dropout: float = 0.0
+    norm: str = "batch"
 
 
 @dataclass
@@ -52,7 +66,7 @@ class TrainConfig:
     pseudo_max_slices: int | None = None  # per view and scan; None = every slice with foreground
     pseudo_max_cases: int | None = None  # scans pseudo-labelled per round (None = all training scans)
     box_jitter: int = 10
-    n_points: int = 3
+    n_points: int | None = None  # positive points per box; None: the generalist's default
     # active cross-labelling
     active: str | None = None
     budget: int | None = None

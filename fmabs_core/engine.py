@@ -405,9 +405,10 @@ class Trainer:
     def _fail(self, exc: BaseException, it: int, error: str | None = None) -> None:
         error = error or _last_line(exc)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.runlog.update_status(durable=True, state="failed", error=error, phase=None)
+        # the final event goes first: a reader that sees the final state in status.json finds the event too
         self.runlog.event("failed", iteration=it, error=error, message=error, traceback=tb[-8000:],
                           resume_from=self._last_ckpt if self._last_ckpt else None)
+        self.runlog.update_status(durable=True, state="failed", error=error, phase=None)
 
     def train(self) -> Path:
         """Train (or resume) the run; owns the run folder for the whole call."""
@@ -491,9 +492,9 @@ class Trainer:
             distributed.barrier()
         except Cancelled:
             ckpt = self.ckpts.path_for(self._last_ckpt) if self._last_ckpt else None
-            self.runlog.update_status(durable=True, state="cancelled", phase=None, eta_s=None)
             self.runlog.event("cancelled", iteration=it, checkpoint=str(ckpt) if ckpt else None,
                               signal=self._cancel_signal)
+            self.runlog.update_status(durable=True, state="cancelled", phase=None, eta_s=None)
             distributed.barrier()  # the other ranks exit only once rank 0 has recorded the cancel
             raise
         except torch.cuda.OutOfMemoryError as exc:
@@ -510,10 +511,10 @@ class Trainer:
                                       "resume from the last checkpoint with the same command")
             raise
         seconds = time.time() - t_begin
-        self.runlog.update_status(durable=True, state="done", phase=None, iteration=cfg.iterations, eta_s=0.0,
-                                  model=str(model_path))
         self.runlog.event("done", iteration=cfg.iterations, model=str(model_path), best_val_dice=self.best_dice,
                           seconds=seconds)
+        self.runlog.update_status(durable=True, state="done", phase=None, iteration=cfg.iterations, eta_s=0.0,
+                                  model=str(model_path))
         return model_path
 
 

@@ -175,35 +175,40 @@ class FMABS(MeanTeacher):
     def before_step(self, tr, it):
         if not self.round_due(it):
             return
+        from . import distributed
+        from .metrics import dice_jaccard
         from .pseudolabel import multiview_pseudolabel
 
         cfg = tr.cfg
-        teacher = self.teacher
         cases = tr.train_cases
         if cfg.pseudo_max_cases is not None and len(cases) > cfg.pseudo_max_cases:
+            # drawn before sharding: every rank's sampler has the same seed, so all pick the same scans
             idx = tr.sampler.rng.choice(len(cases), cfg.pseudo_max_cases, replace=False)
             cases = [cases[i] for i in sorted(idx)]
-        rng = np.random.default_rng([cfg.seed, it])
+        distributed.broadcast_module(self.teacher)  # BN statistics drift per rank: prompt from rank 0's teacher
         start = time.time()
-        dices = []
-        for case in tr.progress(cases, desc=f"pseudo-labels (round {self.rounds_done + 1})"):
-            probs = tr.predict(teacher, case.image)
-            prompt = probs.argmax(0).astype(np.uint8)
+        mine: dict[str, tuple[np.ndarray, tuple[float, float] | None]] = {}
+        shard = distributed.shard(list(enumerate(cases)))
+        for i, case in tr.progress(shard, desc=f"pseudo-labels (round {self.rounds_done + 1})"):
+            rng = np.random.default_rng([cfg.seed, it, i])  # per scan: results do not depend on the rank count
+            prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
             result = multiview_pseudolabel(
                 self.generalist(tr), case.image, prompt, rng, fusion=cfg.fusion, box_jitter=cfg.box_jitter,
                 n_points=cfg.n_points, max_slices_per_view=cfg.pseudo_max_slices)
-            case.pseudo = result["fused"].astype(np.uint8)
-            tr.save_pseudolabels(case, result)
-            if "label" in case.extra:
-                from .metrics import dice_jaccard
-
-                dices.append((dice_jaccard(prompt, case.extra["label"])[0],
-                              dice_jaccard(case.pseudo, case.extra["label"])[0]))
+            if cfg.pseudo_max_slices is not None:
+                fill_unprompted(result, prompt, cfg.fusion)
+            tr.save_pseudolabels(case, result)  # each rank writes the scans it labelled (distinct files)
+            label = case.extra.get("label")
+            scores = None if label is None else (dice_jaccard(prompt, label)[0], dice_jaccard(result["fused"], label)[0])
+            mine[case.id] = (result["fused"].astype(np.uint8), scores)
+        merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
+        for case in cases:
+            case.pseudo = merged[case.id][0]
         self.rounds_done += 1
         info = {"round": self.rounds_done, "iteration": it, "cases": len(cases), "seconds": time.time() - start}
-        if dices:
-            arr = np.array(dices)
-            info.update(teacher_dice=float(arr[:, 0].mean()), pseudo_dice=float(arr[:, 1].mean()))
+        dices = np.array([v[1] for v in merged.values() if v[1] is not None])
+        if len(dices):
+            info.update(teacher_dice=float(dices[:, 0].mean()), pseudo_dice=float(dices[:, 1].mean()))
         tr.runlog.event("pseudo_label", **info)
         log.info("pseudo-label round %d: %s", self.rounds_done, info)
 
@@ -227,6 +232,28 @@ class FMABS(MeanTeacher):
     def load_state_dict(self, state: dict, tr) -> None:
         super().load_state_dict(state, tr)
         self.rounds_done = int(state.get("rounds_done", 0))
+
+
+def fill_unprompted(result: dict, prompt: np.ndarray, fusion: str) -> None:
+    """Where slices were skipped to save generalist calls, keep the teacher's own mask there, then re-fuse.
+
+    Leaving skipped foreground slices empty would teach the student that the object stops there; the
+    teacher's mask is the best guess we have for them (it is what the generalist would have been shown).
+    """
+    from .io import VIEW_AXIS, VIEWS
+    from .pseudolabel import fuse
+
+    for view in VIEWS:
+        axis = VIEW_AXIS[view]
+        other = tuple(a for a in range(3) if a != axis)
+        has_fg = np.flatnonzero((prompt > 0).any(axis=other))
+        prompted = set(np.asarray(result.slices[view]).tolist()) if hasattr(result, "slices") else set()
+        vol = np.moveaxis(result[view], axis, 0)  # a view: writes go through
+        src = np.moveaxis(prompt, axis, 0)
+        for k in has_fg:
+            if int(k) not in prompted:
+                vol[k] = src[k]
+    result["fused"] = fuse([result[v] for v in VIEWS], fusion)
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SupCross, SupDense, MeanTeacher, FMABS)}

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from .config import NetConfig
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -82,18 +82,6 @@ class VNet(nn.Module):
         y = self.dec2(self.up2(y) + x2)
         y = self.dec1(self.up1(y) + x1)
         return self.head(self.dropout(y))
-
-
-@dataclass
-class NetConfig:
-    """Saved with every run so that ``predict`` can rebuild the network."""
-
-    name: str = "vnet"
-    in_channels: int = 1
-    out_channels: int = 2
-    width: int = 16
-    dropout: float = 0.0
-    norm: str = "batch"
 
 
 def build_network(cfg: NetConfig) -> nn.Module:

@@ -104,3 +104,17 @@ def test_empty_prediction_is_a_failure_not_hd_zero():
     assert summary["n_failed"] == 1
     assert summary["dice"]["mean"] == pytest.approx(0.5)
     assert summary["hd95_vox"]["mean"] == 0.0  # distances over the non-failed case only
+
+
+def test_augmentation_matches_monai_transforms():
+    """The sampler's numpy rot90/flip equal MONAI's Rotate90/Flip on channel-first patches."""
+    from monai.transforms import Flip, Rotate90
+
+    from fmabs_core.data import PatchSampler
+
+    a = np.random.default_rng(0).random((1, 6, 6, 4)).astype(np.float32)
+    for k in range(4):
+        for axis in range(3):
+            ours = PatchSampler._augment(k, axis, a)[0]
+            ref = np.asarray(Flip(spatial_axis=axis)(Rotate90(k=k, spatial_axes=(0, 1))(a)))
+            np.testing.assert_array_equal(ours, ref)
