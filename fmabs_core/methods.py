@@ -158,6 +158,7 @@ class FMABS(MeanTeacher):
         self.stop = int(round(cfg.pseudo_stop * n))
         self.rounds_done = getattr(self, "rounds_done", 0)
         self._generalist = None
+        self.generalist(tr)  # fail at start, not at the first round, when weights are missing
         if self.rounds_done:
             tr.restore_pseudolabels()
 
@@ -167,6 +168,8 @@ class FMABS(MeanTeacher):
     def generalist(self, tr: "Trainer"):
         if self._generalist is None:
             from .generalist import get_generalist
+
+            from . import pseudolabel  # noqa: F401  (imported with the model: a round must not fail on import)
 
             self._generalist = get_generalist(tr.cfg.generalist, device=tr.device,
                                               checkpoint=tr.cfg.generalist_checkpoint)

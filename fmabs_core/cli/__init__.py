@@ -15,7 +15,10 @@ log = logging.getLogger("fmabs_core")
 COMMAND_MODULES = [
     "project_cmds",  # import, check, crosslabel
     "train_cmds",  # train, predict, evaluate
-    # "demo_cmd",  # demo
+    "jobs_cmds",  # jobs start|status|cancel|list
+    "active_cmds",  # suggest (after train_cmds: wraps train for exit code 3)
+    "generalist_cmds",  # weights, pseudo-label, bench
+    "demo_cmd",  # demo
 ]
 
 

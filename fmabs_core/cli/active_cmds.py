@@ -1,0 +1,150 @@
+"""``fmabs suggest``, and exit code 3 for a ``fmabs train --expert human`` run that waits for labels.
+
+``suggest`` prints only JSON on stdout (the Slicer module reads the first ``{`` of the job's output),
+so it shows no progress bar unless stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable
+
+from ..active import budget as B
+from ..active import hook as active_hook
+from ..active.strategies import STRATEGIES, get_strategy
+from ..active.suggest import SLICE_MODES, describe, select, suggest_slices
+from ..datastore import Project
+from ..engine import resolve_device
+from ..errors import InputError
+from ..events import read_status
+from ..infer import load_model, predict_proba
+from .common import print_json, progress
+
+log = logging.getLogger(__name__)
+
+EXIT_NEEDS_LABELS = 3
+
+
+def run_progress(project: Project, run: str) -> float:
+    """Where the run is in its training (t/T for HER's threshold): 1.0 once finished or unknown."""
+    status = read_status(project.run_dir(run))
+    if status.get("state") == "done":
+        return 1.0
+    try:
+        return min(1.0, max(0.0, float(status["iteration"]) / float(status["iterations"])))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 1.0
+
+
+def suggest(project: Project, run: str, strategy: str, k: int, slices: str = "centre", device: str = "auto",
+            seed: int = 0, overlap: float = 0.25, at: float | None = None, record: bool = True,
+            show: Callable | None = None) -> dict[str, Any]:
+    """Score the training scans without a cross-label with the run's model; the top ``k`` and their slices.
+
+    When the project has a budget, ``k`` is capped to what is left of it (an error once spent).
+    """
+    if k < 1:
+        raise InputError(f"-k must be at least 1 (got {k})")
+    if slices not in SLICE_MODES:
+        raise InputError(f"--slices {slices}: choose from {', '.join(SLICE_MODES)}")
+    strat = get_strategy(strategy, seed=seed)
+    run_dir = project.run_dir(run)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such run; train one first with 'fmabs train --run {run}'.")
+    dev = resolve_device(device)
+    net, meta = load_model(run_dir, dev)
+    patch = tuple(meta["patch_size"])
+    train = project.split("train")
+    labelled = set(project.crosslabelled())
+    candidates = [c for c in train if c not in labelled]
+    if not candidates:
+        raise InputError(f"{project.root}: every training scan is cross-labelled already; nothing to suggest.")
+    total = project.read().get("budget")
+    if total:
+        left = B.budget_state(project, int(total)).remaining
+        if left == 0:
+            raise InputError(f"{project.root}: the budget of {total} scans is spent "
+                             f"({len(labelled & set(train))} cross-labelled); raise it to label more.")
+        if k > left:
+            log.warning("only %d scans of the budget of %d are left: suggesting %d, not %d", left, total, left, k)
+            k = left
+    t = run_progress(project, run) if at is None else float(at)
+
+    def predict(cid: str):
+        return predict_proba(net, project.load_image(cid).array, patch, overlap, dev)
+
+    sel = select(candidates, k, strat, t, predict, show=show)
+    placed = {}
+    for cid in sel.cases:
+        probs = sel.probs.get(cid)
+        if probs is None:
+            probs = predict(cid)
+        placed[cid] = suggest_slices(probs, project.load_image(cid), slices)  # type: ignore[arg-type]
+    cases = describe(sel, placed)
+    result = {"run": run, "strategy": strategy, "progress": t, "k": k, "slices": slices, "cases": cases,
+              "scores": sel.scores}
+    if record:
+        number = len(B.rounds(project, run, "suggest")) + 1
+        B.record_round(project, {"run": run, "round": number, "kind": "suggest", "strategy": strategy,
+                                 "iteration": None, "progress": t, "cases": sel.cases, "scores": sel.scores,
+                                 "slices": placed, "expert": "human", "budget": total, "status": "suggested"})
+    return result
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    project = Project(args.project)
+    show = progress if sys.stderr.isatty() else None
+    result = suggest(project, args.run, args.strategy, args.k, slices=args.slices, device=args.device or "auto",
+                     seed=args.seed, overlap=args.overlap, at=args.progress, record=not args.no_record, show=show)
+    print_json(result)
+    return 0
+
+
+def _with_expert_exit(train_func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap ``fmabs train``: a run that stopped for the human expert exits with code 3 and says what to label.
+
+    The train command reports any clean stop as 'cancelled'; the hook leaves its request in
+    ``hook.LAST_REQUEST``, which tells a stop for labels from a user's cancel.
+    """
+
+    def run(args: argparse.Namespace) -> int:
+        active_hook.LAST_REQUEST = None
+        try:
+            rc = train_func(args)
+        except active_hook.ExpertNeeded as exc:  # raised before training started (the warm-up)
+            active_hook.LAST_REQUEST = exc
+            rc = 130
+        request = active_hook.LAST_REQUEST
+        if request is not None:
+            active_hook.mark_waiting(Project(args.project).run_dir(args.run), request)
+            print(f"fmabs: waiting for the expert: {request}", file=sys.stderr)
+            print_json({"waiting_for_labels": request.missing, "cases": request.cases})
+            return EXIT_NEEDS_LABELS
+        return rc
+
+    return run
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("suggest", help="which unlabelled scans (and slices) to cross-label next, by a run's model")
+    p.add_argument("--project", required=True)
+    p.add_argument("--run", required=True, help="the run whose model scores the scans")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="her")
+    p.add_argument("-k", type=int, default=2, help="scans to suggest (capped by the project's budget)")
+    p.add_argument("--slices", choices=SLICE_MODES, default="centre",
+                   help="centre of the predicted object per view (default), or the most uncertain slice")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="for --strategy random")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    p.add_argument("--progress", type=float, help="training progress t/T for HER's threshold "
+                   "(default: the run's, 1.0 when finished)")
+    p.add_argument("--no-record", action="store_true", help="do not add the suggestion to fmabs.json")
+    p.set_defaults(func=cmd_suggest)
+
+    train = sub.choices.get("train")
+    if train is not None:
+        train.set_defaults(func=_with_expert_exit(train.get_default("func")))
+    else:
+        log.debug("no train command registered before active_cmds: exit code 3 for waiting runs is not wired")
