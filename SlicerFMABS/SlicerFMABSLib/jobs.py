@@ -299,7 +299,7 @@ class RunWatcher:
             if fresh.error is None:
                 fresh.error = self.status.error
             self.status = fresh
-        if self.last_event_state and self.status.state not in ("done", "failed", "cancelled"):
+        if self.last_event_state and self.status.state not in ("done", "failed", "cancelled", WAITING):
             self.status.state = self.last_event_state
         if self.status.state == "running":
             alive = process_running if process_running is not None else pid_alive(self.status.pid)

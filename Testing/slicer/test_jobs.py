@@ -249,3 +249,15 @@ def test_background_process_sigterm(tmp_path):
     proc.cancel()
     assert proc.wait(10) == -signal.SIGTERM
     assert "hi" in proc.log_tail()
+
+
+def test_watcher_keeps_waiting_state_after_the_pause_event(tmp_path):
+    """A run paused for the expert ends with a 'cancelled' event; status.json's waiting state must win."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "status.json").write_text(json.dumps({"state": "waiting_for_labels", "iteration": 3,
+                                                 "waiting_for_labels": ["a", "b"]}))
+    (run / "events.jsonl").write_text(json.dumps({"type": "started", "time": 1.0, "iteration": 0}) + "\n"
+                                      + json.dumps({"type": "cancelled", "time": 2.0, "iteration": 3}) + "\n")
+    status, _ = jobs.RunWatcher(run).poll(process_running=False)
+    assert status.state == jobs.WAITING and status.waiting_for == ["a", "b"]
