@@ -12,14 +12,11 @@ import sys
 from typing import Any, Callable
 
 from ..active import budget as B
-from ..active import hook as active_hook
 from ..active.strategies import STRATEGIES, get_strategy
 from ..active.suggest import SLICE_MODES, describe, select, suggest_slices
 from ..datastore import Project
-from ..engine import resolve_device
 from ..errors import InputError
 from ..events import read_status
-from ..infer import load_model, predict_proba
 from .common import print_json, progress
 
 log = logging.getLogger(__name__)
@@ -53,6 +50,9 @@ def suggest(project: Project, run: str, strategy: str, k: int, slices: str = "ce
     run_dir = project.run_dir(run)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run; train one first with 'fmabs train --run {run}'.")
+    from ..engine import resolve_device
+    from ..infer import load_model, predict_proba
+
     dev = resolve_device(device)
     net, meta = load_model(run_dir, dev)
     patch = tuple(meta["patch_size"])
@@ -110,6 +110,8 @@ def _with_expert_exit(train_func: Callable[[argparse.Namespace], int]) -> Callab
     """
 
     def run(args: argparse.Namespace) -> int:
+        from ..active import hook as active_hook
+
         active_hook.LAST_REQUEST = None
         try:
             rc = train_func(args)

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image", required=True, help="scan (NIfTI)")
     p.add_argument("--prompt-from", required=True, help="mask on the scan's grid (0 background, 1..C) that prompts")
-    p.add_argument("--generalist", default="litemedsam", choices=names)
+    p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
     p.add_argument("--checkpoint", help="local weights file for the generalist (offline use)")
     p.add_argument("--fusion", default="mv", choices=["mv", "ua"], help="mv: >= 2 of 3 views; ua: all 3")
     p.add_argument("--output", required=True, help="output folder for <case>_{axial,coronal,sagittal,fused}.nii.gz")
@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b = subparsers.add_parser("bench", help="speed benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("pseudo-label", help="batched pseudo-labelling vs a one-slice-at-a-time loop")
-    p.add_argument("--generalist", default="litemedsam", choices=names)
+    p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
     p.add_argument("--checkpoint")
     p.add_argument("--slices", type=int, default=8, help="slices timed per mode (default 8)")
     p.add_argument("--device", default="auto")
@@ -88,7 +88,7 @@ def _weights_list(args: argparse.Namespace) -> int:
             present = "no"
         sha = (e.sha256[:12] + "...") if e.sha256 else "not recorded"
         size = str(e.size) if e.size else "not recorded"
-        src = "bundled: " + e.note if e.bundled else (e.url or e.note)
+        src = e.note if e.bundled else (e.url or e.note)
         print(f"{e.name:<11} {e.filename:<22} {size:>13}  {sha:<16} {present:<8} {src}")
     print("'not recorded': no value is known for certain here, so that check is skipped (never guessed).")
     return 0
@@ -138,8 +138,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     case = args.case or io.case_id(args.image)
     protect = tuple(Path(p) for p in (args.image, args.prompt_from, args.label) if p)
     out = Path(args.output)
-    for key in ("axial", "coronal", "sagittal", "fused"):
-        io.save_like(result[key], image, out / f"{case}_{key}.nii.gz", np.uint8, protect=protect)
+    save_pseudolabels(result, image, out, case, protect=protect)
     n = sum(v.size for v in result.slices.values())
     print(f"{case}: {n} slices, {result.prompts} prompts, {result.seconds:.1f} s -> {out}")
     if gt is not None:
@@ -147,19 +146,15 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         for key in ("axial", "coronal", "sagittal", "fused"):
             line = f"  {key:<9} {dice(result[key], gt.array):.4f}"
             if args.max_slices is not None and key != "fused":
-                from ..io import VIEW_AXIS
-
-                sel = np.zeros(gt.array.shape[VIEW_AXIS[key]], bool)
-                # slices indices are in display order; both orientations keep the slice axis order
-                sel[result.slices[key]] = True
+                sel = np.zeros(gt.array.shape[io.VIEW_AXIS[key]], bool)
+                sel[result.slices[key]] = True  # indices along the view's canonical axis
                 shape = [1, 1, 1]
-                shape[VIEW_AXIS[key]] = -1
+                shape[io.VIEW_AXIS[key]] = -1
                 mask = np.broadcast_to(sel.reshape(shape), gt.array.shape)
                 line += f"   (on the {sel.sum()} prompted slices: {dice(result[key], gt.array, mask):.4f})"
             print(line)
         if args.max_slices is not None:
             print("  (--max-slices leaves unprompted slices background: whole-scan Dice is a lower bound)")
-    _ = save_pseudolabels  # the library writer; the CLI writes itself to protect its input files
     return 0
 
 

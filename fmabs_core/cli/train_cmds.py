@@ -9,15 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import io
-from ..config import TrainConfig
+from ..config import METHOD_NAMES, NetConfig, TrainConfig
 from ..datastore import Project
-from ..engine import Cancelled, resolve_device, train
 from ..errors import InputError
-from ..infer import InferenceConfig, predict_files
-from ..metrics import evaluate_folders, format_table
-from ..methods import METHODS
-from ..nets import NetConfig
 from .common import progress
+
+# torch/MONAI are imported inside the commands: `fmabs --help` and `fmabs jobs status` stay instant
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +47,8 @@ def config_from_args(args: argparse.Namespace, project: Project) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..engine import Cancelled, train
+
     project = Project(args.project)
     cfg = config_from_args(args, project)
     try:
@@ -72,6 +71,9 @@ def _inputs(path: str) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from ..engine import resolve_device
+    from ..infer import InferenceConfig, predict_files
+
     device = resolve_device(args.device or "auto")
     cfg = InferenceConfig(overlap=args.overlap, largest_component=args.largest_component,
                           sw_batch_size=args.sw_batch_size)
@@ -84,6 +86,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..metrics import evaluate_folders, format_table
+
     scores, summary = evaluate_folders(args.pred, args.labels)
     print(format_table(scores, summary))
     report = {"cases": [s.as_dict() for s in scores], "summary": summary}
@@ -96,7 +100,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``fmabs train`` (``fmabs jobs start`` takes the same ones)."""
     p.add_argument("--project", required=True)
-    p.add_argument("--method", choices=sorted(METHODS), default="sup")
+    p.add_argument("--method", choices=sorted(METHOD_NAMES), default="sup")
     p.add_argument("--iterations", type=int, default=6000)
     # --run-name: torchrun's own parser rejects "--run" as an ambiguous abbreviation of its --run-path
     p.add_argument("--run", "--run-name", dest="run", required=True,
