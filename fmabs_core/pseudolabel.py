@@ -89,7 +89,9 @@ def _pick(idx: np.ndarray, limit: int | None) -> np.ndarray:
         return idx
     if limit <= 0:
         return idx[:0]
-    return idx[np.unique(np.round(np.linspace(0, idx.size - 1, limit)).astype(int))]
+    # centres of `limit` equal bins: evenly spaced and symmetric (limit=1 gives the middle slice)
+    pos = np.floor((np.arange(limit) + 0.5) * idx.size / limit).astype(int)
+    return idx[np.unique(pos)]
 
 
 def view_pseudolabel(
@@ -193,12 +195,15 @@ def multiview_pseudolabel(
 
 
 def save_pseudolabels(
-    result: dict, reference: Volume, out_dir: str | Path, case: str
+    result: dict, reference: Volume, out_dir: str | Path, case: str, protect: tuple[Path, ...] = ()
 ) -> dict[str, Path]:
-    """Write ``<case>_{axial,coronal,sagittal,fused}.nii.gz`` on ``reference``'s grid (atomically)."""
+    """Write ``<case>_{axial,coronal,sagittal,fused}.nii.gz`` on ``reference``'s grid (atomically).
+
+    ``protect``: input files that must never be overwritten (besides the reference's own file).
+    """
     out_dir = Path(out_dir)
     return {
-        key: save_like(result[key], reference, out_dir / f"{case}_{key}.nii.gz", np.uint8)
+        key: save_like(result[key], reference, out_dir / f"{case}_{key}.nii.gz", np.uint8, protect=protect)
         for key in (*VIEWS, "fused")
     }
 

@@ -241,6 +241,8 @@ class Generalist:
     ) -> Embeddings:
         """Embed ``N x H x W`` raw-intensity slices of one scan, ``batch_size`` slices per encoder call."""
         t = self._as_slices(slices)
+        if t.shape[0] == 0:
+            raise InputError("encode: no slices given (N = 0); skip the call instead.")
         if intensity_window is None:
             intensity_window = intensity_range(t)
         bs = self.batch_size(batch_size)

