@@ -147,3 +147,10 @@ def test_cli_weights_list_fetch_verify(server, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "cache" / "sam_vit_b_01ec64.pth").exists()
     with pytest.raises(WeightsError, match="no download URL"):
         _cli(["weights", "fetch", "medsam"])
+
+
+def test_cli_generalist_names_match_the_models():
+    from fmabs_core.cli.generalist_cmds import GENERALIST_NAMES
+    from fmabs_core.generalist.models import GENERALISTS
+
+    assert sorted(GENERALIST_NAMES) == sorted(GENERALISTS)

@@ -12,11 +12,13 @@ from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
+#: the keys of fmabs_core.generalist.models.GENERALISTS, listed here so `fmabs --help` needs no torch
+#: (a test checks that both agree)
+GENERALIST_NAMES = ("litemedsam", "medsam", "mobilesam", "sam_vit_b", "sam_vit_h", "sam_vit_l")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..generalist.models import GENERALISTS
-
-    names = sorted(GENERALISTS)
+    names = sorted(GENERALIST_NAMES)
 
     # ---- weights
     w = subparsers.add_parser("weights", help="list, download or check generalist weights")
