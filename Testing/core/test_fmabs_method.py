@@ -1,0 +1,66 @@
+"""FM-ABS inside the engine, with the real embedded LiteMedSAM (kept to a few generalist calls)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+
+from fmabs_core.cli import main
+from fmabs_core.datastore import Project
+from fmabs_core.demo import DemoConfig, run_demo
+from fmabs_core.events import read_events
+from fmabs_core.methods import fill_unprompted
+from fmabs_core.pseudolabel import PseudoLabels
+
+
+def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
+    rc = main(["train", "--project", str(proj), "--method", "fmabs", "--iterations", "4", "--run", "f",
+               "--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
+               "--device", "cpu", "--pseudo-schedule", "0.25", "0.5", "0.6", "--pseudo-max-cases", "8",
+               "--pseudo-max-slices", "1", "--val-every", "4"])
+    assert rc == 0
+    run = Project(proj).run_dir("f")
+    rounds = [e for e in read_events(run) if e["type"] == "pseudo_label"]
+    assert [r["iteration"] for r in rounds] == [1]  # warm-up 0.25*4, every 0.5*4, stop before 0.6*4
+    assert rounds[0]["cases"] == len(Project(proj).split("train")) and "pseudo_dice" in rounds[0]
+    written = sorted(p.name for p in (run / "pseudo").iterdir())
+    assert len(written) == 4 * rounds[0]["cases"] and all(n.endswith(("_axial.nii.gz", "_coronal.nii.gz", "_sagittal.nii.gz",
+                                                 "_fused.nii.gz")) for n in written)
+    case = written[0].rsplit("_", 1)[0]
+    img = nib.load(str(Project(proj).image_path(case)))
+    fused = nib.load(str(run / "pseudo" / f"{case}_fused.nii.gz"))
+    assert fused.shape == img.shape and np.allclose(fused.affine, img.affine)
+    progress = [e for e in read_events(run) if e["type"] == "progress"]
+    # L_sam enters the loss once the first round has produced pseudo-labels
+    assert "loss_sam" not in progress[0]["losses"] and "loss_sam" in progress[-1]["losses"]
+    assert json.loads((run / "config.json").read_text())["generalist"] == "litemedsam"
+
+
+def test_fill_unprompted_keeps_teacher_mask_on_skipped_slices():
+    prompt = np.zeros((6, 6, 6), np.uint8)
+    prompt[1:5, 1:5, 1:5] = 1
+    result = PseudoLabels({v: np.zeros_like(prompt) for v in ("axial", "coronal", "sagittal")})
+    result.slices = {"axial": np.array([2]), "coronal": np.array([], int), "sagittal": np.array([], int)}
+    fill_unprompted(result, prompt, "mv")
+    # the prompted axial slice keeps the generalist's (empty) answer; every other slice gets the teacher's
+    assert not result["axial"][:, :, 2].any() and result["axial"][:, :, 3].sum() == prompt[:, :, 3].sum()
+    np.testing.assert_array_equal(result["coronal"], prompt)
+    np.testing.assert_array_equal(result["fused"], prompt)  # 2 of 3 views agree with the teacher everywhere
+
+
+def test_demo_runs_end_to_end_tiny(tmp_path):
+    cfg = DemoConfig(output=tmp_path / "demo", n_phantoms=6, phantom_shape=(32, 32, 32), crosslabelled=2,
+                     methods=("sup", "mt"), iterations=3, patch_size=(32, 32, 32), width=4, device="cpu")
+    results = run_demo(cfg)
+    assert set(results["methods"]) == {"sup", "mt"}
+    for r in results["methods"].values():
+        assert 0.0 <= r["dice"] <= 1.0
+        preds = list((tmp_path / "demo" / "project" / "runs").glob("*/predictions/*.nii.gz"))
+        assert preds
+    assert (tmp_path / "demo" / "demo_results.json").exists()
+    assert any("papers: 20000" in line for line in results["scaled"])
