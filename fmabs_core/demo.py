@@ -29,18 +29,18 @@ class DemoConfig:
     output: Path = Path("fmabs_demo")
     data: Path | None = None  # an imagesTr/labelsTr folder; None = generated phantoms
     n_phantoms: int = 12
-    phantom_shape: tuple[int, int, int] = (64, 64, 48)
+    phantom_shape: tuple[int, int, int] = (48, 48, 40)
     limit: int | None = None  # scans imported from --data
     crosslabelled: int = 4  # scans the simulated expert cross-labels
     methods: tuple[str, ...] = ("sup", "mt", "fmabs")
-    iterations: int = 200
-    patch_size: tuple[int, int, int] = (64, 64, 48)
+    iterations: int = 120
+    patch_size: tuple[int, int, int] = (48, 48, 32)
     width: int = 8
     batch_size: int = 2
     labelled_bs: int = 1
     device: str = "auto"
     seed: int = 1337
-    pseudo_max_cases: int = 3
+    pseudo_max_cases: int = 2
     pseudo_max_slices: int = 2
     extra: dict = field(default_factory=dict)
 

@@ -472,7 +472,7 @@ class Trainer:
                 self.runlog.event("progress", iteration=done, iterations=cfg.iterations, loss=logs["loss"],
                                   losses=logs, lr=lr, eta_s=eta, step_s=step_times[-1])
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                    bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
                 if done % cfg.val_every == 0 or done == cfg.iterations:
                     self.validate(done)
                 # One process reads its own flag (a signal during this step stops after it); ranks of a

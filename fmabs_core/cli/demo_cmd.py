@@ -16,7 +16,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      methods=tuple(args.methods.split(",")), seed=args.seed)
     if args.data:
         # real scans are larger than the phantoms: a bigger patch, and few scans so it stays in minutes
-        cfg.data, cfg.limit, cfg.patch_size = Path(args.data), args.limit or 12, (96, 96, 64)
+        cfg.data, cfg.limit, cfg.patch_size = Path(args.data), args.limit or 8, (64, 64, 48)
     print("fmabs demo: scaled to run in minutes on a CPU:")
     for line in scaled_settings(cfg):
         print(f"  - {line}")
@@ -36,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on generated data (or --data DIR) on a CPU")
     p.add_argument("--output", default="fmabs_demo", help="a new folder for everything the demo writes")
     p.add_argument("--data", help="an imagesTr/labelsTr folder of real scans instead of phantoms")
-    p.add_argument("--limit", type=int, help="scans taken from --data (default 12)")
+    p.add_argument("--limit", type=int, help="scans taken from --data (default 8)")
     p.add_argument("--methods", default="sup,mt,fmabs")
-    p.add_argument("--iterations", type=int, default=200)
+    p.add_argument("--iterations", type=int, default=120)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_demo)
