@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 from fmabs_core.config import TrainConfig
-from fmabs_core.datastore import Project, import_folder
+from fmabs_core.datastore import Project
 from fmabs_core.engine import OutOfMemory, Trainer
 from fmabs_core.errors import FmabsError
 from fmabs_core.events import COMMON_FIELDS, EVENT_TYPES, REQUIRED_FIELDS, RunLog, read_events, read_status
@@ -21,30 +19,7 @@ STATUS_FIELDS = ("state", "run", "method", "iteration", "iterations", "eta_s", "
                  "device", "host", "updated", "started", "world_size", "checkpoint")
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory, phantom_data) -> Path:
-    from fmabs_core.cli.project_cmds import simulate_crosslabels
-
-    root = tmp_path_factory.mktemp("events") / "proj"
-    project, problems = import_folder(phantom_data, root, val_fraction=0.2, seed=0)
-    assert not problems
-    simulate_crosslabels(project, project.split("train")[:3], "centre", 0)
-    return root
-
-
-@pytest.fixture()
-def project(template, tmp_path) -> Project:
-    shutil.copytree(template, tmp_path / "proj")
-    return Project(tmp_path / "proj")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on a shared two-core machine spin against each other: use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> TrainConfig:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,36 +14,13 @@ from fmabs_core import jobs
 from fmabs_core.cli import build_parser, main
 from fmabs_core.cli.jobs_cmds import train_argv
 from fmabs_core.config import TrainConfig
-from fmabs_core.datastore import Project, import_folder
+from fmabs_core.datastore import Project
 from fmabs_core.engine import Trainer
 from fmabs_core.events import read_events, read_status
 from fmabs_core.nets import NetConfig
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory, phantom_data) -> Path:
-    from fmabs_core.cli.project_cmds import simulate_crosslabels
-
-    root = tmp_path_factory.mktemp("jobs") / "proj"
-    project, problems = import_folder(phantom_data, root, val_fraction=0.2, seed=0)
-    assert not problems
-    simulate_crosslabels(project, project.split("train")[:3], "centre", 0)
-    return root
-
-
-@pytest.fixture()
-def project(template, tmp_path) -> Project:
-    shutil.copytree(template, tmp_path / "proj")
-    return Project(tmp_path / "proj")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on a shared two-core machine spin against each other: use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_opts(project: Project, run: str, iterations: int = 400) -> list[str]:

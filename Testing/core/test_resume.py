@@ -10,7 +10,6 @@ attempt's progress lines after its last checkpoint before the resumed attempt's 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,36 +20,13 @@ import pytest
 import torch
 
 from fmabs_core.config import TrainConfig
-from fmabs_core.datastore import Project, import_folder
+from fmabs_core.datastore import Project
 from fmabs_core.engine import Hook, Trainer
 from fmabs_core.events import read_events, read_status
 from fmabs_core.nets import NetConfig
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory, phantom_data) -> Path:
-    from fmabs_core.cli.project_cmds import simulate_crosslabels
-
-    root = tmp_path_factory.mktemp("resume") / "proj"
-    project, problems = import_folder(phantom_data, root, val_fraction=0.2, seed=0)
-    assert not problems
-    simulate_crosslabels(project, project.split("train")[:3], "centre", 0)
-    return root
-
-
-@pytest.fixture()
-def project(template, tmp_path) -> Project:
-    shutil.copytree(template, tmp_path / "proj")
-    return Project(tmp_path / "proj")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The same thread count in every run of a comparison (CPU reductions may depend on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Killed(BaseException):
