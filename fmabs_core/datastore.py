@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
 from . import io
 from .errors import InputError, ProjectError
@@ -287,7 +286,3 @@ def import_folder(
         project.add_case(image, label, check=False)  # checked above
     project.set_split(val_fraction=val_fraction, seed=seed)
     return project, []
-
-
-def foreground_fraction(label: np.ndarray) -> float:
-    return float((label > 0).mean())

@@ -19,6 +19,7 @@ from .checkpoint import CheckpointStore
 from .config import TrainConfig
 from .data import Case, PatchSampler, effective_patch, zscore
 from .datastore import Project
+from .device import resolve_device
 from .errors import FmabsError, InputError
 from .events import RunLog, read_status
 from .jobs import RunLock
@@ -28,23 +29,6 @@ from .metrics import dice_jaccard
 from .nets import build_network, size_divisor
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one falls back to CPU, said once."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        log.warning("CUDA was requested but is not available here: training on the CPU instead")
-        return torch.device("cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) "
-                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return dev
 
 
 def seed_everything(seed: int) -> None:

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..device import resolve_device as _resolve
 from ..errors import InputError, WeightsError
 from . import weights as W
 from .base import Generalist
@@ -170,12 +171,8 @@ def canonical_name(name: str) -> str:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu.")
-    return dev
+    """A generalist needs the device it was asked for: no silent CPU fallback."""
+    return _resolve(device, fallback=False)
 
 
 def get_generalist(
