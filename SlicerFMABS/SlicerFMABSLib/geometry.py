@@ -19,10 +19,14 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
+from . import deps
+
 log = logging.getLogger(__name__)
 
-#: canonical array axis that is constant on a slice of each view (same as fmabs_core.io.VIEW_AXIS)
-VIEW_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+deps.ensure_fmabs_core_importable()  # fmabs_core.contract (standard library only) is shared with the library
+
+#: canonical array axis that is constant on a slice of each view
+from fmabs_core.contract import VIEW_AXIS, VIEWS  # noqa: E402,F401
 #: Slicer's default slice views and the view each one shows while labelling
 SLICE_VIEW_OF = {"axial": "Red", "coronal": "Green", "sagittal": "Yellow"}
 #: slice orientation preset names in Slicer

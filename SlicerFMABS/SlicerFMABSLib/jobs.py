@@ -13,38 +13,43 @@ import logging
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from . import deps
+
 log = logging.getLogger(__name__)
 
-#: choices offered by the Train panel (values are the CLI's; stdlib-only so the GUI can fill its combo boxes
-#: before the dependencies are installed)
-METHODS = ("fmabs", "mt", "sup", "sup-dense")
-GENERALISTS = ("litemedsam", "mobilesam", "sam_vit_b", "medsam")
-STRATEGIES = ("none", "her", "he", "lc", "random")
-DEVICES = ("auto", "cpu", "cuda")
-EXPERTS = ("human", "simulated")
+# The conventions shared with fmabs_core (state names, exit codes, event types, choices) come from
+# fmabs_core.contract, which is standard-library only: it imports before numpy/torch are installed.
+# fmabs_core itself must be on sys.path first (bundled beside the module, not pip-installed).
+deps.ensure_fmabs_core_importable()
 
-#: states after which the job process is gone; "waiting_for_labels": an active-learning run with a human
-#: expert stopped after suggesting scans (label them, then start the same run again to resume)
-WAITING = "waiting_for_labels"
-EXIT_NEEDS_LABELS = 3  # exit code of `fmabs train` when it waits for the expert
-FINAL_STATES = ("done", "failed", "cancelled", "stale", WAITING)
-EVENT_TYPES = ("started", "progress", "validation", "pseudo_label", "suggestion", "checkpoint", "cancelled",
-               "done", "failed")
+from fmabs_core import contract  # noqa: E402  (needs the path set up above)
+from fmabs_core.contract import (  # noqa: E402,F401  (re-exported for the module and its tests)
+    CANCELLED, CRASHED, DONE, EVENT_TYPES, EVENTS_FILE, EXIT_NEEDS_LABELS, FAILED, FINAL_STATES, RUNNING, STATUS_FILE,
+    WAITING)
+
+#: choices offered by the Train panel (values are the CLI's). The methods come from the job's Python
+#: (:func:`available_methods`); these names are shown until it answers (dependencies not installed yet).
+METHODS = ("fmabs", "mt", "sup", "sup-dense")
+GENERALISTS = contract.GENERALISTS
+STRATEGIES = ("none", *contract.STRATEGIES)  # "none": train without active cross-labelling
+DEVICES = ("auto", "cpu", "cuda")
+EXPERTS = ("human", *(e for e in contract.EXPERTS if e != "human"))  # in the GUI, the user labels by default
+NOT_STARTED = "not started"
 
 
 # ---- status -------------------------------------------------------------------------------------
 @dataclass
 class JobStatus:
-    """What the Train panel shows. ``state`` is one of not started/running/done/failed/cancelled/stale."""
+    """What the Train panel shows. ``state``: not started, running, or one of FINAL_STATES (done, failed,
+    cancelled, waiting_for_labels, crashed: the process ended without writing a final state)."""
 
-    state: str = "not started"
+    state: str = NOT_STARTED
     iteration: int | None = None
     total: int | None = None
     eta_s: float | None = None
@@ -57,12 +62,12 @@ class JobStatus:
     @property
     def fraction(self) -> float:
         if not self.iteration or not self.total:
-            return 1.0 if self.state == "done" else 0.0
+            return 1.0 if self.state == DONE else 0.0
         return max(0.0, min(1.0, self.iteration / self.total))
 
     @property
     def eta_text(self) -> str:
-        return format_eta(self.eta_s) if self.state == "running" else ""
+        return format_eta(self.eta_s) if self.state == RUNNING else ""
 
     @property
     def finished(self) -> bool:
@@ -116,15 +121,17 @@ def status_from_dict(data: Mapping[str, Any]) -> JobStatus:
     metrics = _first(data, "metrics", "last_metrics") or {}
     if not isinstance(metrics, Mapping):
         metrics = {}
-    state = str(_first(data, "state", "status") or "running").lower()
+    state = str(_first(data, "state", "status") or RUNNING).lower()
     if state in ("finished", "completed", "complete"):
-        state = "done"
-    if state in ("error", "crashed"):
-        state = "failed"
+        state = DONE
+    if state == "error":
+        state = FAILED
+    if state == "stale":
+        state = CRASHED
     if state in ("canceled", "terminated", "interrupted", "stopped"):
-        state = "cancelled"
-    if state in ("starting", "queued", "training", "validating", "pseudo_label"):
-        state = "running"
+        state = CANCELLED
+    if state in (contract.STARTING, "queued", "training", "validating", "pseudo_label"):
+        state = RUNNING
     if state in ("waiting", "needs_labels", WAITING):
         state = WAITING
     waiting = data.get("waiting_for_labels")
@@ -135,7 +142,7 @@ def status_from_dict(data: Mapping[str, Any]) -> JobStatus:
         eta_s=_as_float(_first(data, "eta_s", "eta")),
         val_dice=dice_from(metrics) if metrics else _as_float(_first(data, "val_dice", "dice")),
         pid=_as_int(data.get("pid")),
-        error=_first(data, "error", "message") if state == "failed" else None,
+        error=_first(data, "error", "message") if state in (FAILED, CRASHED) else None,
         metrics=dict(metrics),
         waiting_for=[str(c) for c in waiting] if isinstance(waiting, list) and state == WAITING else [],
     )
@@ -156,11 +163,24 @@ def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def pid_alive(pid: int | None) -> bool:
-    """True when a process with this id exists (a zombie of ours counts as alive until reaped)."""
+    """True when a process with this id exists and has not exited.
+
+    With psutil (installed with the dependencies) a zombie counts as gone. Without it: POSIX asks
+    ``os.kill(pid, 0)`` (a zombie counts as alive); elsewhere the answer is a conservative True
+    (on Windows ``os.kill`` would terminate the process, whatever the signal).
+    """
     if not pid or pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
+        from fmabs_core.runs.process import pid_alive as alive  # psutil: only once the dependencies are installed
+    except ImportError:
+        alive = None
+    if alive is not None:
+        return alive(int(pid))
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -244,6 +264,14 @@ def format_event(event: Mapping[str, Any]) -> str:
         return f"{prefix}checkpoint saved"
     if kind == "cancelled":
         return f"{prefix}cancelled (resume by starting the same run again)"
+    if kind == "stage":
+        stages = event.get("stages")
+        of = f" of {len(stages)}" if isinstance(stages, list) else ""
+        return f"{prefix}stage {event.get('stage', '?')}{of}"
+    if kind == WAITING:
+        cases = event.get("cases")
+        names = ", ".join(str(c) for c in cases) if isinstance(cases, list) else "the suggested scans"
+        return f"{prefix}waiting for the expert's cross-labels: {names}"
     if kind == "done":
         return f"{prefix}done"
     if kind == "failed":
@@ -256,7 +284,7 @@ class RunWatcher:
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir)
-        self.events = EventReader(self.run_dir / "events.jsonl")
+        self.events = EventReader(self.run_dir / EVENTS_FILE)
         self.status = JobStatus()
         self.last_suggestion: dict[str, Any] | None = None
         self.last_event_state: str | None = None
@@ -273,13 +301,18 @@ class RunWatcher:
                     self.status.val_dice = dice
             elif kind == "suggestion":
                 self.last_suggestion = event
-            elif kind in ("done", "cancelled"):
+            elif kind in (DONE, CANCELLED):
                 self.last_event_state = kind
+            elif kind == WAITING:
+                self.last_event_state = WAITING
+                cases = event.get("cases")
+                if isinstance(cases, list):
+                    self.status.waiting_for = [str(c) for c in cases]
             elif kind == "started":  # a resumed run: earlier done/cancelled/failed no longer apply
                 self.last_event_state = None
                 self.status.error = None
-            elif kind == "failed":
-                self.last_event_state = "failed"
+            elif kind == FAILED:
+                self.last_event_state = FAILED
                 self.status.error = str(event.get("error", event.get("message", "unknown error")))
             if kind in ("progress", "started"):
                 for attr, key in (("iteration", "iteration"), ("total", "total_iterations"), ("total", "iterations")):
@@ -289,23 +322,25 @@ class RunWatcher:
                 eta = _as_float(event.get("eta_s"))
                 if eta is not None:
                     self.status.eta_s = eta
-                if self.status.state == "not started":
-                    self.status.state = "running"
-        data = read_json(self.run_dir / "status.json")
+                if self.status.state == NOT_STARTED:
+                    self.status.state = RUNNING
+        data = read_json(self.run_dir / STATUS_FILE)
         if data is not None:
             fresh = status_from_dict(data)
             if fresh.val_dice is None:
                 fresh.val_dice = self.status.val_dice
             if fresh.error is None:
                 fresh.error = self.status.error
+            if not fresh.waiting_for:
+                fresh.waiting_for = self.status.waiting_for
             self.status = fresh
-        if self.last_event_state and self.status.state not in ("done", "failed", "cancelled", WAITING):
+        if self.last_event_state and self.status.state not in (DONE, FAILED, CANCELLED, WAITING):
             self.status.state = self.last_event_state
-        if self.status.state == "running":
+        if self.status.state == RUNNING:
             alive = process_running if process_running is not None else pid_alive(self.status.pid)
             if not alive and (process_running is not None or self.status.pid):
                 # the process is gone without writing done/failed: killed, out of memory, or a crash
-                self.status.state = "stale"
+                self.status.state = CRASHED
                 self.status.error = self.status.error or "the training process ended without a final status; see the log"
         return self.status, lines
 
@@ -341,7 +376,7 @@ def parse_suggestions(data: Any) -> list[Suggestion]:
             continue
         source = item.get("slices") if isinstance(item.get("slices"), Mapping) else item
         slices = {}
-        for view in ("axial", "coronal", "sagittal"):
+        for view in contract.VIEWS:
             entry = source.get(view)
             if isinstance(entry, Mapping):
                 slices[view] = {"index": _as_int(entry.get("index")), "ras": entry.get("ras")}
@@ -358,25 +393,63 @@ def python_executable() -> str:
 
 
 def fmabs_argv(args: Sequence[str], python: str | None = None) -> list[str]:
-    return [python or python_executable(), "-m", "fmabs_core", *[str(a) for a in args]]
+    """:func:`fmabs_core.contract.fmabs_argv` with the jobs' interpreter (:func:`python_executable`) by default."""
+    return contract.fmabs_argv(args, python or python_executable())
 
 
-def train_args(project: str | os.PathLike, run: str, method: str, iterations: int, device: str = "cpu",
-               generalist: str | None = None, active: str | None = None, budget: int | None = None) -> list[str]:
-    """Arguments of ``fmabs train`` from the Train panel's choices (None leaves the CLI default)."""
-    if not run or any(c in run for c in "/\\") or run in (".", ".."):
-        raise ValueError(f"run name '{run}' is not a valid folder name")
-    if int(iterations) <= 0:
-        raise ValueError(f"iterations must be positive, got {iterations}")
-    args = ["train", "--project", str(project), "--method", method, "--iterations", str(int(iterations)),
-            "--run", run, "--device", device]
-    if generalist:
-        args += ["--generalist", generalist]
-    if active and active != "none":
-        args += ["--active", active]
-        if budget:
-            args += ["--budget", str(int(budget))]
-    return args
+_methods_cache: dict[str, list[dict[str, Any]]] = {}
+
+
+def available_methods(python: str | None = None, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """The training methods the job's Python offers (``fmabs methods --json``: name, description, supervision...).
+
+    Asked once per interpreter and cached. When the command fails (typically: the dependencies are not
+    installed yet) the answer is an empty list and a warning is logged; nothing is cached then, so the
+    next call asks again. Blocks while the child starts (a few seconds): call it at setup, not per tick.
+    """
+    python = python or python_executable()
+    if python in _methods_cache:
+        return [dict(m) for m in _methods_cache[python]]
+    root = deps.ensure_fmabs_core_importable()
+    argv = fmabs_argv(["methods", "--json"], python)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
+                              env=job_environment([root] if root else []), **_no_window())
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"exit code {done.returncode}: {lines[-1] if lines else 'no output'}")
+        start = done.stdout.find("[")
+        data = json.loads(done.stdout[start:] if start >= 0 else done.stdout)
+        if not isinstance(data, list):
+            raise ValueError("the answer is not a JSON list")
+    except (OSError, subprocess.SubprocessError, ValueError, RuntimeError) as exc:
+        log.warning("could not list the training methods with '%s' (%s); the dependencies may not be installed yet",
+                    " ".join(argv), exc)
+        return []
+    methods = [dict(m) for m in data if isinstance(m, Mapping) and m.get("name")]
+    _methods_cache[python] = methods
+    return [dict(m) for m in methods]
+
+
+def method_names(python: str | None = None) -> tuple[str, ...]:
+    """Names for the Train panel's method list: :func:`available_methods`, else :data:`METHODS`."""
+    return tuple(str(m["name"]) for m in available_methods(python)) or METHODS
+
+
+def _no_window() -> dict[str, Any]:
+    """Popen options for a child without a console window (Windows; Slicer itself has no console)."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NO_WINDOW}  # type: ignore[attr-defined]
+    return {}
+
+
+def _detached() -> dict[str, Any]:
+    """Popen options that keep Slicer's own signals (Ctrl+C in its terminal) from reaching a job:
+    a new session on POSIX, a new process group without a console window on Windows."""
+    if os.name == "nt":
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
+        return {"creationflags": flags}
+    return {"start_new_session": True}
 
 
 def job_environment(extra_paths: Iterable[str | os.PathLike] = ()) -> dict[str, str]:
@@ -390,7 +463,7 @@ def job_environment(extra_paths: Iterable[str | os.PathLike] = ()) -> dict[str, 
 
 
 class BackgroundProcess:
-    """A child process whose output goes to a log file; poll() never blocks; cancel() sends SIGTERM."""
+    """A child process whose output goes to a log file; poll() never blocks; cancel() stops its whole tree."""
 
     def __init__(self, argv: Sequence[str], log_path: str | os.PathLike, env: Mapping[str, str] | None = None,
                  cwd: str | os.PathLike | None = None):
@@ -401,8 +474,7 @@ class BackgroundProcess:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None,
-                start_new_session=(os.name == "posix"),  # Slicer's own signals (Ctrl+C) do not reach the job
+                env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None, **_detached(),
             )
         self.cancelled = False
 
@@ -422,16 +494,24 @@ class BackgroundProcess:
     def running(self) -> bool:
         return self.poll() is None
 
-    def cancel(self) -> None:
-        """SIGTERM: the job checkpoints and exits (Windows: terminate)."""
+    def cancel(self, timeout_s: float = 2.0) -> None:
+        """Stop the job and every process it started: SIGTERM (Windows: TerminateProcess), then a kill
+        of whatever still runs after ``timeout_s``.
+
+        The whole tree, because the job may be Slicer's ``PythonSlicer``, a launcher that runs the real
+        interpreter as its child and forwards no signal. For a training run, the polite cancel (SIGTERM
+        to the process holding the run lock, which checkpoints first) is ``FMABSLogic.cancel_training``.
+        """
         if self.poll() is not None:
             return
         self.cancelled = True
-        log.info("cancelling pid %d", self.pid)
-        if os.name == "posix":
-            self.process.send_signal(signal.SIGTERM)
-        else:
+        log.info("cancelling pid %d and its child processes", self.pid)
+        try:
+            from fmabs_core.runs.process import kill_tree  # psutil: jobs exist only once dependencies are installed
+        except ImportError:
             self.process.terminate()
+            return
+        kill_tree(self.pid, timeout=timeout_s)
 
     def wait(self, timeout: float | None = None) -> int:
         return self.process.wait(timeout)

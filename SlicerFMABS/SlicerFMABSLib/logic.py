@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ log = logging.getLogger(__name__)
 
 deps.ensure_fmabs_core_importable()
 
-from fmabs_core import io as fio  # noqa: E402  (needs the path set up above)
-from fmabs_core.datastore import Project, import_folder  # noqa: E402
+from fmabs_core.contract import (  # noqa: E402,F401  (parse_classes: re-exported for the module)
+    CHECKPOINTS_DIR, EVENTS_FILE, PSEUDO_DIR, RUNS_DIR, STATUS_FILE, VIEWS, parse_classes, train_args)
+from fmabs_core.data import io as fio  # noqa: E402  (needs the path set up above)
+from fmabs_core.data.project import Project, import_folder  # noqa: E402
 
-VIEWS = ("axial", "coronal", "sagittal")
 PSEUDO_LAYERS = ("axial", "coronal", "sagittal", "fused")
 CASE_ATTRIBUTE = "FMABS.case"
 LAYER_ATTRIBUTE = "FMABS.layer"
@@ -37,29 +39,6 @@ def safe_name(name: str) -> str:
     """A case / file name from a node name: letters, digits, ``._-`` only."""
     out = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
     return out or "scan"
-
-
-def parse_classes(text: str) -> dict[int, str]:
-    """'1:left atrium, 2:scar' -> {1: 'left atrium', 2: 'scar'}; a bare name list is numbered from 1."""
-    text = (text or "").strip()
-    if not text:
-        return {1: "foreground"}
-    out: dict[int, str] = {}
-    for i, part in enumerate([p.strip() for p in re.split(r"[,;\n]", text) if p.strip()], start=1):
-        if ":" in part:
-            key, name = part.split(":", 1)
-            try:
-                value = int(key)
-            except ValueError as exc:
-                raise ValueError(f"class '{part}': the value before ':' must be an integer") from exc
-        else:
-            value, name = i, part
-        if not 1 <= value <= 254:
-            raise ValueError(f"class '{part}': values must be 1..254 (0 is background, 255 'not labelled')")
-        if value in out:
-            raise ValueError(f"class value {value} is given twice")
-        out[value] = name.strip() or f"class {value}"
-    return out
 
 
 @dataclass
@@ -271,7 +250,7 @@ class FMABSLogic:
     # ---- training -----------------------------------------------------------------------------
     def runs(self) -> list[str]:
         project = self.require_project()
-        root = project.root / "runs"
+        root = project.root / RUNS_DIR
         return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
     def trained_runs(self) -> list[str]:
@@ -280,8 +259,8 @@ class FMABSLogic:
         out = []
         for run in self.runs():
             d = project.run_dir(run)
-            status = jobs.read_json(d / "status.json") or {}
-            if status.get("model") or any(d.glob("*.pt")) or any((d / "checkpoints").glob("*.pt")):
+            status = jobs.read_json(d / STATUS_FILE) or {}
+            if status.get("model") or any(d.glob("*.pt")) or any((d / CHECKPOINTS_DIR).glob("*.pt")):
                 out.append(run)
         return out
 
@@ -293,15 +272,20 @@ class FMABSLogic:
                         generalist: str | None = None, active: str | None = None, budget: int | None = None,
                         expert: str | None = None, options: Sequence[str] = ()) -> list[str]:
         """The ``fmabs train`` arguments of the Train panel's choices; ``options``: further CLI options as given
-        (e.g. ``["--patch-size", "64", "64", "64"]``). Device "auto" leaves the choice to the job."""
+        (e.g. ``["--patch-size", "64", "64", "64"]``). Device "auto" leaves the choice to the job; strategy
+        "none" (or None) trains without active cross-labelling (no --active, --budget, --expert)."""
         project = self.require_project()
-        args = jobs.train_args(project.root, run, method, iterations, None if device == "auto" else device,
-                               generalist, active, budget)
-        if expert and active and active != "none":
-            args += ["--expert", expert]
-        if device == "auto":
-            i = args.index("--device")
-            del args[i:i + 2]
+        if int(iterations) <= 0:
+            raise ValueError(f"iterations must be positive, got {iterations}")
+        active = None if active in (None, "", "none") else active
+        args = train_args(project.root, run, method, {
+            "iterations": int(iterations),
+            "device": None if device in (None, "", "auto") else device,
+            "generalist": generalist or None,
+            "active": active,
+            "budget": int(budget) if active and budget else None,
+            "expert": expert if active else None,
+        })
         return args + [str(o) for o in options]
 
     def start_training(self, run: str, method: str, iterations: int, device: str = "auto",
@@ -315,7 +299,8 @@ class FMABSLogic:
         run_dir = project.run_dir(run)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.watcher = jobs.RunWatcher(run_dir)
-        self.watcher.events.offset = (run_dir / "events.jsonl").stat().st_size if (run_dir / "events.jsonl").exists() else 0
+        events = run_dir / EVENTS_FILE
+        self.watcher.events.offset = events.stat().st_size if events.exists() else 0
         self.train_job = jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), run_dir / "slicer-job.log",
                                                 jobs.job_environment(self.job_pythonpath()), cwd=run_dir)
         return self.watcher
@@ -335,27 +320,41 @@ class FMABSLogic:
         if self.train_job is not None and not running and self.train_job.returncode == jobs.EXIT_NEEDS_LABELS:
             status.state = jobs.WAITING  # the run stopped for the expert (it may have written "cancelled")
             return status, lines
-        if self.train_job is not None and not running and status.state == "running":
-            status.state = "cancelled" if self.train_job.cancelled else "stale"
+        if self.train_job is not None and not running and status.state == jobs.RUNNING:
+            status.state = jobs.CANCELLED if self.train_job.cancelled else jobs.CRASHED
         if self.train_job is not None and not running and self.train_job.process.returncode not in (0, None) \
-                and status.state in ("stale", "not started"):
+                and status.state in (jobs.CRASHED, jobs.NOT_STARTED):
             tail = self.train_job.log_tail(1500).strip().splitlines()
-            status.state = "failed"
+            status.state = jobs.FAILED
             status.error = status.error or (tail[-1] if tail else f"exit code {self.train_job.process.returncode}")
         return status, lines
 
     def cancel_training(self) -> bool:
-        """SIGTERM to the job we started, or to the run's recorded pid when it is still alive."""
-        if self.train_job is not None and self.train_job.running:
-            self.train_job.cancel()
-            return True
-        if self.watcher is not None:
-            status = jobs.status_from_dict(jobs.read_json(self.watcher.run_dir / "status.json") or {})
-            if status.state == "running" and jobs.pid_alive(status.pid):
-                import signal
+        """Ask the watched run's training process to checkpoint and stop; False when nothing runs.
 
-                os.kill(int(status.pid), signal.SIGTERM)  # type: ignore[arg-type]
-                return True
+        The request (SIGTERM; on Windows see :mod:`fmabs_core.runs.process`) goes to the process that
+        holds the run lock, the real trainer: the job we started may be Slicer's ``PythonSlicer``, a
+        launcher that forwards no signal. A run started elsewhere (a terminal) is cancelled the same
+        way. A job of ours that holds no lock (still starting: nothing to save) is stopped with its
+        whole process tree.
+        """
+        own = self.train_job if self.train_job is not None and self.train_job.running else None
+        run_dir = self.watcher.run_dir if self.watcher is not None else None
+        if own is None and run_dir is None:
+            return False
+        # imported here: jobs exist only once the dependencies (filelock, psutil) are installed
+        from fmabs_core.runs import lock, process
+
+        holder = lock.lock_holder(run_dir) if run_dir is not None else None
+        pid = (holder or {}).get("pid")
+        if pid and holder.get("host") in (None, socket.gethostname()) and process.pid_alive(int(pid)):
+            if own is not None:
+                own.cancelled = True
+            log.info("asking pid %s (holder of %s) to checkpoint and stop", pid, run_dir)
+            return process.terminate(int(pid))
+        if own is not None:
+            own.cancel()
+            return True
         return False
 
     # ---- suggestions --------------------------------------------------------------------------
@@ -388,7 +387,7 @@ class FMABSLogic:
     def suggestions_from_run(self, run: str) -> list[jobs.Suggestion]:
         """The latest suggestion a training run wrote to its events (empty if none)."""
         latest = None
-        for event in jobs.EventReader(self.require_project().run_dir(run) / "events.jsonl").read_new():
+        for event in jobs.EventReader(self.require_project().run_dir(run) / EVENTS_FILE).read_new():
             if event.get("type") == "suggestion":
                 latest = event
         return jobs.parse_suggestions(latest) if latest else []
@@ -397,7 +396,7 @@ class FMABSLogic:
     def review_files(self, case: str, run: str) -> dict[str, Path]:
         """Which review layers exist for a case in a run."""
         d = self.require_project().run_dir(run)
-        files = {layer: d / "pseudo" / f"{case}_{layer}.nii.gz" for layer in PSEUDO_LAYERS}
+        files = {layer: d / PSEUDO_DIR / f"{case}_{layer}.nii.gz" for layer in PSEUDO_LAYERS}
         files["prediction"] = d / "predictions" / f"{case}.nii.gz"
         files["label"] = self.require_project().crosslabel_path(case)
         return {k: v for k, v in files.items() if v.exists()}

@@ -16,11 +16,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import vtk
 
-from . import geometry
+from . import deps, geometry
 
 log = logging.getLogger(__name__)
 
-UNLABELLED = 255  # same as fmabs_core.crosslabel.UNLABELLED
+deps.ensure_fmabs_core_importable()  # fmabs_core.contract (standard library only) is shared with the library
+
+#: cross-label value of the voxels nobody labelled
+from fmabs_core.contract import UNLABELLED  # noqa: E402
 #: segment tag holding the project class value of a segment (survives renaming by the user)
 CLASS_TAG = "FMABS.class"
 #: base colour of each review layer: per-view SAM pseudo-labels, their fusion, the prediction
@@ -282,7 +285,7 @@ def write_nifti_canonical(array: np.ndarray, affine: np.ndarray, path: str | os.
                           protect: Sequence[str | os.PathLike] = ()) -> Path:
     """Write a canonical uint8 array in the voxel order of ``out_affine``'s grid, atomically."""
     import nibabel as nib
-    from fmabs_core.io import atomic_path
+    from fmabs_core.data.io import atomic_path
 
     path = Path(path)
     if any(Path(p).resolve() == path.resolve() for p in protect if p):
@@ -303,7 +306,7 @@ def write_nifti_canonical(array: np.ndarray, affine: np.ndarray, path: str | os.
 def write_seg_nrrd(scene: Any, segmentation_node: Any, path: str | os.PathLike) -> Path:
     """Save a segmentation as .seg.nrrd (Slicer's own format, keeps names and colours), atomically."""
     import slicer
-    from fmabs_core.io import atomic_path
+    from fmabs_core.data.io import atomic_path
 
     path = Path(path)
     storage = slicer.vtkMRMLSegmentationStorageNode()

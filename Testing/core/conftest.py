@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmabs_core.datastore import Project, import_folder
+from fmabs_core.data.project import Project, import_folder
 
 
 @pytest.fixture(scope="session")

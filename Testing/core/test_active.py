@@ -8,10 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fmabs_core import io
+from fmabs_core.data import io
 from fmabs_core.active import budget as B
-from fmabs_core.active.strategies import (STRATEGIES, Strategy, gaussian_rampup, get_strategy, her_threshold,
-                                          normalised_entropy, register)
+from fmabs_core.active.strategies import STRATEGIES, Strategy, gaussian_rampup, get_strategy, her_threshold, normalised_entropy, register
 from fmabs_core.active.suggest import choose_slices, select, slice_point, suggest_slices
 from fmabs_core.errors import InputError
 
@@ -155,7 +154,7 @@ def test_budget_errors_name_the_value():
 
 def test_budget_state_counts_files_and_pending(tmp_path, phantom_data):
     from fmabs_core.cli.project_cmds import simulate_crosslabels
-    from fmabs_core.datastore import import_folder
+    from fmabs_core.data.project import import_folder
 
     project, problems = import_folder(phantom_data, tmp_path / "proj")
     assert not problems

@@ -11,8 +11,8 @@ import torch
 from fmabs_core.active import budget as B
 from fmabs_core.cli import main
 from fmabs_core.cli.project_cmds import simulate_crosslabels
-from fmabs_core.datastore import Project
-from fmabs_core.events import read_events, read_status
+from fmabs_core.data.project import Project
+from fmabs_core.runs.events import read_events, read_status
 
 TINY = ["--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
         "--device", "cpu"]
@@ -118,8 +118,8 @@ def test_human_expert_pauses_and_resumes(tmp_path, phantom_data, capsys):
 
     # 3. labelled at the suggested slices: the same command resumes and finishes with the budget spent
     for cid in rnd[0]["cases"]:
-        from fmabs_core import io
-        from fmabs_core.crosslabel import make_crosslabel
+        from fmabs_core.data import io
+        from fmabs_core.data.crosslabel import make_crosslabel
 
         dense = project.load_label(cid)
         picks = {v: s["index"] for v, s in rnd[0]["slices"][cid].items()}

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from fmabs_core.checkpoint import CheckpointStore, load_checkpoint, save_atomic
+from fmabs_core.runs.checkpoint import CheckpointStore, load_checkpoint, save_atomic
 
 
 def state(i: int) -> dict:
@@ -41,7 +41,7 @@ def test_corrupt_newest_falls_back(tmp_path, caplog, damage):
         newest.write_bytes(b"")
     else:
         torch.save({"weights": torch.zeros(3)}, newest)
-    with caplog.at_level(logging.WARNING, logger="fmabs_core.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="fmabs_core.runs.checkpoint"):
         got = store.load_latest()
     assert got["iteration"] == 2
     assert any("iter_0000003.pt is unreadable" in r.message for r in caplog.records)

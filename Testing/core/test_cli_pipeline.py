@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fmabs_core.cli import main
-from fmabs_core.datastore import Project
+from fmabs_core.data.project import Project
 
 TINY = ["--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
         "--device", "cpu"]

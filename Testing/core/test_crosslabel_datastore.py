@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fmabs_core import crosslabel
-from fmabs_core.datastore import Project, import_folder
+from fmabs_core.data import crosslabel
+from fmabs_core.data.project import Project, import_folder
 from fmabs_core.errors import InputError
 
 

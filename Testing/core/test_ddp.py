@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmabs_core import distributed
-from fmabs_core.datastore import Project, import_folder
-from fmabs_core.engine import Trainer
+from fmabs_core.training import distributed
+from fmabs_core.data.project import Project, import_folder
+from fmabs_core.training.engine import Trainer
 from fmabs_core.errors import InputError
-from fmabs_core.events import read_events, read_status
+from fmabs_core.runs.events import read_events, read_status
 
 
 def test_helpers_single_process(monkeypatch):

@@ -8,12 +8,12 @@ import threading
 import pytest
 import torch
 
-from fmabs_core.config import TrainConfig
-from fmabs_core.datastore import Project
-from fmabs_core.engine import OutOfMemory, Trainer
+from fmabs_core.training.config import TrainConfig
+from fmabs_core.data.project import Project
+from fmabs_core.training.engine import OutOfMemory, Trainer
 from fmabs_core.errors import FmabsError
-from fmabs_core.events import COMMON_FIELDS, EVENT_TYPES, REQUIRED_FIELDS, RunLog, read_events, read_status
-from fmabs_core.nets import NetConfig
+from fmabs_core.runs.events import COMMON_FIELDS, EVENT_TYPES, REQUIRED_FIELDS, RunLog, read_events, read_status
+from fmabs_core.training.nets import NetConfig
 
 STATUS_FIELDS = ("state", "run", "method", "iteration", "iterations", "eta_s", "lr", "losses", "metrics", "pid",
                  "device", "host", "updated", "started", "world_size", "checkpoint")
@@ -63,8 +63,10 @@ def test_failure_is_recorded(project, monkeypatch):
         return real(trainer, batch, logits, it)
 
     monkeypatch.setattr(tr.method, "loss", loss)
+    outcome = tr.train()
+    assert outcome.state == "failed" and outcome.exit_code == 1 and outcome.iteration == 2
     with pytest.raises(ValueError):
-        tr.train()
+        outcome.raise_for_failure()
     events = read_events(project.run_dir("f"))
     check_schema(events)
     failed = events[-1]
@@ -77,8 +79,8 @@ def test_failure_is_recorded(project, monkeypatch):
 
 def test_setup_failure_is_recorded(project, monkeypatch):
     monkeypatch.setattr(Trainer, "load_data", lambda self: (_ for _ in ()).throw(OSError("disk gone")))
-    with pytest.raises(OSError):
-        Trainer(project, "s", tiny()).train()
+    outcome = Trainer(project, "s", tiny()).train()
+    assert outcome.state == "failed" and isinstance(outcome.exception, OSError)
     assert read_status(project.run_dir("s"))["error"] == "OSError: disk gone"
 
 
@@ -89,10 +91,10 @@ def test_out_of_memory_advice(project, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(tr.method, "loss", boom)
-    with pytest.raises(OutOfMemory) as info:
-        tr.train()
-    assert isinstance(info.value, FmabsError)
-    msg = str(info.value)
+    outcome = tr.train()
+    assert outcome.state == "failed" and isinstance(outcome.exception, OutOfMemory)
+    assert isinstance(outcome.exception, FmabsError) and outcome.exit_code == 2
+    msg = str(outcome.exception)
     assert "--batch-size 4" in msg and "--batch-size (e.g. 2)" in msg and "--patch-size (e.g. 16 16 16)" in msg
     failed = read_events(project.run_dir("oom"))[-1]
     assert failed["type"] == "failed" and failed["error"] == msg

@@ -8,11 +8,11 @@ import nibabel as nib
 import numpy as np
 
 from fmabs_core.cli import main
-from fmabs_core.datastore import Project
-from fmabs_core.demo import DemoConfig, run_demo
-from fmabs_core.events import read_events
-from fmabs_core.methods import fill_unprompted
-from fmabs_core.pseudolabel import PseudoLabels
+from fmabs_core.data.project import Project
+from fmabs_core.cli.demo import DemoConfig, run_demo
+from fmabs_core.runs.events import read_events
+from fmabs_core.methods.fmabs import fill_unprompted
+from fmabs_core.generalist.pseudolabel import PseudoLabels
 
 
 def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
@@ -21,7 +21,7 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
     rc = main(["train", "--project", str(proj), "--method", "fmabs", "--iterations", "4", "--run", "f",
                "--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
-               "--device", "cpu", "--pseudo-schedule", "0.25", "0.5", "0.6", "--pseudo-max-cases", "8",
+               "--device", "cpu", "--pseudo-warmup", "0.25", "--pseudo-every", "0.5", "--pseudo-stop", "0.6", "--pseudo-max-cases", "8",
                "--pseudo-max-slices", "1", "--val-every", "4"])
     assert rc == 0
     run = Project(proj).run_dir("f")
@@ -38,7 +38,7 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     progress = [e for e in read_events(run) if e["type"] == "progress"]
     # L_sam enters the loss once the first round has produced pseudo-labels
     assert "loss_sam" not in progress[0]["losses"] and "loss_sam" in progress[-1]["losses"]
-    assert json.loads((run / "config.json").read_text())["generalist"] == "litemedsam"
+    assert json.loads((run / "config.json").read_text())["method_options"]["generalist"] == "litemedsam"
 
 
 def test_fill_unprompted_keeps_teacher_mask_on_skipped_slices():

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fmabs_core import io
+from fmabs_core.data import io
 from fmabs_core.errors import InputError
 
 

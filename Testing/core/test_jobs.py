@@ -10,14 +10,14 @@ import time
 import pytest
 import torch
 
-from fmabs_core import jobs
+from fmabs_core.runs import jobs
 from fmabs_core.cli import build_parser, main
 from fmabs_core.cli.jobs_cmds import train_argv
-from fmabs_core.config import TrainConfig
-from fmabs_core.datastore import Project
-from fmabs_core.engine import Trainer
-from fmabs_core.events import read_events, read_status
-from fmabs_core.nets import NetConfig
+from fmabs_core.training.config import TrainConfig
+from fmabs_core.data.project import Project
+from fmabs_core.training.engine import Trainer
+from fmabs_core.runs.events import read_events, read_status
+from fmabs_core.training.nets import NetConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +106,7 @@ def test_crashed_job_detected(project, capsys):
 
 
 def test_train_argv_round_trip(project):
-    opts = _train_opts(project, "x") + ["--no-augment", "--pseudo-schedule", "0.1", "0.1", "0.5"]
+    opts = _train_opts(project, "x") + ["--no-augment", "--pseudo-warmup", "0.1", "--pseudo-stop", "0.5"]
     args = build_parser().parse_args(["jobs", "start", *opts])
     again = build_parser().parse_args(["train", *train_argv(args)])
     for key, value in vars(args).items():
@@ -116,7 +116,7 @@ def test_train_argv_round_trip(project):
 
 def test_cancel_in_process_checkpoints(project):
     """request_cancel (what the SIGTERM handler does) mid-run: checkpoint, cancelled state, resumable."""
-    from fmabs_core.engine import Cancelled, Hook
+    from fmabs_core.training.api import Hook
 
     class CancelAt(Hook):
         def before_step(self, tr, it):
@@ -127,8 +127,8 @@ def test_cancel_in_process_checkpoints(project):
                       net=NetConfig(width=4, out_channels=2), max_val_cases=1)
     tr = Trainer(project, "c", cfg)
     tr.hooks.append(CancelAt())
-    with pytest.raises(Cancelled):
-        tr.train()
+    outcome = tr.train()
+    assert outcome.state == "cancelled" and outcome.exit_code == 130 and outcome.iteration == 3
     run = project.run_dir("c")
     last = read_events(run)[-1]
     assert last["type"] == "cancelled" and last["iteration"] == 3 and last["signal"] is None

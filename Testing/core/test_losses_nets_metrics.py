@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmabs_core import losses
-from fmabs_core.methods import ema_update
-from fmabs_core.metrics import dice_jaccard, score_case, summarise
-from fmabs_core.nets import NetConfig, VNet, build_network, count_parameters
+from fmabs_core.methods import losses
+from fmabs_core.methods.mean_teacher import ema_update
+from fmabs_core.inference.metrics import dice_jaccard, score_case, summarise
+from fmabs_core.training.nets import NetConfig, VNet, build_network, count_parameters
 
 
 def test_partial_ce_ignores_unlabelled():
@@ -110,7 +110,7 @@ def test_augmentation_matches_monai_transforms():
     """The sampler's numpy rot90/flip equal MONAI's Rotate90/Flip on channel-first patches."""
     from monai.transforms import Flip, Rotate90
 
-    from fmabs_core.data import PatchSampler
+    from fmabs_core.training.sampler import PatchSampler
 
     a = np.random.default_rng(0).random((1, 6, 6, 4)).astype(np.float32)
     for k in range(4):

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fmabs_core import io
+from fmabs_core.data import io
 from fmabs_core.generalist import Embeddings, SliceGeometry, get_generalist
-from fmabs_core.pseudolabel import (
-    dice, from_view_slices, fuse, multiview_pseudolabel, save_pseudolabels, view_slices,
-)
+from fmabs_core.generalist.pseudolabel import dice, from_view_slices, fuse, multiview_pseudolabel, save_pseudolabels, view_slices
 
 
 class BoxGeneralist:

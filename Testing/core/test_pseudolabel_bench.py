@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fmabs_core.bench import _synthetic_case, bench_pseudolabel, format_table
+from fmabs_core.cli.bench import _synthetic_case, bench_pseudolabel, format_table
 
 
 def test_bench_reports_both_modes(tmp_path, write_nifti):

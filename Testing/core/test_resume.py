@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmabs_core.config import TrainConfig
-from fmabs_core.datastore import Project
-from fmabs_core.engine import Hook, Trainer
-from fmabs_core.events import read_events, read_status
-from fmabs_core.nets import NetConfig
+from fmabs_core.training.config import TrainConfig
+from fmabs_core.data.project import Project
+from fmabs_core.training.engine import Hook, Trainer
+from fmabs_core.runs.events import read_events, read_status
+from fmabs_core.training.nets import NetConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +56,7 @@ def _states_equal(a: dict, b: dict) -> list[str]:
 
 def test_kill_then_resume_equals_uninterrupted(project):
     cfg = mt_config()
-    ref_model = Trainer(project, "ref", cfg).train()
+    ref_model = Trainer(project, "ref", cfg).train().model
 
     killed = Trainer(project, "crash", cfg)
     killed.hooks.append(KillAt(5))  # after the step that made iteration 5; last checkpoint: 4
@@ -65,7 +65,7 @@ def test_kill_then_resume_equals_uninterrupted(project):
     assert read_status(project.run_dir("crash"))["state"] == "failed"
     assert killed.ckpts.iteration_files()[-1][0] == 4
 
-    resumed_model = Trainer(project, "crash", cfg).train()
+    resumed_model = Trainer(project, "crash", cfg).train().model
     ref = torch.load(ref_model, weights_only=True)["state_dict"]
     out = torch.load(resumed_model, weights_only=True)["state_dict"]
     assert not _states_equal(ref, out), "the resumed model differs"
@@ -89,15 +89,15 @@ def test_kill_then_resume_equals_uninterrupted(project):
 
 def test_truncated_checkpoint_resumes_from_previous(project, caplog):
     cfg = mt_config(method="sup", iterations=6, val_every=100, net=NetConfig(width=4, out_channels=2))
-    ref_model = Trainer(project, "ref", cfg).train()
+    ref_model = Trainer(project, "ref", cfg).train().model
     killed = Trainer(project, "trunc", cfg)
     killed.hooks.append(KillAt(5))
     with pytest.raises(_Killed):
         killed.train()
     newest = killed.ckpts.path_for(4)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])  # a torn write
-    with caplog.at_level("WARNING", logger="fmabs_core.checkpoint"):
-        resumed_model = Trainer(project, "trunc", cfg).train()
+    with caplog.at_level("WARNING", logger="fmabs_core.runs.checkpoint"):
+        resumed_model = Trainer(project, "trunc", cfg).train().model
     assert any("unreadable" in r.message for r in caplog.records)
     assert (killed.ckpts.folder / "iter_0000004.pt.corrupt").exists()
     started = [e for e in read_events(project.run_dir("trunc")) if e["type"] == "started"]
@@ -129,8 +129,8 @@ def test_real_kill9_then_resume(project):
     status = read_status(run)
     assert status["state"] == "running" and 3 <= status["iteration"] < n
     cfg = TrainConfig.load(run / "config.json")
-    ref_model = Trainer(project, "ref", cfg).train()
-    model = Trainer(project, "k9", cfg).train()
+    ref_model = Trainer(project, "ref", cfg).train().model
+    model = Trainer(project, "k9", cfg).train().model
     a = torch.load(ref_model, weights_only=True)["state_dict"]
     b = torch.load(model, weights_only=True)["state_dict"]
     assert not _states_equal(a, b)

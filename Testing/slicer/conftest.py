@@ -72,8 +72,8 @@ def oblique_scan(tmp_path):
 def project_templates(tmp_path_factory) -> dict[str, Path]:
     """Six 32^3 phantom scans imported twice: ``bare`` (no cross-labels) and ``labelled`` (two simulated)."""
     from fmabs_core.cli import main
-    from fmabs_core.datastore import import_folder
-    from fmabs_core.phantom import write_dataset
+    from fmabs_core.data.project import import_folder
+    from fmabs_core.data.phantom import write_dataset
 
     base = tmp_path_factory.mktemp("fmabs-projects")
     data = write_dataset(base / "data", n_cases=6, shape=(32, 32, 32), seed=0)

@@ -85,7 +85,7 @@ def _check_on_grid_of(output, source):
 
 
 def test_segment_volume_in_background(trained_logic, phantom_scan):
-    from fmabs_core import io as fio
+    from fmabs_core.data import io as fio
     from SlicerFMABSLib import segmentations
 
     logic = trained_logic
@@ -170,7 +170,7 @@ def test_suggestions_in_background(trained_logic):
 
 
 def test_add_loaded_volumes(logic, oblique_scan, scene):
-    from fmabs_core import io as fio
+    from fmabs_core.data import io as fio
     from SlicerFMABSLib import geometry
 
     path, data, affine = oblique_scan

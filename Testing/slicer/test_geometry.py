@@ -19,7 +19,7 @@ def logic(scene):
 @pytest.mark.parametrize("name", sorted(AFFINES))
 def test_node_canonical_equals_fmabs_core(tmp_path, logic, name):
     """Whatever the file's orientation, node -> canonical equals fmabs_core.io.load_image of the file."""
-    from fmabs_core import io as fio
+    from fmabs_core.data import io as fio
     from SlicerFMABSLib import geometry
 
     data = np.arange(7 * 9 * 5, dtype=np.float32).reshape(7, 9, 5)
@@ -44,7 +44,7 @@ def test_node_canonical_equals_fmabs_core(tmp_path, logic, name):
 
 def test_round_trip_array_node_nifti(tmp_path, logic, scene):
     """canonical array -> node -> NIfTI file -> nibabel/fmabs_core gives the same voxels and world grid."""
-    from fmabs_core import io as fio
+    from fmabs_core.data import io as fio
     from SlicerFMABSLib import geometry
 
     rng = np.random.default_rng(1)

@@ -58,8 +58,8 @@ def test_crosslabel_from_drawing_pure():
 
 def test_drawing_to_crosslabel_file(project_logic, scene):
     """A drawing on the three shown planes becomes crosslabels/<case>.nii.gz on the image's own grid."""
-    from fmabs_core import io as fio
-    from fmabs_core.crosslabel import labelled_planes
+    from fmabs_core.data import io as fio
+    from fmabs_core.data.crosslabel import labelled_planes
     from SlicerFMABSLib import geometry
 
     logic, volume = project_logic
@@ -149,7 +149,7 @@ def test_wrong_volume_is_refused(project_logic, tmp_path):
 
 def write_run_labels(logic, case="patient01", run="r1"):
     """Pseudo-labels and a prediction as the training job writes them (fmabs_core.io.save_like)."""
-    from fmabs_core import io as fio
+    from fmabs_core.data import io as fio
 
     image = fio.load_image(logic.project.image_path(case))
     shape = image.array.shape
@@ -206,7 +206,7 @@ def test_label_on_another_grid_is_refused(project_logic, tmp_path):
 
 def test_export_matches_nibabel(project_logic, oblique_scan, tmp_path):
     """Exported NIfTI: the input file's voxel order and affine, and the segmentation's labels."""
-    from fmabs_core import io as fio
+    from fmabs_core.data import io as fio
     from SlicerFMABSLib import segmentations
 
     logic, _ = project_logic

@@ -66,7 +66,7 @@ def test_watcher_tolerates_missing_partial_and_bad_lines(tmp_path):
     assert jobs.parse_suggestions(watcher.last_suggestion)[0].slices["axial"] == {"index": 40, "ras": [1.0, 2.0, 3.0]}
 
 
-def test_failed_and_stale_runs(tmp_path):
+def test_failed_and_crashed_runs(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "events.jsonl").write_text(json.dumps({"type": "failed", "iteration": 3, "message": "CUDA out of memory"}) + "\n")
@@ -78,7 +78,7 @@ def test_failed_and_stale_runs(tmp_path):
     dead = _dead_pid()
     (run2 / "status.json").write_text(json.dumps({"state": "running", "iteration": 5, "iterations": 9, "pid": dead}))
     status, _ = jobs.RunWatcher(run2).poll()
-    assert status.state == "stale" and "without a final status" in status.error
+    assert status.state == jobs.CRASHED and status.finished and "without a final status" in status.error
 
 
 def _dead_pid() -> int:
@@ -97,16 +97,21 @@ def test_parse_suggestions_forms():
     assert jobs.parse_suggestions({"suggestions": []}) == []
 
 
-def test_train_args_and_status_spellings():
-    args = jobs.train_args("/p", "run1", "fmabs", 200, "cpu", "litemedsam", "her", 6)
-    assert args == ["train", "--project", "/p", "--method", "fmabs", "--iterations", "200", "--run", "run1",
-                    "--device", "cpu", "--generalist", "litemedsam", "--active", "her", "--budget", "6"]
-    assert "--active" not in jobs.train_args("/p", "r", "sup", 5, active="none", budget=3)
-    for bad in ("", "a/b", ".."):
-        with pytest.raises(ValueError, match="not a valid folder name"):
-            jobs.train_args("/p", bad, "sup", 5)
-    with pytest.raises(ValueError, match="positive"):
-        jobs.train_args("/p", "r", "sup", 0)
+def test_contract_argv_and_status_spellings():
+    """The module builds its command lines with fmabs_core.contract, like the CLI and the web front-end."""
+    args = jobs.contract.train_args("/p", "run1", "fmabs", {"iterations": 200, "device": "cpu", "active": None})
+    assert args == ["train", "--project", "/p", "--run", "run1", "--method", "fmabs", "--iterations", "200",
+                    "--device", "cpu"]
+    assert jobs.fmabs_argv(args, "/py")[:3] == ["/py", "-m", "fmabs_core"]
+    assert jobs.fmabs_argv(["x"])[0] == jobs.python_executable()
+    for bad in ("", "a/b", "..", ".hidden"):
+        with pytest.raises(ValueError, match="not usable as a folder name"):
+            jobs.contract.train_args("/p", bad, "sup")
+    assert jobs.STRATEGIES[0] == "none" and set(jobs.STRATEGIES[1:]) == set(jobs.contract.STRATEGIES)
+    assert jobs.EXPERTS[0] == "human" and set(jobs.EXPERTS) == set(jobs.contract.EXPERTS)
+    assert jobs.GENERALISTS == jobs.contract.GENERALISTS and set(jobs.FINAL_STATES) >= {jobs.WAITING, jobs.CRASHED}
+    assert jobs.format_event({"type": "waiting_for_labels", "iteration": 4, "cases": ["a", "b"]}) == \
+        "[4] waiting for the expert's cross-labels: a, b"
     s = jobs.status_from_dict({"status": "Finished", "iter": "7", "total_iterations": 10, "metrics": {"val/dice": 0.5}})
     assert (s.state, s.iteration, s.total, s.val_dice) == ("done", 7, 10, 0.5)
     assert jobs.format_eta(3725) == "1h 02m" and jobs.format_eta(None) == "unknown" and jobs.format_eta(9) == "9s"
@@ -124,7 +129,7 @@ def make_logic():
     and the logic's own PYTHONPATH (the folder of the real fmabs_core). Any job still running at
     the end of a test is killed: a failed test must not leave a 2000-iteration training behind.
     """
-    from fmabs_core.datastore import Project
+    from fmabs_core.data.project import Project
     from SlicerFMABSLib import logic as logic_mod
 
     made = []
@@ -167,16 +172,21 @@ def _poll_until(lg, pred, timeout=TIMEOUT):
 
 
 def test_train_arguments(tmp_path, make_logic):
-    from fmabs_core.datastore import Project
+    from fmabs_core.data.project import Project
 
     lg = make_logic(Project.create(tmp_path / "p").root)
     args = lg.train_arguments("r", "fmabs", 12, device="auto", generalist="litemedsam", active="her", budget=4,
                               expert="human", options=["--width", 4])
-    assert args == ["train", "--project", str(lg.project.root), "--method", "fmabs", "--iterations", "12", "--run",
-                    "r", "--generalist", "litemedsam", "--active", "her", "--budget", "4", "--expert", "human",
+    assert args == ["train", "--project", str(lg.project.root), "--run", "r", "--method", "fmabs", "--iterations", "12",
+                    "--generalist", "litemedsam", "--active", "her", "--budget", "4", "--expert", "human",
                     "--width", "4"]  # device "auto": no --device, the job picks CUDA when there is one
     args = lg.train_arguments("r", "sup", 5, device="cpu", active="none", budget=3, expert="human")
     assert args[-2:] == ["--device", "cpu"] and "--expert" not in args and "--active" not in args
+    assert "--budget" not in args
+    with pytest.raises(ValueError, match="positive"):
+        lg.train_arguments("r", "sup", 0)
+    with pytest.raises(ValueError, match="not usable as a folder name"):
+        lg.train_arguments("../r", "sup", 5)
 
 
 def test_training_job_runs_in_background(labelled_project, make_logic):
@@ -215,6 +225,31 @@ def test_cancel_sends_sigterm(labelled_project, make_logic):
     assert lg.trained_runs() == ["run2"]  # the checkpoint is a model to segment with
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the stand-in launcher is a script with a #! line")
+def test_cancel_through_a_launcher(labelled_project, make_logic, tmp_path):
+    """Slicer runs jobs with PythonSlicer, a launcher whose child is the real interpreter and which forwards
+    no signal. Here a real launcher of that kind (a script that runs the interpreter as its child): cancel
+    must reach the trainer (the holder of the run lock), which checkpoints; the launcher passes on its 130."""
+    launcher = tmp_path / "PythonLauncher"
+    launcher.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                        f"sys.exit(subprocess.call([{sys.executable!r}, *sys.argv[1:]]))\n")
+    launcher.chmod(0o755)
+    lg = make_logic(labelled_project)
+    lg.python = str(launcher)
+    lg.start_training("run5", "sup", 2000, device="cpu", options=TINY_TRAIN)
+    _poll_until(lg, lambda s: (s.iteration or 0) >= 1)
+    from fmabs_core.runs.lock import lock_holder
+
+    trainer = lock_holder(lg.project.run_dir("run5"))["pid"]
+    assert trainer != lg.train_job.pid  # the launcher is not the trainer
+    assert lg.cancel_training()
+    status, lines, _ = _poll_until(lg, lambda s: s.finished, timeout=60.0)
+    assert status.state == "cancelled" and status.iteration < 2000
+    assert lg.train_job.wait(30) == 130
+    assert any("cancelled (resume" in line for line in lines)
+    assert not jobs.pid_alive(trainer)
+
+
 def test_crashing_job_is_reported(bare_project, make_logic):
     """The real CLI refuses to train without cross-labels (exit code 2); the panel says why."""
     lg = make_logic(bare_project)
@@ -236,6 +271,42 @@ def test_run_waiting_for_the_expert(bare_project, make_logic):
     assert status.state == jobs.WAITING
     assert status.waiting_for and set(status.waiting_for) <= set(lg.project.split("train"))
     assert "waiting for the expert" in lg.train_job.log_tail()
+
+
+def test_background_process_cancel_stops_its_tree(tmp_path):
+    """cancel() stops the job and what it started (a launcher's child), and leaves the exit code to poll()."""
+    code = ("import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print('grandchild', g.pid, flush=True); time.sleep(60)")
+    proc = jobs.BackgroundProcess([sys.executable, "-c", code], tmp_path / "log.txt")
+    for _ in range(200):
+        if "grandchild" in proc.log_tail():
+            break
+        time.sleep(0.05)
+    grandchild = int(proc.log_tail().split()[-1])
+    assert jobs.pid_alive(grandchild)
+    proc.cancel()
+    assert proc.cancelled and proc.wait(10) == -signal.SIGTERM
+    for _ in range(200):
+        if not jobs.pid_alive(grandchild):
+            break
+        time.sleep(0.05)
+    assert not jobs.pid_alive(grandchild)
+
+
+def test_available_methods(caplog):
+    """`fmabs methods --json` of the job's Python, once; an empty list and a warning when it cannot answer."""
+    jobs._methods_cache.clear()
+    with caplog.at_level("WARNING", logger=jobs.__name__):
+        assert jobs.available_methods("/nonexistent/python") == []
+    assert "could not list the training methods" in caplog.text and "/nonexistent/python" not in jobs._methods_cache
+    assert jobs.method_names("/nonexistent/python") == jobs.METHODS  # the fallback names
+    methods = jobs.available_methods(sys.executable)
+    if not methods:
+        pytest.skip("this fmabs_core has no working 'fmabs methods --json' yet")
+    assert all({"name", "description", "supervision"} <= set(m) for m in methods)
+    assert {"sup", "fmabs"} <= {m["name"] for m in methods}
+    assert sys.executable in jobs._methods_cache  # asked once
+    assert jobs.method_names(sys.executable) == tuple(m["name"] for m in methods)
 
 
 def test_background_process_sigterm(tmp_path):

@@ -6,6 +6,6 @@
 - :mod:`.hook`: the rounds inside training (``fmabs train --active ... --budget ...``).
 """
 
-from .strategies import STRATEGIES, Strategy, get_strategy, register
+from fmabs_core.active.strategies import STRATEGIES, Strategy, get_strategy, register
 
 __all__ = ["STRATEGIES", "Strategy", "get_strategy", "register"]

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ..datastore import Project
-from ..errors import InputError
+from fmabs_core.data.project import Project
+from fmabs_core.errors import InputError
 
 WARMUP_FRACTION = 0.2
 

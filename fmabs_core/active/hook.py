@@ -6,8 +6,9 @@
 - ``before_step``: every ``active_every`` iterations a round scores the scans that have no
   cross-label with the in-training model, picks the top K and has them cross-labelled at the slices
   suggested from the *prediction* (a real expert has no ground truth to centre on).
-- With ``--expert human`` a round checkpoints, records the request and raises :class:`ExpertNeeded`;
-  re-running the same command resumes: a round whose cross-labels now exist continues.
+- With ``--expert human`` a round checkpoints, records the request and asks the engine to stop with
+  the outcome ``waiting_for_labels`` (exit code 3 from ``fmabs train``); re-running the same command
+  resumes: a round whose cross-labels now exist continues.
 
 The project's round history (``fmabs.json``) is the record of what was asked; cross-label files on
 disk are the record of what was spent, so a crash between the two never overspends the budget.
@@ -15,68 +16,35 @@ disk are the record of what was spent, so a crash between the two never overspen
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 
-from .. import distributed, io
-from ..crosslabel import make_crosslabel, object_centre_slices
-from ..engine import Cancelled, Hook
-from ..errors import FmabsError, InputError
-from ..events import read_status
-from . import budget as B
-from .strategies import STRATEGIES, get_strategy
-from .suggest import Selection, describe, format_request, select, slice_point, suggest_slices
+from fmabs_core.training import distributed
+from fmabs_core.data import io
+from fmabs_core.data.crosslabel import make_crosslabel, object_centre_slices
+from fmabs_core.training.api import Hook, Outcome
+from fmabs_core.errors import InputError
+from fmabs_core.contract import EXPERTS, UNLABELLED
+from fmabs_core.active import budget as B
+from fmabs_core.active.strategies import STRATEGIES, get_strategy
+from fmabs_core.active.suggest import Selection, describe, format_request, select, slice_point, suggest_slices
 
 if TYPE_CHECKING:
-    from ..engine import Trainer
+    from fmabs_core.training.api import TrainContext as Trainer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-EXPERTS = ("simulated", "human")
-#: status.json state of a run stopped for the human expert (what the Slicer module shows)
-WAITING = "waiting_for_labels"
-
-#: the last request a paused run made (the CLI reads it to exit with code 3; see cli/active_cmds.py)
-LAST_REQUEST: "ExpertNeeded | None" = None
-
-
-class ExpertNeeded(Cancelled, FmabsError):
-    """The run stopped cleanly (checkpoint written) until the expert cross-labels the listed scans.
-
-    A :class:`~fmabs_core.engine.Cancelled`, so that the engine records a clean stop, not a failure.
-    """
-
-    exit_code = 3
-
-    def __init__(self, project_root: str, run: str, cases: list[dict[str, Any]], missing: list[str]):
-        self.project_root, self.run, self.cases, self.missing = project_root, run, cases, missing
-        wanted = [c for c in cases if c["case"] in missing]
-        super().__init__(
-            f"run '{run}' needs cross-labels before it can go on. Label these {len(wanted)} scan(s), one axial, "
+def expert_request(project_root: str, run: str, cases: list[dict[str, Any]], missing: list[str]) -> str:
+    """What the expert is asked to do, as the run's outcome message."""
+    wanted = [c for c in cases if c["case"] in missing]
+    return (f"run '{run}' needs cross-labels before it can go on. Label these {len(wanted)} scan(s), one axial, "
             f"one coronal and one sagittal slice each (slice indices on the canonical RAS grid):\n"
             f"{format_request(wanted)}\n"
-            f"Save each as {project_root}/crosslabels/<case>.nii.gz (255 = not labelled), "
-            "then re-run the same command: the run resumes where it stopped."
-        )
-
-
-def mark_waiting(run_dir: Path, request: ExpertNeeded) -> None:
-    """Leave ``status.json`` saying the run waits for labels (the engine records any clean stop as cancelled)."""
-    status = read_status(run_dir)
-    status.update(state=WAITING, waiting_for_labels=list(request.missing), updated=time.time())
-    io.atomic_write_text(Path(run_dir) / "status.json", json.dumps(status, indent=2))
-
-
-def _request(exc: ExpertNeeded) -> ExpertNeeded:
-    global LAST_REQUEST
-    LAST_REQUEST = exc
-    return exc
+            f"Save each as {project_root}/crosslabels/<case>.nii.gz ({UNLABELLED} = not labelled), "
+            "then re-run the same command: the run resumes where it stopped.")
 
 
 def _on_main(tr: "Trainer", work: Callable[[], T]) -> T:
@@ -151,7 +119,7 @@ class ActiveLearningHook(Hook):
         self._check(tr)
         ask = _on_main(tr, lambda: self._warmup(tr))
         if ask is not None:
-            self._ask(tr, *ask, iteration=0, checkpoint=False)
+            self._ask(tr, *ask, iteration=0, checkpoint=False)  # the engine stops before loading the data
 
     def setup(self, tr: "Trainer") -> None:
         self.every = self.schedule(tr)
@@ -171,8 +139,8 @@ class ActiveLearningHook(Hook):
                  tr.cfg.active, tr.cfg.expert, self.every, tr.cfg.active_k, left, tr.cfg.budget)
 
     def before_step(self, tr: "Trainer", it: int) -> None:
-        if self.pending is not None:
-            self._resume_pending(tr, self.pending)
+        if self.pending is not None and not self._resume_pending(tr, self.pending):
+            return
         if self._spent:
             return
         if it == tr.cfg.iterations - 1:
@@ -188,6 +156,7 @@ class ActiveLearningHook(Hook):
         if record["status"] == "pending":
             self.pending = record
             self._ask(tr, record, record["cases"], iteration=it, checkpoint=True)
+            return
         tr.refresh_crosslabels(record["cases"])
         self.rounds_done = int(record["round"])
         self._spent = record["spent"] >= tr.cfg.budget
@@ -278,8 +247,8 @@ class ActiveLearningHook(Hook):
                  ", ".join(f"{c}={sel.scores[c]:.4f}" for c in sel.cases), spent, cfg.budget)
         return record
 
-    def _resume_pending(self, tr: "Trainer", record: dict[str, Any]) -> None:
-        """A paused round: go on once every requested cross-label exists, else ask again."""
+    def _resume_pending(self, tr: "Trainer", record: dict[str, Any]) -> bool:
+        """A paused round: go on once every requested cross-label exists (True), else ask again (False)."""
 
         def check() -> list[str]:
             missing = self._missing(tr, record)
@@ -292,18 +261,20 @@ class ActiveLearningHook(Hook):
         missing = _on_main(tr, check)
         if missing:
             self._ask(tr, record, missing, iteration=int(record.get("iteration", 0)), checkpoint=False)
+            return False
         tr.refresh_crosslabels(record["cases"])
         self.rounds_done = max(self.rounds_done, int(record["round"]))
         self.pending = None
+        return True
 
     def _ask(self, tr: "Trainer", record: dict[str, Any], missing: list[str], iteration: int,
              checkpoint: bool) -> None:
-        """Stop for the human expert (every rank raises; rank 0 alone writes)."""
+        """Stop for the human expert: every rank asks the engine to stop; rank 0 alone writes."""
         cases = [{"case": c, "score": record["scores"].get(c), **record["slices"][c]} for c in record["cases"]]
         if checkpoint:
             tr.checkpoint(iteration)  # resume starts at this iteration, with this round pending
-        tr.runlog.update_status(state=WAITING, waiting_for_labels=missing, iteration=iteration)
-        raise _request(ExpertNeeded(str(tr.project.root), tr.run_name, cases, missing))
+        message = expert_request(str(tr.project.root), tr.run_name, cases, missing)
+        tr.request_stop(Outcome.waiting(iteration, message, cases=cases, missing=list(missing)))
 
     # ---- helpers --------------------------------------------------------------------------------------
     def _warn_unspent(self, tr: "Trainer") -> None:

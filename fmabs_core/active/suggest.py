@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
-from .. import io
-from ..crosslabel import object_centre_slices
-from ..io import VIEW_AXIS, VIEWS
-from .strategies import Strategy, normalised_entropy
+from fmabs_core.data import io
+from fmabs_core.data.crosslabel import object_centre_slices
+from fmabs_core.data.io import VIEW_AXIS, VIEWS
+from fmabs_core.active.strategies import Strategy, normalised_entropy
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from ..errors import FmabsError
+from fmabs_core.errors import FmabsError
 
 log = logging.getLogger("fmabs_core")
 
@@ -16,23 +16,30 @@ COMMAND_MODULES = [
     "project_cmds",  # import, check, crosslabel
     "train_cmds",  # train, predict, evaluate
     "jobs_cmds",  # jobs start|status|cancel|list
-    "active_cmds",  # suggest (after train_cmds: wraps train for exit code 3)
+    "active_cmds",  # suggest
     "generalist_cmds",  # weights, pseudo-label, bench
     "demo_cmd",  # demo
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: commands whose parser needs the method registry (it imports torch: about 3 s on our machines)
+TRAINING_COMMANDS = ("train", "jobs", "methods")
+
+
+def build_parser(light: bool = False) -> argparse.ArgumentParser:
+    """The whole parser; ``light`` leaves out the per-method training options (no torch import)."""
     parser = argparse.ArgumentParser(prog="fmabs", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+        importlib.import_module(f"{__name__}.{name}").register(sub, light)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(light=command is not None and command not in TRAINING_COMMANDS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

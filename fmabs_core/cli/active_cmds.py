@@ -1,4 +1,4 @@
-"""``fmabs suggest``, and exit code 3 for a ``fmabs train --expert human`` run that waits for labels.
+"""``fmabs suggest``: which scans (and slices) the expert should cross-label next.
 
 ``suggest`` prints only JSON on stdout (the Slicer module reads the first ``{`` of the job's output),
 so it shows no progress bar unless stderr is a terminal.
@@ -11,18 +11,15 @@ import logging
 import sys
 from typing import Any, Callable
 
-from ..active import budget as B
-from ..active.strategies import STRATEGIES, get_strategy
-from ..active.suggest import SLICE_MODES, describe, select, suggest_slices
-from ..datastore import Project
-from ..errors import InputError
-from ..events import read_status
-from .common import print_json, progress
+from fmabs_core.active import budget as B
+from fmabs_core.active.strategies import STRATEGIES, get_strategy
+from fmabs_core.active.suggest import SLICE_MODES, describe, select, suggest_slices
+from fmabs_core.data.project import Project
+from fmabs_core.errors import InputError
+from fmabs_core.runs.events import read_status
+from fmabs_core.cli.common import print_json, progress
 
 log = logging.getLogger(__name__)
-
-EXIT_NEEDS_LABELS = 3
-
 
 def run_progress(project: Project, run: str) -> float:
     """Where the run is in its training (t/T for HER's threshold): 1.0 once finished or unknown."""
@@ -50,8 +47,8 @@ def suggest(project: Project, run: str, strategy: str, k: int, slices: str = "ce
     run_dir = project.run_dir(run)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run; train one first with 'fmabs train --run {run}'.")
-    from ..engine import resolve_device
-    from ..infer import load_model, predict_proba
+    from fmabs_core.device import resolve_device
+    from fmabs_core.inference.predict import load_model, predict_proba
 
     dev = resolve_device(device)
     net, meta = load_model(run_dir, dev)
@@ -102,34 +99,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_expert_exit(train_func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap ``fmabs train``: a run that stopped for the human expert exits with code 3 and says what to label.
-
-    The train command reports any clean stop as 'cancelled'; the hook leaves its request in
-    ``hook.LAST_REQUEST``, which tells a stop for labels from a user's cancel.
-    """
-
-    def run(args: argparse.Namespace) -> int:
-        from ..active import hook as active_hook
-
-        active_hook.LAST_REQUEST = None
-        try:
-            rc = train_func(args)
-        except active_hook.ExpertNeeded as exc:  # raised before training started (the warm-up)
-            active_hook.LAST_REQUEST = exc
-            rc = 130
-        request = active_hook.LAST_REQUEST
-        if request is not None:
-            active_hook.mark_waiting(Project(args.project).run_dir(args.run), request)
-            print(f"fmabs: waiting for the expert: {request}", file=sys.stderr)
-            print_json({"waiting_for_labels": request.missing, "cases": request.cases})
-            return EXIT_NEEDS_LABELS
-        return rc
-
-    return run
-
-
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p = sub.add_parser("suggest", help="which unlabelled scans (and slices) to cross-label next, by a run's model")
     p.add_argument("--project", required=True)
     p.add_argument("--run", required=True, help="the run whose model scores the scans")
@@ -145,8 +115,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-record", action="store_true", help="do not add the suggestion to fmabs.json")
     p.set_defaults(func=cmd_suggest)
 
-    train = sub.choices.get("train")
-    if train is not None:
-        train.set_defaults(func=_with_expert_exit(train.get_default("func")))
-    else:
-        log.debug("no train command registered before active_cmds: exit code 3 for waiting runs is not wired")

@@ -6,11 +6,11 @@ import argparse
 import math
 from pathlib import Path
 
-from .common import progress
+from fmabs_core.cli.common import progress
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, run_demo, scaled_settings
+    from fmabs_core.cli.demo import DemoConfig, run_demo, scaled_settings
 
     cfg = DemoConfig(output=Path(args.output), device=args.device, iterations=args.iterations,
                      methods=tuple(args.methods.split(",")), seed=args.seed)
@@ -32,7 +32,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on generated data (or --data DIR) on a CPU")
     p.add_argument("--output", default="fmabs_demo", help="a new folder for everything the demo writes")
     p.add_argument("--data", help="an imagesTr/labelsTr folder of real scans instead of phantoms")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from fmabs_core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 GENERALIST_NAMES = ("litemedsam", "medsam", "mobilesam", "sam_vit_b", "sam_vit_h", "sam_vit_l")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction, light: bool = False) -> None:
     names = sorted(GENERALIST_NAMES)
 
     # ---- weights
@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _weights_list(args: argparse.Namespace) -> int:
-    from ..generalist import weights as W
+    from fmabs_core.generalist import weights as W
 
     print(f"cache folder: {W.cache_dir()}  (set FMABS_CACHE to change)")
     header = f"{'name':<11} {'file':<22} {'size (bytes)':>13}  {'sha256':<16} {'present':<8} source"
@@ -97,7 +97,7 @@ def _weights_list(args: argparse.Namespace) -> int:
 
 
 def _weights_fetch(args: argparse.Namespace) -> int:
-    from ..generalist import weights as W
+    from fmabs_core.generalist import weights as W
 
     path = W.fetch(args.name, dest_dir=args.dest, url=args.url, force=args.force)
     print(path)
@@ -105,7 +105,7 @@ def _weights_fetch(args: argparse.Namespace) -> int:
 
 
 def _weights_verify(args: argparse.Namespace) -> int:
-    from ..generalist import weights as W
+    from fmabs_core.generalist import weights as W
 
     path = W.verify(args.name, args.path)
     e = W.get_entry(args.name)
@@ -116,9 +116,9 @@ def _weights_verify(args: argparse.Namespace) -> int:
 
 
 def _pseudo_label(args: argparse.Namespace) -> int:
-    from .. import io
-    from ..generalist import get_generalist
-    from ..pseudolabel import dice, multiview_pseudolabel, save_pseudolabels
+    from fmabs_core.data import io
+    from fmabs_core.generalist import get_generalist
+    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, save_pseudolabels
 
     image = io.load_image(args.image)
     prompt = io.load_label(args.prompt_from, allow_unlabelled=True)
@@ -161,7 +161,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ..bench import bench_pseudolabel, format_table
+    from fmabs_core.cli.bench import bench_pseudolabel, format_table
 
     report = bench_pseudolabel(
         generalist=args.generalist, n_slices=args.slices, device=args.device, batch_size=args.batch_size,
@@ -171,7 +171,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         import json
 
-        from ..io import atomic_write_text
+        from fmabs_core.data.io import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(report, indent=2))
     return 0

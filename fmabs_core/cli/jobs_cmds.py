@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .. import jobs
-from ..datastore import Project
-from ..errors import FmabsError, InputError
-from .common import print_json
-from .train_cmds import add_train_arguments
+from fmabs_core.runs import jobs
+from fmabs_core.data.project import Project
+from fmabs_core.errors import FmabsError, InputError
+from fmabs_core.cli.common import print_json
+from fmabs_core.cli.train_cmds import add_train_arguments
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p = sub.add_parser("jobs", help="background training: start, status, cancel, list")
     jsub = p.add_subparsers(dest="jobs_command", required=True)
 
     s = jsub.add_parser("start", help="run 'fmabs train' detached (same options); output goes to runs/<run>/train.log")
-    add_train_arguments(s)
+    add_train_arguments(s, light)
     s.set_defaults(func=cmd_start)
 
     s = jsub.add_parser("status", help="state, progress and ETA of a run (detects crashed jobs)")

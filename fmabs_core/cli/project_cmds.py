@@ -7,10 +7,10 @@ import logging
 
 import numpy as np
 
-from .. import crosslabel, io
-from ..datastore import Project, import_folder
-from ..errors import InputError
-from .common import parse_classes, print_json, progress
+from fmabs_core.data import crosslabel, io
+from fmabs_core.data.project import Project, import_folder
+from fmabs_core.errors import InputError
+from fmabs_core.cli.common import parse_classes, print_json, progress
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p = sub.add_parser("import", help="import scans (imagesTr/labelsTr or a folder of scans) into a project")
     p.add_argument("src")
     p.add_argument("--project", required=True)

@@ -5,58 +5,122 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import replace
+import sys
+import traceback
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
-from .. import io
-from ..config import METHOD_NAMES, NetConfig, TrainConfig
-from ..datastore import Project
-from ..errors import InputError
-from .common import progress
+from fmabs_core import methods
+from fmabs_core.cli.common import print_json, progress
+from fmabs_core.contract import CONFIG_FILE, DEVICE_HINT, DONE, EXPERTS, FAILED, STRATEGIES, WAITING
+from fmabs_core.data import io
+from fmabs_core.data.project import Project
+from fmabs_core.errors import FmabsError, InputError
+from fmabs_core.training.api import Outcome
+from fmabs_core.training.config import MUTABLE_ON_RESUME, NetConfig, TrainConfig
 
-# torch/MONAI are imported inside the commands: `fmabs --help` and `fmabs jobs status` stay instant
+# torch/MONAI are imported inside the commands (the method registry imports torch for `fmabs train` only)
 
 log = logging.getLogger(__name__)
 
 
+#: ``fmabs train`` options that set a TrainConfig field directly (option dest -> field)
+_FIELDS = {"iterations": "iterations", "seed": "seed", "device": "device", "batch_size": "batch_size",
+           "labelled_batch_size": "labelled_bs", "lr": "lr", "val_every": "val_every", "ckpt_every": "ckpt_every",
+           "keep_last": "keep_last", "max_val_cases": "max_val_cases", "val_overlap": "val_overlap",
+           "active": "active", "budget": "budget", "active_k": "active_k", "active_every": "active_every",
+           "expert": "expert"}
+_NET_FIELDS = {"network": "name", "width": "width", "dropout": "dropout", "norm": "norm"}
+_METHOD_PREFIX = "method_option_"
+
+
 def config_from_args(args: argparse.Namespace, project: Project) -> TrainConfig:
-    """A TrainConfig from the command line; a resumed run keeps its saved config."""
-    saved = project.run_dir(args.run) / "config.json"
-    if saved.exists():
-        cfg = TrainConfig.load(saved)
+    """The run's TrainConfig: the options given on the command line over the defaults, or over the saved
+    configuration when the run exists (a resume). A resume that changes an option that may not change
+    mid-run (everything but the device and the validation/checkpoint cadence) is refused, naming it."""
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "verbose", "project", "run")}
+    saved_path = project.run_dir(args.run) / CONFIG_FILE
+    saved = TrainConfig.load(saved_path) if saved_path.exists() else None
+    method = given.get("method") or (saved.method if saved else "sup")
+    if saved is None:
+        iterations = given.get("iterations", TrainConfig.iterations)
+        base = TrainConfig(method=method, net=NetConfig(out_channels=project.num_classes + 1),
+                           val_every=max(1, iterations // 10), ckpt_every=max(1, iterations // 10))
+    else:
+        base = saved
+    cfg = _apply(base, given, method)
+    cfg.check()
+    if saved is not None:
+        changed = {k: v for k, v in saved.differences(cfg).items() if k not in MUTABLE_ON_RESUME}
+        if changed:
+            said = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise InputError(f"run '{args.run}' exists with other options ({said}). Re-run with the saved options "
+                             f"(see {saved_path}) to resume it, or choose a new --run. Only "
+                             f"{', '.join(MUTABLE_ON_RESUME)} may change on resume.")
         log.info("run '%s' exists: resuming with its saved configuration", args.run)
-        return replace(cfg, device=args.device or cfg.device)
-    cfg = TrainConfig(
-        method=args.method, iterations=args.iterations, seed=args.seed, device=args.device or "auto",
-        batch_size=args.batch_size, labelled_bs=args.labelled_batch_size,
-        net=NetConfig(name=args.network, out_channels=project.num_classes + 1, width=args.width,
-                      dropout=args.dropout, norm=args.norm),
-        augment=not args.no_augment, keep_last=args.keep_last,
-        val_every=args.val_every or max(1, args.iterations // 10),
-        ckpt_every=args.ckpt_every or max(1, args.iterations // 10),
-        max_val_cases=args.max_val_cases, generalist=args.generalist, generalist_checkpoint=args.generalist_checkpoint,
-        fusion=args.fusion, pseudo_max_slices=args.pseudo_max_slices, pseudo_max_cases=args.pseudo_max_cases,
-        active=args.active, budget=args.budget, expert=args.expert, lr=args.lr,
-    )
-    if args.patch_size:
-        cfg = replace(cfg, patch_size=tuple(args.patch_size))
-    if args.pseudo_schedule:
-        warm, every, stop = args.pseudo_schedule
-        cfg = replace(cfg, pseudo_warmup=warm, pseudo_every=every, pseudo_stop=stop)
     return cfg
 
 
+def _apply(base: TrainConfig, given: dict, method: str) -> TrainConfig:
+    """``base`` with the given command-line options set (the method's own ones checked against it)."""
+    cls = methods.available().get(method)
+    if cls is None:
+        raise InputError(f"unknown method '{method}' (choose from {', '.join(methods.available())})")
+    own = {f.name for f in fields(cls.Config)}
+    options = dict(base.method_options) if base.method == method else {}
+    for key, value in given.items():
+        if key.startswith(_METHOD_PREFIX):
+            name = key[len(_METHOD_PREFIX):]
+            if name not in own:
+                owners = [m for m, c in methods.available().items() if name in {f.name for f in fields(c.Config)}]
+                raise InputError(f"--{name.replace('_', '-')} is an option of method(s) {', '.join(owners)}, "
+                                 f"not of '{method}'")
+            options[name] = value
+    cls.make_config(options)  # refuses ill-typed values by name
+    changes = {_FIELDS[k]: v for k, v in given.items() if k in _FIELDS}
+    net = replace(base.net, **{_NET_FIELDS[k]: v for k, v in given.items() if k in _NET_FIELDS})
+    if "patch_size" in given:
+        changes["patch_size"] = tuple(given["patch_size"])
+    if given.get("no_augment"):
+        changes["augment"] = False
+    return replace(base, method=method, method_options=options, net=net, **changes)
+
+
+def report(outcome: Outcome) -> int:
+    """Say how the run ended; returns the exit code."""
+    if outcome.state == DONE:
+        print(f"model: {outcome.model}")
+    elif outcome.state == WAITING:
+        print(f"fmabs: waiting for the expert: {outcome.message}", file=sys.stderr)
+        print_json({"waiting_for_labels": outcome.details.get("missing", []),
+                    "cases": outcome.details.get("cases", [])})
+    elif outcome.state == FAILED:
+        exc = outcome.exception
+        if not isinstance(exc, FmabsError) and exc is not None:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        print(f"fmabs: error: {outcome.message}", file=sys.stderr)
+    else:
+        print(outcome.message)
+    return outcome.exit_code
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..engine import Cancelled, train
+    from fmabs_core.training.engine import train
 
     project = Project(args.project)
     cfg = config_from_args(args, project)
-    try:
-        model = train(project, args.run, cfg, progress=progress, install_signal_handlers=True)
-    except Cancelled:
-        print(f"cancelled; resume with the same command (run folder {project.run_dir(args.run)})")
-        return 130
-    print(f"model: {model}")
+    return report(train(project, args.run, cfg, progress=progress, install_signal_handlers=True))
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    described = methods.describe()
+    if args.json:
+        print_json(described)
+        return 0
+    for m in described:
+        print(f"{m['name']:<12} {m['description']}  [labels: {m['supervision']}]")
+        for opt in m["options"]:
+            print(f"    --{opt['name'].replace('_', '-'):<24} {opt['help']} (default: {opt['default']})")
     return 0
 
 
@@ -71,8 +135,8 @@ def _inputs(path: str) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..engine import resolve_device
-    from ..infer import InferenceConfig, predict_files
+    from fmabs_core.device import resolve_device
+    from fmabs_core.inference.predict import InferenceConfig, predict_files
 
     device = resolve_device(args.device or "auto")
     cfg = InferenceConfig(overlap=args.overlap, largest_component=args.largest_component,
@@ -86,7 +150,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..metrics import evaluate_folders, format_table
+    from fmabs_core.inference.metrics import evaluate_folders, format_table
 
     scores, summary = evaluate_folders(args.pred, args.labels)
     print(format_table(scores, summary))
@@ -97,46 +161,100 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``fmabs train`` (``fmabs jobs start`` takes the same ones)."""
+def add_train_arguments(p: argparse.ArgumentParser, light: bool = False) -> None:
+    """The options of ``fmabs train`` (``fmabs jobs start`` takes the same ones).
+
+    Options left out keep the default (or, on resume, the saved value): their default is SUPPRESS,
+    so the namespace holds only what the user gave. The method options come from the registry,
+    which imports torch: ``light`` leaves them out for a parser that will not parse a training command.
+    """
+    d = TrainConfig()
+    S = argparse.SUPPRESS
     p.add_argument("--project", required=True)
-    p.add_argument("--method", choices=sorted(METHOD_NAMES), default="sup")
-    p.add_argument("--iterations", type=int, default=6000)
     # --run-name: torchrun's own parser rejects "--run" as an ambiguous abbreviation of its --run-path
     p.add_argument("--run", "--run-name", dest="run", required=True,
                    help="run name (folder under runs/); an existing run resumes")
-    p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"))
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--labelled-batch-size", type=int, default=2)
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--network", default="vnet", help="vnet (default), unet, segresnet, basicunet")
-    p.add_argument("--width", type=int, default=16, help="base filters (16 = the papers' V-Net)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--norm", choices=["batch", "instance", "none"], default="batch",
-                   help="normalisation layers (batch = the papers' V-Net)")
-    p.add_argument("--no-augment", action="store_true", help="no random rotation/flip of patches")
-    p.add_argument("--val-every", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--keep-last", type=int, default=3, help="iteration checkpoints kept (plus best.pt)")
-    p.add_argument("--max-val-cases", type=int)
-    p.add_argument("--generalist", default="litemedsam")
-    p.add_argument("--generalist-checkpoint")
-    p.add_argument("--fusion", choices=["mv", "ua"], default="mv")
-    p.add_argument("--pseudo-schedule", type=float, nargs=3, metavar=("WARMUP", "EVERY", "STOP"),
-                   help="pseudo-label rounds as fractions of the iterations (default 0.06 0.06 0.8)")
-    p.add_argument("--pseudo-max-slices", type=int, help="generalist calls per view and scan (CPU runs)")
-    p.add_argument("--pseudo-max-cases", type=int, help="scans pseudo-labelled per round (CPU runs)")
-    p.add_argument("--active", choices=["random", "lc", "he", "her"])
-    p.add_argument("--budget", type=int)
-    p.add_argument("--expert", choices=["simulated", "human"], default="simulated")
+    p.add_argument("--method", choices=None if light else list(methods.available()), default=S,
+                   help=f"training method (default: {d.method}; see 'fmabs methods')")
+    p.add_argument("--iterations", type=int, default=S, help=f"default: {d.iterations}")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=S,
+                   help=f"default: {' '.join(map(str, d.patch_size))}")
+    p.add_argument("--batch-size", type=int, default=S, help=f"default: {d.batch_size}")
+    p.add_argument("--labelled-batch-size", type=int, default=S,
+                   help=f"crops from labelled scans per batch (default: {d.labelled_bs})")
+    p.add_argument("--device", default=S, help=DEVICE_HINT)
+    p.add_argument("--seed", type=int, default=S, help=f"default: {d.seed}")
+    p.add_argument("--lr", type=float, default=S, help=f"default: {d.lr}")
+    p.add_argument("--network", default=S, help="vnet (default), unet, segresnet, basicunet")
+    p.add_argument("--width", type=int, default=S, help=f"base filters (default {d.net.width}, the papers' V-Net)")
+    p.add_argument("--dropout", type=float, default=S, help=f"default: {d.net.dropout}")
+    p.add_argument("--norm", choices=["batch", "instance", "none"], default=S,
+                   help="normalisation layers (default: batch, the papers' V-Net)")
+    p.add_argument("--no-augment", action="store_true", default=S, help="no random rotation/flip of patches")
+    p.add_argument("--val-every", type=int, default=S, help="default: a tenth of the iterations")
+    p.add_argument("--val-overlap", type=float, default=S, help=f"sliding-window overlap (default {d.val_overlap})")
+    p.add_argument("--ckpt-every", type=int, default=S, help="default: a tenth of the iterations")
+    p.add_argument("--keep-last", type=int, default=S, help=f"iteration checkpoints kept, plus best.pt "
+                                                             f"(default {d.keep_last})")
+    p.add_argument("--max-val-cases", type=int, default=S, help="validate on at most this many scans")
+    g = p.add_argument_group("active cross-labelling (any cross-label method)")
+    g.add_argument("--active", choices=STRATEGIES, default=S, help="next-scan strategy (default: none)")
+    g.add_argument("--budget", type=int, default=S, help="scans the expert cross-labels in all")
+    g.add_argument("--active-k", type=int, default=S, help=f"scans per round (default {d.active_k})")
+    g.add_argument("--active-every", type=int, default=S, help="iterations between rounds "
+                                                               "(default: spread over the first half)")
+    g.add_argument("--expert", choices=EXPERTS, default=S, help=f"default: {d.expert}")
+    if not light:
+        _add_method_options(p)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """One option per field of each method's Config; a field shared by several methods appears once."""
+    seen: dict[str, list[str]] = {}
+    for name, cls in methods.available().items():
+        for f in fields(cls.Config):
+            seen.setdefault(f.name, []).append(name)
+    added: set[str] = set()
+    for name, cls in methods.available().items():
+        own = [f for f in fields(cls.Config) if f.name not in added]
+        if not own:
+            continue
+        g = p.add_argument_group(f"options of method {name}")
+        for f in own:
+            added.add(f.name)
+            kind = _option_type(f.type)
+            default = f.default if f.default is not MISSING else None
+            g.add_argument(f"--{f.name.replace('_', '-')}", dest=_METHOD_PREFIX + f.name, type=kind,
+                           metavar=f.name.upper(),
+                           default=argparse.SUPPRESS,
+                           help=f"{f.metadata.get('help', '')} (default: {default}; methods: {', '.join(seen[f.name])})")
+
+
+def _option_type(tp: object) -> type:
+    """The argparse type of a Config field: its non-None type (int, float or str)."""
+    text = str(tp)
+    for kind in (int, float, bool, str):
+        if tp is kind or text.startswith(kind.__name__):
+            return kind if kind is not bool else _bool
+    return str
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p = sub.add_parser("train", help="train (or resume) a specialist on a project")
-    add_train_arguments(p)
+    add_train_arguments(p, light)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("methods", help="the training methods and their options")
+    p.add_argument("--json", action="store_true", help="as JSON (what the Slicer Train panel reads)")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("predict", help="segment scans with a trained model")
     p.add_argument("--model", required=True, help="a run folder or a model file")

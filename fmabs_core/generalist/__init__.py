@@ -5,9 +5,9 @@
     masks = g.decode(emb, boxes, points)                # N x H x W bool, on the slice grid
 """
 
-from .base import Embeddings, Generalist, SliceGeometry, intensity_range
-from .models import GENERALISTS, LiteMedSAM, MedSAM, MobileSAM, SAM, canonical_name, clear_cache, get_generalist
-from .prompts import Prompt, jitter_box, mask_box, sample_points, slice_prompts
+from fmabs_core.generalist.base import Embeddings, Generalist, SliceGeometry, intensity_range
+from fmabs_core.generalist.models import GENERALISTS, LiteMedSAM, MedSAM, MobileSAM, SAM, canonical_name, clear_cache, get_generalist
+from fmabs_core.generalist.prompts import Prompt, jitter_box, mask_box, sample_points, slice_prompts
 
 __all__ = [
     "Embeddings",

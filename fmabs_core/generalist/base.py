@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from fmabs_core.errors import InputError
 
 log = logging.getLogger(__name__)
 

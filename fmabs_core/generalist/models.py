@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from ..device import resolve_device as _resolve
-from ..errors import InputError, WeightsError
-from . import weights as W
-from .base import Generalist
+from fmabs_core.device import resolve_device as _resolve
+from fmabs_core.errors import InputError, WeightsError
+from fmabs_core.generalist import weights as W
+from fmabs_core.generalist.base import Generalist
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import WeightsError
+from fmabs_core.errors import WeightsError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import NetConfig
+from fmabs_core.training.config import NetConfig
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

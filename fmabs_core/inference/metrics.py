@@ -100,8 +100,8 @@ def format_table(scores: list[CaseScores], summary: dict) -> str:
 
 def evaluate_folders(pred_dir, label_dir, num_classes: int | None = None) -> tuple[list[CaseScores], dict]:
     """Score every prediction in ``pred_dir`` that has a same-named label in ``label_dir`` (binary: label > 0)."""
-    from . import io
-    from .errors import InputError
+    from fmabs_core.data import io
+    from fmabs_core.errors import InputError
 
     preds = {io.case_id(p): p for p in io.list_niftis(pred_dir) if not io.case_id(p).endswith("_probs")}
     labels = {io.case_id(p): p for p in io.list_niftis(label_dir)}

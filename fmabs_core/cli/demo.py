@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import TrainConfig
-from .datastore import Project, import_folder
-from .engine import resolve_device, train
-from .errors import InputError
-from .infer import InferenceConfig, predict_files
-from .metrics import CaseScores, summarise
-from .nets import NetConfig
+from fmabs_core import methods
+from fmabs_core.training.config import TrainConfig
+from fmabs_core.data.project import Project, import_folder
+from fmabs_core.device import resolve_device
+from fmabs_core.training.engine import train
+from fmabs_core.errors import InputError
+from fmabs_core.inference.predict import InferenceConfig, predict_files
+from fmabs_core.inference.metrics import CaseScores, summarise
+from fmabs_core.training.config import NetConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +61,23 @@ def scaled_settings(cfg: DemoConfig) -> list[str]:
 
 
 def _train_config(cfg: DemoConfig, method: str, out_channels: int) -> TrainConfig:
+    scaled = {"pseudo_max_cases": cfg.pseudo_max_cases, "pseudo_max_slices": cfg.pseudo_max_slices,
+              "pseudo_warmup": 0.3, "pseudo_every": 0.3, "pseudo_stop": 0.8}
+    own = {f.name for f in fields(methods.available()[method].Config)}
     tc = TrainConfig(
         method=method, iterations=cfg.iterations, seed=cfg.seed, device=cfg.device, patch_size=cfg.patch_size,
         batch_size=cfg.batch_size, labelled_bs=cfg.labelled_bs,
         net=NetConfig(width=cfg.width, out_channels=out_channels),
         val_every=cfg.iterations, ckpt_every=max(1, cfg.iterations // 2), val_overlap=0.25,
-        pseudo_max_cases=cfg.pseudo_max_cases, pseudo_max_slices=cfg.pseudo_max_slices,
-        pseudo_warmup=0.3, pseudo_every=0.3, pseudo_stop=0.8,
+        method_options={k: v for k, v in scaled.items() if k in own},
     )
     return replace(tc, **cfg.extra)
 
 
 def run_demo(cfg: DemoConfig, progress: Callable[..., Iterable] | None = None) -> dict:
     """Run the demo end to end; returns the comparison and where the outputs are."""
-    from . import phantom
-    from .cli.project_cmds import simulate_crosslabels
+    from fmabs_core.data import phantom
+    from fmabs_core.cli.project_cmds import simulate_crosslabels
 
     start = time.time()
     out = Path(cfg.output)
@@ -95,7 +99,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[..., Iterable] | None = None) -
     for method in cfg.methods:
         t0 = time.time()
         tc = _train_config(cfg, method, project.num_classes + 1)
-        model = train(project, method, tc, progress=progress)
+        model = train(project, method, tc, progress=progress).raise_for_failure().model
         pred_dir = project.run_dir(method) / "predictions"
         device = resolve_device(cfg.device)
         predict_files(model, [project.image_path(c) for c in val], pred_dir, InferenceConfig(overlap=0.5), device)
@@ -111,8 +115,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[..., Iterable] | None = None) -
 
 
 def _score(project: Project, cases: list[str], pred_dir: Path) -> list[CaseScores]:
-    from . import io
-    from .metrics import score_case
+    from fmabs_core.data import io
+    from fmabs_core.inference.metrics import score_case
 
     scores = []
     for cid in cases:

@@ -7,7 +7,6 @@ atomically, because the Slicer GUI and a running training job may touch the proj
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import random
@@ -16,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from filelock import FileLock
 
-from . import io
-from .errors import InputError, ProjectError
+from fmabs_core.contract import PROJECT_FILE
+from fmabs_core.data import io
+from fmabs_core.errors import InputError, ProjectError
 
 log = logging.getLogger(__name__)
 
-PROJECT_FILE = "fmabs.json"
+PROJECT_LOCK_FILE = ".fmabs.lock"
 SCHEMA_VERSION = 1
 
 
@@ -80,12 +81,9 @@ class Project:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        with open(self.root / ".fmabs.lock", "a+") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        """Exclusive use of ``fmabs.json`` among processes (``filelock``: flock on POSIX, msvcrt on Windows)."""
+        with FileLock(str(self.root / PROJECT_LOCK_FILE), thread_local=False):
+            yield
 
     def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
         """Apply ``change`` to the metadata under the project lock and write it atomically."""

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .io import atomic_path
+from fmabs_core.data.io import atomic_path
 
 
 def _smooth_noise(shape: tuple[int, ...], sigma: float, rng: np.random.Generator) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import InputError
+from fmabs_core.errors import InputError
 
 log = logging.getLogger(__name__)
 

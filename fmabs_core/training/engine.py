@@ -1,4 +1,5 @@
-"""The one training loop. Methods (``methods.py``) plug in losses and hooks; nothing here is per-method."""
+"""The one training loop. Methods (``fmabs_core.methods``) plug in their step and losses, hooks act
+between steps; nothing here is per-method. A run ends with an :class:`~fmabs_core.training.api.Outcome`."""
 
 from __future__ import annotations
 
@@ -9,24 +10,28 @@ import signal
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 
-from . import distributed, io
-from .checkpoint import CheckpointStore
-from .config import TrainConfig
-from .data import Case, PatchSampler, effective_patch, zscore
-from .datastore import Project
-from .device import resolve_device
-from .errors import FmabsError, InputError
-from .events import RunLog, read_status
-from .jobs import RunLock
-from .infer import MODEL_FILE, predict_proba, save_model
-from .methods import Method, get_method
-from .metrics import dice_jaccard
-from .nets import build_network, size_divisor
+from fmabs_core.contract import CANCELLED, CONFIG_FILE, FAILED, MODEL_FILE, PSEUDO_DIR, RUNNING, STARTING, WAITING
+from fmabs_core.data import io
+from fmabs_core.data.project import Project
+from fmabs_core.device import resolve_device
+from fmabs_core.errors import FmabsError, InputError
+from fmabs_core.inference.metrics import dice_jaccard
+from fmabs_core.inference.predict import predict_proba, save_model
+from fmabs_core.methods import get_method
+from fmabs_core.methods.base import Method
+from fmabs_core.runs.checkpoint import CheckpointStore
+from fmabs_core.runs.events import RunLog, read_status
+from fmabs_core.runs.lock import RunLock
+from fmabs_core.training import distributed
+from fmabs_core.training.api import Hook, Outcome, Progress
+from fmabs_core.training.config import TrainConfig
+from fmabs_core.training.nets import build_network, size_divisor
+from fmabs_core.training.sampler import Case, PatchSampler, effective_patch, zscore
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +43,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Hook:
-    """Something that acts between steps regardless of the method (active cross-labelling rounds, ...)."""
-
-    def prepare(self, tr: "Trainer") -> None:
-        """Before the data is loaded (e.g. the warm-up selection of the first scans to cross-label)."""
-
-    def setup(self, tr: "Trainer") -> None:
-        """After the network, optimiser and resume state exist."""
-
-    def before_step(self, tr: "Trainer", it: int) -> None: ...
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
 def default_hooks(cfg: TrainConfig) -> list[Hook]:
     hooks: list[Hook] = []
     if cfg.active:
-        from .active.hook import ActiveLearningHook
+        from fmabs_core.active.hook import ActiveLearningHook
 
         hooks.append(ActiveLearningHook())
     return hooks
 
 
-class Cancelled(Exception):
-    """Raised inside the loop after a cancel request was honoured (checkpoint written)."""
+class _Stop(Exception):
+    """Unwinds the loop to :meth:`Trainer._train`'s handler once a stop was honoured (checkpoint written)."""
+
+    def __init__(self, outcome: Outcome):
+        super().__init__(outcome.state)
+        self.outcome = outcome
 
 
 class OutOfMemory(FmabsError):
@@ -115,20 +107,22 @@ class Trainer:
     """
 
     def __init__(self, project: Project, run: str, cfg: TrainConfig,
-                 progress: Callable[..., Iterable] | None = None, install_signal_handlers: bool = False):
+                 progress: Progress | None = None, install_signal_handlers: bool = False):
         self.project = project
         self.cfg = cfg
         self.run_dir = project.run_dir(run)
         self.run_name = run
         self._owns_group = distributed.env_info().enabled and not distributed.is_initialized()
         self.dist, self.device = distributed.init(resolve_device(cfg.device))
-        self.method: Method = get_method(cfg.method)
+        self.method: Method = get_method(cfg.method, cfg.method_options)
         self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         self.ckpts = CheckpointStore(self.run_dir / "checkpoints", keep_last=cfg.keep_last)
         self.lock = RunLock(self.run_dir)
         self._progress = progress
         self._cancel = False
         self._cancel_signal: int | None = None
+        self._stop: Outcome | None = None
+        self._cancel_agreed = False
         self.hooks: list[Hook] = default_hooks(cfg)
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,6 +142,14 @@ class Trainer:
         """Ask the loop to checkpoint and stop after the current step (thread-safe: sets a flag)."""
         self._cancel = True
 
+    def request_stop(self, outcome: Outcome) -> None:
+        """End the run before the next step with ``outcome`` (a hook waiting for the expert's labels)."""
+        self._stop = outcome
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` as the step trains it: DistributedDataParallel under torchrun, else itself."""
+        return distributed.wrap(module, self.device)
+
     def progress(self, items: Iterable, desc: str = "", total: int | None = None) -> Iterable:
         return self._progress(items, desc=desc, total=total) if self._progress else items
 
@@ -162,14 +164,14 @@ class Trainer:
 
     def save_pseudolabels(self, case: Case, result: dict[str, np.ndarray]) -> None:
         ref = self.project.load_image(case.id)
-        out = self.run_dir / "pseudo"
+        out = self.run_dir / PSEUDO_DIR
         for key, arr in result.items():
             io.save_like(arr.astype(np.uint8), ref, out / f"{case.id}_{key}.nii.gz")
 
     def restore_pseudolabels(self) -> None:
         """After a resume: the fused pseudo-labels of the last round, as written (uint8, lossless)."""
         for case in self.train_cases:
-            path = self.run_dir / "pseudo" / f"{case.id}_fused.nii.gz"
+            path = self.run_dir / PSEUDO_DIR / f"{case.id}_fused.nii.gz"
             if path.exists():
                 case.pseudo = io.load_label(path, self.project.num_classes).array
 
@@ -330,6 +332,8 @@ class Trainer:
         seed_everything(cfg.seed + self.dist.rank)  # rank 0 draws as a single process would
         for hook in self.hooks:
             hook.prepare(self)
+        if self._stop is not None:
+            return 0
         self.load_data()
         self.net = build_network(cfg.net).to(self.device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -346,8 +350,8 @@ class Trainer:
             log.info("resuming %s from iteration %d", self.run_dir, start)
         self._last_ckpt = start
         if self.dist.is_main:
-            io.atomic_write_text(self.run_dir / "config.json", cfg.to_json())
-        self.train_net = distributed.wrap(self.net, self.device)
+            io.atomic_write_text(self.run_dir / CONFIG_FILE, cfg.to_json())
+        self.train_net = self.wrap(self.net)
         self.method.setup(self)
         for hook in self.hooks:
             hook.setup(self)
@@ -386,16 +390,23 @@ class Trainer:
                    "The run resumes from its last checkpoint with the same command.")
         return advice
 
-    def _fail(self, exc: BaseException, it: int, error: str | None = None) -> None:
-        error = error or _last_line(exc)
+    def _fail(self, exc: BaseException, it: int, error: str | None = None) -> Outcome:
+        """Record a failure in the run folder; the outcome carries the exception for the caller."""
+        error = error or (str(exc) if isinstance(exc, FmabsError) else _last_line(exc))
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         # the final event goes first: a reader that sees the final state in status.json finds the event too
         self.runlog.event("failed", iteration=it, error=error, message=error, traceback=tb[-8000:],
                           resume_from=self._last_ckpt if self._last_ckpt else None)
-        self.runlog.update_status(durable=True, state="failed", error=error, phase=None)
+        self.runlog.update_status(durable=True, state=FAILED, error=error, phase=None)
+        log.error("run %s failed at iteration %d: %s", self.run_name, it, error)
+        return Outcome(FAILED, it, error, exception=exc)
 
-    def train(self) -> Path:
-        """Train (or resume) the run; owns the run folder for the whole call."""
+    def train(self) -> Outcome:
+        """Train (or resume) the run; owns the run folder for the whole call.
+
+        Returns how the run ended: done, cancelled, waiting for labels, or failed (the failure is
+        recorded in the run folder; ``outcome.raise_for_failure()`` re-raises it).
+        """
         self._preflight()
         try:
             return self._train()
@@ -404,7 +415,29 @@ class Trainer:
             if self._owns_group:
                 distributed.shutdown()
 
-    def _train(self) -> Path:
+    def _step(self, it: int) -> dict[str, float]:
+        """One optimisation step of the method; returns its logged losses (averaged over ranks)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.sampler.next_batch().items()}
+        lr = self.lr_at(it)
+        optimizers = [self.optimizer, *self.method.optimizers()]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        loss, logs = self.method.train_step(self, batch, it)
+        logs = {"loss": float(loss.detach()), **logs}
+        cancel, finite, logs = self._sync_step(bool(np.isfinite(logs["loss"])), logs)
+        if not finite:
+            raise FloatingPointError(f"loss became {logs['loss']} at iteration {it}; lower --lr")
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        self.method.after_step(self, it)
+        self._cancel_agreed = cancel
+        return logs
+
+    def _train(self) -> Outcome:
         cfg = self.cfg
         t_begin = time.time()
         self._last_ckpt = 0
@@ -412,46 +445,38 @@ class Trainer:
         previous = read_status(self.run_dir) if self.dist.is_main else {}
         self.runlog.status = {k: previous[k] for k in ("metrics", "val_dice", "checkpoint", "checkpoint_iteration")
                               if k in previous}
-        self.runlog.update_status(durable=True, state="starting", run=self.run_name, method=cfg.method,
+        self.runlog.update_status(durable=True, state=STARTING, run=self.run_name, method=cfg.method,
                                   iteration=0, iterations=cfg.iterations, device=str(self.device),
-                                  world_size=self.dist.world_size, started=t_begin, error=None)
+                                  world_size=self.dist.world_size, started=t_begin, error=None,
+                                  waiting_for_labels=None)
         it = 0
         try:
             start = self.setup()
             it = start
-            self.runlog.update_status(durable=True, state="running", phase="training", iteration=start, eta_s=None)
+            if self._stop is not None:
+                raise _Stop(self._stop)  # a hook asked before training could start (the warm-up's labels)
+            self.runlog.update_status(durable=True, state=RUNNING, phase="training", iteration=start, eta_s=None)
             self.runlog.event("started", iteration=start, iterations=cfg.iterations, device=str(self.device),
                               resumed=start > 0, pid=self.runlog.status["pid"], host=self.runlog.status["host"],
                               world_size=self.dist.world_size, method=cfg.method)
             self.train_net.train()
             step_times: list[float] = []
             if distributed.any_true(self._cancel):
-                raise Cancelled()  # cancelled while loading: nothing new to checkpoint
+                raise _Stop(Outcome.cancelled(start))  # cancelled while loading: nothing new to checkpoint
             bar = self.progress(range(start, cfg.iterations), desc=f"training {cfg.method}",
                                 total=cfg.iterations - start)
             for it in bar:
                 t0 = time.time()
                 for hook in self.hooks:
                     hook.before_step(self, it)
+                if self._stop is not None:
+                    raise _Stop(self._stop)
                 self.method.before_step(self, it)
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in self.sampler.next_batch().items()}
-                lr = self.lr_at(it)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                with self.autocast():
-                    logits = self.train_net(batch["image"])
-                loss, logs = self.method.loss(self, batch, logits, it)
-                logs = {"loss": float(loss.detach()), **logs}
-                cancel, finite, logs = self._sync_step(bool(np.isfinite(logs["loss"])), logs)
-                if not finite:
-                    raise FloatingPointError(f"loss became {logs['loss']} at iteration {it}; lower --lr")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.method.after_step(self, it)
+                logs = self._step(it)
                 done = it + 1
                 step_times.append(time.time() - t0)
                 eta = float(np.mean(step_times[-50:])) * (cfg.iterations - done)
+                lr = self.lr_at(it)
                 self.runlog.update_status(iteration=done, eta_s=eta, lr=lr, losses=logs)
                 self.runlog.event("progress", iteration=done, iterations=cfg.iterations, loss=logs["loss"],
                                   losses=logs, lr=lr, eta_s=eta, step_s=step_times[-1])
@@ -461,10 +486,10 @@ class Trainer:
                     self.validate(done)
                 # One process reads its own flag (a signal during this step stops after it); ranks of a
                 # distributed run stop on the step they agreed on at the last synchronisation.
-                if cancel or (self._cancel and not self.dist.enabled):
+                if self._cancel_agreed or (self._cancel and not self.dist.enabled):
                     self.checkpoint(done)
                     it = done
-                    raise Cancelled()
+                    raise _Stop(Outcome.cancelled(done))
                 if done % cfg.ckpt_every == 0 and done < cfg.iterations:
                     self.checkpoint(done)
             it = cfg.iterations
@@ -474,22 +499,15 @@ class Trainer:
                 save_model(model_path, self.method.eval_model(self).state_dict(), cfg.net, self.patch,
                            self.project.classes)
             distributed.barrier()
-        except Cancelled:
-            ckpt = self.ckpts.path_for(self._last_ckpt) if self._last_ckpt else None
-            self.runlog.event("cancelled", iteration=it, checkpoint=str(ckpt) if ckpt else None,
-                              signal=self._cancel_signal)
-            self.runlog.update_status(durable=True, state="cancelled", phase=None, eta_s=None)
-            distributed.barrier()  # the other ranks exit only once rank 0 has recorded the cancel
-            raise
+        except _Stop as stop:
+            return self._stopped(stop.outcome)
         except torch.cuda.OutOfMemoryError as exc:
             advice = self._oom_advice(it)
             with contextlib.suppress(Exception):
                 torch.cuda.empty_cache()
-            self._fail(exc, it, error=advice)
-            raise OutOfMemory(advice) from exc
+            return self._fail(OutOfMemory(advice), it)
         except Exception as exc:
-            self._fail(exc, it)
-            raise
+            return self._fail(exc, it)
         except BaseException as exc:  # KeyboardInterrupt (second Ctrl+C), SystemExit
             self._fail(exc, it, error=f"interrupted ({type(exc).__name__}) without a checkpoint; "
                                       "resume from the last checkpoint with the same command")
@@ -499,10 +517,27 @@ class Trainer:
                           seconds=seconds)
         self.runlog.update_status(durable=True, state="done", phase=None, iteration=cfg.iterations, eta_s=0.0,
                                   model=str(model_path))
-        return model_path
+        return Outcome.done(cfg.iterations, model_path)
+
+    def _stopped(self, outcome: Outcome) -> Outcome:
+        """Record a clean stop (cancel, or waiting for the expert) after its checkpoint was written."""
+        if outcome.state == WAITING:
+            self.runlog.event(WAITING, iteration=outcome.iteration, cases=outcome.details.get("missing", []),
+                              request=outcome.details.get("cases", []))
+            self.runlog.update_status(durable=True, state=WAITING, phase=None, eta_s=None,
+                                      iteration=outcome.iteration,
+                                      waiting_for_labels=list(outcome.details.get("missing", [])))
+        else:
+            ckpt = self.ckpts.path_for(self._last_ckpt) if self._last_ckpt else None
+            self.runlog.event("cancelled", iteration=outcome.iteration, checkpoint=str(ckpt) if ckpt else None,
+                              signal=self._cancel_signal)
+            self.runlog.update_status(durable=True, state=CANCELLED, phase=None, eta_s=None)
+            outcome.message = outcome.message or f"cancelled; resume with the same command (run folder {self.run_dir})"
+        distributed.barrier()  # the other ranks exit only once rank 0 has recorded the stop
+        return outcome
 
 
-def train(project: Project, run: str, cfg: TrainConfig, progress: Callable[..., Iterable] | None = None,
-          install_signal_handlers: bool = False) -> Path:
-    """Train (or resume) one run; returns the path of the shipped model."""
+def train(project: Project, run: str, cfg: TrainConfig, progress: Progress | None = None,
+          install_signal_handlers: bool = False) -> Outcome:
+    """Train (or resume) one run; returns how it ended (``outcome.model`` is the shipped model when done)."""
     return Trainer(project, run, cfg, progress, install_signal_handlers).train()

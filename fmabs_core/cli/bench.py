@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from fmabs_core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _synthetic_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def load_case(image: str | None = None, label: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(image, mask, description): the given files, else the first LA 2018 scan, else a synthetic one."""
-    from . import io
+    from fmabs_core.data import io
 
     if image:
         if not label:
@@ -62,7 +62,7 @@ def _worker(mode: str, name: str, device: str, checkpoint: str | None, batch_siz
             slices: np.ndarray, boxes: np.ndarray, window: tuple[float, float]) -> dict:
     import torch
 
-    from .generalist import get_generalist
+    from fmabs_core.generalist import get_generalist
 
     g = get_generalist(name, device=device, checkpoint=checkpoint)
     cuda = g.device.type == "cuda"
@@ -109,10 +109,10 @@ def bench_pseudolabel(
     isolate: bool = True,
 ) -> dict:
     """Time ``n_slices`` axial foreground slices both ways; extrapolate to a whole scan (3 views)."""
-    from .generalist import intensity_range
-    from .generalist.models import canonical_name, resolve_device
-    from .generalist.prompts import jitter_box, mask_box
-    from .pseudolabel import view_slices
+    from fmabs_core.generalist import intensity_range
+    from fmabs_core.generalist.models import canonical_name, resolve_device
+    from fmabs_core.generalist.prompts import jitter_box, mask_box
+    from fmabs_core.generalist.pseudolabel import view_slices
 
     if n_slices < 1:
         raise InputError(f"--slices must be >= 1, got {n_slices}.")

@@ -28,10 +28,10 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .generalist.base import Generalist, intensity_range
-from .generalist.prompts import Mode, slice_prompts
-from .io import VIEW_AXIS, VIEWS, Volume, save_like
+from fmabs_core.errors import InputError
+from fmabs_core.generalist.base import Generalist, intensity_range
+from fmabs_core.generalist.prompts import Mode, slice_prompts
+from fmabs_core.data.io import VIEW_AXIS, VIEWS, Volume, save_like
 
 log = logging.getLogger(__name__)
 

@@ -20,29 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text
+from fmabs_core.contract import COMMON_EVENT_FIELDS, EVENT_FIELDS, EVENT_TYPES, STATES
+from fmabs_core.data.io import atomic_write_text
 
-EVENT_TYPES = ("started", "progress", "validation", "pseudo_label", "suggestion", "checkpoint", "cancelled",
-               "done", "failed")
-
-#: fields of every event line
-COMMON_FIELDS = ("type", "time", "iteration")
-
-#: fields each event type always carries besides COMMON_FIELDS (docs/events.md lists optional ones)
-REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
-    "started": ("iterations", "device", "resumed", "pid", "host", "world_size", "method"),
-    "progress": ("iterations", "loss", "losses", "lr", "eta_s", "step_s"),
-    "validation": ("dice", "per_case", "best_dice"),
-    "pseudo_label": ("round",),
-    "suggestion": (),
-    "checkpoint": ("path", "seconds"),
-    "cancelled": ("checkpoint",),
-    "done": ("model", "best_val_dice", "seconds"),
-    "failed": ("error", "traceback"),
-}
-
-#: run states in status.json; "crashed" is never written, only inferred by readers (fmabs jobs)
-STATES = ("starting", "running", "cancelled", "done", "failed")
+#: event types and their fields, and the run states, are defined once, in the contract
+COMMON_FIELDS, REQUIRED_FIELDS = COMMON_EVENT_FIELDS, EVENT_FIELDS
+__all__ = ["EVENT_TYPES", "COMMON_FIELDS", "REQUIRED_FIELDS", "STATES", "RunLog", "read_events", "read_status"]
 
 FSYNC_INTERVAL_S = 10.0
 _LAZY = ("progress",)

@@ -9,8 +9,8 @@ from typing import Literal, Mapping
 
 import numpy as np
 
-from .errors import InputError
-from .io import VIEW_AXIS, VIEWS
+from fmabs_core.errors import InputError
+from fmabs_core.data.io import VIEW_AXIS, VIEWS
 
 UNLABELLED = 255
 Placement = Literal["centre", "random"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monai.transforms import SpatialCrop, SpatialPad
 
-from .crosslabel import UNLABELLED
+from fmabs_core.data.crosslabel import UNLABELLED
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-UNLABELLED = 255
+from fmabs_core.contract import UNLABELLED
 
 
 def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

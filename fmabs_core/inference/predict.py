@@ -12,10 +12,10 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from .checkpoint import load_checkpoint
-from .data import zscore
-from .errors import InputError
-from .nets import NetConfig, build_network
+from fmabs_core.runs.checkpoint import load_checkpoint
+from fmabs_core.training.sampler import zscore
+from fmabs_core.errors import InputError
+from fmabs_core.training.nets import NetConfig, build_network
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def save_model(path: Path, state_dict: dict, net: NetConfig, patch_size: tuple[i
     """The shipped model: weights plus what ``predict`` needs to rebuild and run it."""
     from dataclasses import asdict
 
-    from .checkpoint import save_atomic
+    from fmabs_core.runs.checkpoint import save_atomic
 
     save_atomic({"state_dict": state_dict, "net": asdict(net), "patch_size": list(patch_size),
                  "classes": {str(k): v for k, v in classes.items()}}, path)
@@ -114,7 +114,7 @@ def predict_files(model: str | Path, inputs: list[Path], output: Path, cfg: Infe
     Outputs go to ``output/<case>.nii.gz`` (and ``<case>_probs.nii.gz``, float32 foreground
     probabilities per class, when asked). Input files are never overwritten.
     """
-    from . import io
+    from fmabs_core.data import io
 
     net, meta = load_model(model, device)
     cfg = cfg or InferenceConfig()

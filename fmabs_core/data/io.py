@@ -18,7 +18,7 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError
+from fmabs_core.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: view name -> canonical array axis that is constant on a slice of that view

@@ -1,0 +1,146 @@
+"""The conventions every part of FM-ABS shares, written once: standard library only.
+
+The library, the ``fmabs`` command, the Slicer module and the browser front-end all read and write
+the same project and run folders. Everything they must agree on lives here, so that the Slicer
+module can import it at load time, before numpy, torch or nibabel are installed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+# ---- labels and views ------------------------------------------------------------------------------
+#: cross-label value of voxels nobody labelled (0 = background, 1..254 = classes)
+UNLABELLED = 255
+MAX_CLASS = 254
+#: the three views, and the canonical RAS array axis that is constant on a slice of each
+VIEWS = ("axial", "coronal", "sagittal")
+VIEW_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+# ---- the project folder ----------------------------------------------------------------------------
+PROJECT_FILE = "fmabs.json"
+IMAGES_DIR, LABELS_DIR, CROSSLABELS_DIR, RUNS_DIR = "images", "labels", "crosslabels", "runs"
+
+# ---- a run folder ----------------------------------------------------------------------------------
+CONFIG_FILE = "config.json"
+EVENTS_FILE = "events.jsonl"
+STATUS_FILE = "status.json"
+MODEL_FILE = "model.pt"
+CHECKPOINTS_DIR = "checkpoints"
+PSEUDO_DIR = "pseudo"
+LOG_FILE = "train.log"
+JOB_FILE = "job.json"
+LOCK_FILE = ".lock"
+
+#: states written to status.json by the training process
+STARTING, RUNNING, DONE, FAILED, CANCELLED, WAITING = (
+    "starting", "running", "done", "failed", "cancelled", "waiting_for_labels")
+STATES = (STARTING, RUNNING, DONE, FAILED, CANCELLED, WAITING)
+#: inferred by readers, never written: status.json says starting/running but no process holds the run
+CRASHED = "crashed"
+#: states after which no process works on the run (WAITING: the expert must cross-label scans first)
+FINAL_STATES = (DONE, FAILED, CANCELLED, WAITING, CRASHED)
+
+#: what one ``fmabs train`` call ends with (the engine's outcome; :data:`EXIT_CODES` maps it)
+OUTCOMES = (DONE, CANCELLED, WAITING, FAILED)
+
+#: event types of events.jsonl, and the fields each always carries besides ``type, time, iteration``
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "started": ("iterations", "device", "resumed", "pid", "host", "world_size", "method"),
+    "stage": ("stage", "stages"),
+    "progress": ("iterations", "loss", "losses", "lr", "eta_s", "step_s"),
+    "validation": ("dice", "per_case", "best_dice"),
+    "pseudo_label": ("round",),
+    "suggestion": (),
+    "checkpoint": ("path", "seconds"),
+    "waiting_for_labels": ("cases",),
+    "cancelled": ("checkpoint",),
+    "done": ("model", "best_val_dice", "seconds"),
+    "failed": ("error", "traceback"),
+}
+EVENT_TYPES = tuple(EVENT_FIELDS)
+COMMON_EVENT_FIELDS = ("type", "time", "iteration")
+
+# ---- exit codes of the ``fmabs`` command -----------------------------------------------------------
+EXIT_OK = 0
+EXIT_FAILED = 1  # an unexpected error (the traceback is in the log and in events.jsonl)
+EXIT_USAGE = 2  # bad input or options: the message says what to change
+EXIT_NEEDS_LABELS = 3  # a run stopped for the human expert: cross-label the listed scans, run again
+EXIT_CANCELLED = 130  # cancelled (SIGTERM / Ctrl+C); the same command resumes
+EXIT_CODES = {DONE: EXIT_OK, FAILED: EXIT_FAILED, WAITING: EXIT_NEEDS_LABELS, CANCELLED: EXIT_CANCELLED}
+
+# ---- names offered by the front-ends ---------------------------------------------------------------
+#: generalists by their command-line name (fmabs_core.generalist holds the models)
+GENERALISTS = ("litemedsam", "mobilesam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam")
+#: next-scan strategies of active cross-labelling (fmabs_core.active.strategies holds the scores)
+STRATEGIES = ("her", "he", "lc", "random")
+EXPERTS = ("simulated", "human")
+FUSIONS = ("mv", "ua")
+DEVICE_HINT = "cpu, cuda or cuda:N (default: cuda when available)"
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(name: str, what: str = "run name") -> str:
+    """``name`` if it is safe as one folder or file name (letters, digits, ``._-``), else ValueError.
+
+    Names come from users and files and become paths: no separators, no ``..``, no hidden files.
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} is not usable as a folder name: use 1-128 letters, digits, '.', '_' "
+                         "or '-', starting with a letter or digit")
+    return name
+
+
+def parse_classes(text: str | None) -> dict[int, str]:
+    """``'1:left atrium, 2:scar'`` -> ``{1: 'left atrium', 2: 'scar'}``; a bare list is numbered from 1.
+
+    Empty text means one foreground class. Raises ValueError naming the part that does not parse.
+    """
+    text = (text or "").strip()
+    if not text:
+        return {1: "foreground"}
+    out: dict[int, str] = {}
+    for i, part in enumerate([p.strip() for p in re.split(r"[,;\n]", text) if p.strip()], start=1):
+        if ":" in part:
+            key, name = (s.strip() for s in part.split(":", 1))
+            try:
+                value = int(key)
+            except ValueError:
+                raise ValueError(f"class '{part}': the value before ':' must be an integer") from None
+        else:
+            value, name = i, part
+        if not 1 <= value <= MAX_CLASS:
+            raise ValueError(f"class '{part}': values must be 1..{MAX_CLASS} (0 is background, "
+                             f"{UNLABELLED} 'not labelled')")
+        if value in out:
+            raise ValueError(f"class value {value} is given twice")
+        out[value] = name or f"class{value}"
+    return out
+
+
+def fmabs_argv(args: Sequence[str], python: str) -> list[str]:
+    """The command line that runs ``fmabs ARGS`` with the interpreter ``python`` (jobs, Slicer, web)."""
+    return [python, "-m", "fmabs_core", *[str(a) for a in args]]
+
+
+def train_args(project: str, run: str, method: str, options: Mapping[str, object] | None = None) -> list[str]:
+    """Arguments of ``fmabs train`` for a project, run and method; ``options`` are ``--key value`` pairs.
+
+    Keys are option names without dashes (``iterations``, ``device``, ``generalist``...); None and
+    False leave the command's default, True gives a bare flag, a list or tuple gives several values.
+    """
+    check_name(run)
+    args = ["train", "--project", str(project), "--run", run, "--method", method]
+    for key, value in (options or {}).items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args

@@ -1,0 +1,87 @@
+"""The method interface: what the engine calls each step. A method adds losses and state, never a loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from fmabs_core.methods import losses
+from fmabs_core.training.api import TrainContext
+from fmabs_core.training.config import from_dict
+
+
+@dataclass
+class MethodConfig:
+    """A method's own options (none here). Subclass it; give each field ``metadata={"help": ...}``."""
+
+
+class Method:
+    """Base: the supervised loss on the labelled crops of the batch.
+
+    The engine calls, per run: ``setup``; per iteration: ``before_step`` (pseudo-label rounds),
+    ``train_step`` (forward and loss; the engine does backward and steps the optimisers: its own
+    plus ``optimizers()``), ``after_step`` (EMA updates). ``eval_model`` is what is validated and
+    shipped. A method with its own networks builds them in ``setup`` (wrapped with ``tr.wrap`` for
+    DDP) and saves them in ``state_dict``.
+    """
+
+    name: ClassVar[str] = ""
+    supervision: ClassVar[str] = "cross"  # which labels the labelled pool uses: cross | dense
+    uses_unlabelled: ClassVar[bool] = False
+    Config: ClassVar[type] = MethodConfig
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def make_config(cls, options: Mapping[str, Any]) -> Any:
+        return from_dict(cls.Config, dict(options), f"options of method '{cls.name}'")
+
+    @classmethod
+    def describe(cls) -> str:
+        """The first line of the class docstring: what ``fmabs methods`` and the Train panel show."""
+        return (cls.__doc__ or cls.name).strip().splitlines()[0]
+
+    # ---- per run --------------------------------------------------------------------------------------
+    def setup(self, tr: TrainContext) -> None:
+        """Called once before the first step (after resume state is known)."""
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimisers besides the engine's (a method with its own networks); the engine steps them all."""
+        return []
+
+    def eval_model(self, tr: TrainContext) -> nn.Module:
+        """The network validated, saved as the run's model and used for pseudo-labels/suggestions."""
+        return tr.net
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, tr: TrainContext) -> None:
+        """Restore :meth:`state_dict` (called before :meth:`setup` on resume)."""
+
+    # ---- per iteration --------------------------------------------------------------------------------
+    def before_step(self, tr: TrainContext, it: int) -> None:
+        """Called before drawing the batch of iteration ``it`` (pseudo-label rounds live here)."""
+
+    def train_step(self, tr: TrainContext, batch: dict[str, torch.Tensor], it: int
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward pass and total loss of one step: ``(loss, {name: value})``. Override for several networks."""
+        with tr.autocast():
+            logits = tr.train_net(batch["image"])
+        return self.loss(tr, batch, logits, it)
+
+    def supervised_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return losses.partial_cross_entropy(logits, target)
+
+    def loss(self, tr: TrainContext, batch: dict[str, torch.Tensor], logits: torch.Tensor, it: int
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        lab = batch["labelled"]
+        sup = self.supervised_loss(logits[lab], batch["target"][lab])
+        return sup, {"loss_sup": float(sup.detach())}
+
+    def after_step(self, tr: TrainContext, it: int) -> None:
+        """Called after the optimiser step (EMA updates live here)."""

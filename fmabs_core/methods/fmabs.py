@@ -1,0 +1,157 @@
+"""FM-ABS (Xu et al., MICCAI 2024): mean teacher + multi-view generalist pseudo-labels.
+
+Every few hundred iterations the teacher's prediction prompts a frozen SAM-family generalist on
+the axial, coronal and sagittal slices of each training scan; the three 3D results are fused
+(UA or MV) and the student learns from them with the noise-tolerant Dice, weighted 0.5 x (1 - ramp).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fmabs_core.contract import FUSIONS, UNLABELLED, VIEW_AXIS, VIEWS
+from fmabs_core.methods import losses, register
+from fmabs_core.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, _opt
+from fmabs_core.training.api import TrainContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FMABSConfig(MeanTeacherConfig):
+    generalist: str = _opt("litemedsam", "SAM-family model: litemedsam (embedded), mobilesam, sam_vit_b, medsam")
+    generalist_checkpoint: str | None = _opt(None, "weights file of the generalist (default: the cache)")
+    fusion: str = _opt("mv", f"how the three views' pseudo-labels are fused: {', '.join(FUSIONS)}")
+    sam_weight: float = _opt(0.5, "weight of the pseudo-label loss at the start (it decays to 0)")
+    nt_gamma: float = _opt(1.5, "exponent of the noise-tolerant Dice (2 = plain Dice)")
+    pseudo_warmup: float = _opt(0.06, "fraction of the iterations before the first pseudo-label round")
+    pseudo_every: float = _opt(0.06, "fraction of the iterations between rounds")
+    pseudo_stop: float = _opt(0.8, "no new round after this fraction of the iterations")
+    pseudo_max_slices: int | None = _opt(None, "generalist calls per view and scan (CPU runs; default: all)")
+    pseudo_max_cases: int | None = _opt(None, "scans pseudo-labelled per round (CPU runs; default: all)")
+    box_jitter: int = _opt(10, "random enlargement of each box prompt, pixels per side")
+    n_points: int | None = _opt(None, "positive points per box (default: the generalist's)")
+
+
+@register
+class FMABS(MeanTeacher):
+    """FM-ABS: mean teacher + multi-view SAM-family pseudo-labels with the noise-tolerant Dice."""
+
+    name = "fmabs"
+    Config = FMABSConfig
+
+    def setup(self, tr: TrainContext) -> None:
+        super().setup(tr)
+        cfg = self.config
+        if cfg.fusion not in FUSIONS:
+            from fmabs_core.errors import InputError
+
+            raise InputError(f"fusion '{cfg.fusion}': choose from {', '.join(FUSIONS)}")
+        n = tr.cfg.iterations
+        self.warmup = int(round(cfg.pseudo_warmup * n))
+        self.every = max(1, int(round(cfg.pseudo_every * n)))
+        self.stop = int(round(cfg.pseudo_stop * n))
+        self.rounds_done = getattr(self, "rounds_done", 0)
+        self._generalist = None
+        self.generalist(tr)  # fail at start, not at the first round, when weights are missing
+        if self.rounds_done:
+            tr.restore_pseudolabels()
+
+    def round_due(self, it: int) -> bool:
+        return it >= self.warmup and it < self.stop and (it - self.warmup) % self.every == 0
+
+    def generalist(self, tr: TrainContext):
+        if self._generalist is None:
+            from fmabs_core.generalist import get_generalist
+            from fmabs_core.generalist import pseudolabel  # noqa: F401  (a round must not fail on import)
+
+            self._generalist = get_generalist(self.config.generalist, device=tr.device,
+                                              checkpoint=self.config.generalist_checkpoint)
+        return self._generalist
+
+    def before_step(self, tr, it):
+        if not self.round_due(it):
+            return
+        from fmabs_core.training import distributed
+        from fmabs_core.inference.metrics import dice_jaccard
+        from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
+
+        cfg = self.config
+        cases = tr.train_cases
+        if cfg.pseudo_max_cases is not None and len(cases) > cfg.pseudo_max_cases:
+            # drawn before sharding: every rank's sampler has the same seed, so all pick the same scans
+            idx = tr.sampler.rng.choice(len(cases), cfg.pseudo_max_cases, replace=False)
+            cases = [cases[i] for i in sorted(idx)]
+        distributed.broadcast_module(self.teacher)  # BN statistics drift per rank: prompt from rank 0's teacher
+        start = time.time()
+        mine: dict[str, tuple[np.ndarray, tuple[float, float] | None]] = {}
+        shard = distributed.shard(list(enumerate(cases)))
+        for i, case in tr.progress(shard, desc=f"pseudo-labels (round {self.rounds_done + 1})"):
+            rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
+            prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
+            result = multiview_pseudolabel(
+                self.generalist(tr), case.image, prompt, rng, fusion=cfg.fusion, box_jitter=cfg.box_jitter,
+                n_points=cfg.n_points, max_slices_per_view=cfg.pseudo_max_slices)
+            if cfg.pseudo_max_slices is not None:
+                fill_unprompted(result, prompt, cfg.fusion)
+            tr.save_pseudolabels(case, result)  # each rank writes the scans it labelled (distinct files)
+            label = case.extra.get("label")
+            scores = None if label is None else (dice_jaccard(prompt, label)[0], dice_jaccard(result["fused"], label)[0])
+            mine[case.id] = (result["fused"].astype(np.uint8), scores)
+        merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
+        for case in cases:
+            case.pseudo = merged[case.id][0]
+        self.rounds_done += 1
+        info = {"round": self.rounds_done, "iteration": it, "cases": len(cases), "seconds": time.time() - start}
+        dices = np.array([v[1] for v in merged.values() if v[1] is not None])
+        if len(dices):
+            info.update(teacher_dice=float(dices[:, 0].mean()), pseudo_dice=float(dices[:, 1].mean()))
+        tr.runlog.event("pseudo_label", **info)
+        log.info("pseudo-label round %d: %s", self.rounds_done, info)
+
+    def loss(self, tr, batch, logits, it):
+        total, logs = super().loss(tr, batch, logits, it)
+        pseudo = batch["pseudo"]
+        valid = pseudo != UNLABELLED
+        if valid.any():
+            probs = torch.softmax(logits.float(), 1)
+            onehot = losses.one_hot(pseudo.masked_fill(~valid, 0), probs.shape[1])
+            mask = valid.unsqueeze(1).float()
+            l_sam = losses.noise_tolerant_dice(probs * mask, onehot * mask, gamma=self.config.nt_gamma)
+            lam = losses.lambda_sam(it, tr.cfg.iterations, self.config.sam_weight)
+            total = total + lam * l_sam
+            logs.update(loss_sam=float(l_sam.detach()), lambda_sam=lam)
+        return total, logs
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rounds_done": self.rounds_done}
+
+    def load_state_dict(self, state: dict, tr) -> None:
+        super().load_state_dict(state, tr)
+        self.rounds_done = int(state.get("rounds_done", 0))
+
+
+def fill_unprompted(result: dict, prompt: np.ndarray, fusion: str) -> None:
+    """Where slices were skipped to save generalist calls, keep the teacher's own mask there, then re-fuse.
+
+    Leaving skipped foreground slices empty would teach the student that the object stops there; the
+    teacher's mask is the best guess we have for them (it is what the generalist would have been shown).
+    """
+    from fmabs_core.generalist.pseudolabel import fuse
+
+    for view in VIEWS:
+        axis = VIEW_AXIS[view]
+        other = tuple(a for a in range(3) if a != axis)
+        has_fg = np.flatnonzero((prompt > 0).any(axis=other))
+        prompted = set(np.asarray(result.slices[view]).tolist()) if hasattr(result, "slices") else set()
+        vol = np.moveaxis(result[view], axis, 0)  # a view: writes go through
+        src = np.moveaxis(prompt, axis, 0)
+        for k in has_fg:
+            if int(k) not in prompted:
+                vol[k] = src[k]
+    result["fused"] = fuse([result[v] for v in VIEWS], fusion)

@@ -1,0 +1,133 @@
+"""Processes of background jobs on Linux, macOS and Windows: alive?, polite stop, kill a whole tree.
+
+Everything goes through ``psutil`` rather than ``os.kill(pid, 0)`` (on Windows ``os.kill`` with any
+signal but the two console events *terminates* the process) or ``/proc`` (Linux only).
+
+Stopping a job politely differs per system:
+
+- POSIX: SIGTERM. The trainer's handler finishes the step, checkpoints and exits with 130.
+- Windows: there are no signals between processes. ``CTRL_BREAK_EVENT`` reaches a process only when
+  it was started in its own process group (``CREATE_NEW_PROCESS_GROUP``) *and* shares a console
+  with the sender; a detached job (``CREATE_NO_WINDOW``) has no console, so :func:`terminate`
+  falls back to ``TerminateProcess``: the job stops at once and the work since its last
+  checkpoint is lost (a resume continues from that checkpoint).
+
+Slicer starts jobs through ``PythonSlicer``, a launcher that runs the real interpreter as its
+child and forwards no signal: signal the process that holds the run lock, or use
+:func:`kill_tree` on the launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import Any, Sequence
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+WINDOWS = os.name == "nt"
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True when a process with this id exists and has not exited (a zombie, exited but not yet
+    reaped by its parent, counts as gone: it does no work and holds no lock)."""
+    if not pid or int(pid) <= 0:
+        return False
+    try:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # includes ZombieProcess on systems that raise it
+        return False
+    except psutil.AccessDenied:  # another user's live process
+        return True
+
+
+def terminate(pid: int) -> bool:
+    """Ask one process to stop (POSIX: SIGTERM; Windows: CTRL_BREAK_EVENT, else TerminateProcess).
+
+    Returns False when there was no such process.
+    """
+    try:
+        proc = psutil.Process(int(pid))
+        if not WINDOWS:
+            proc.send_signal(signal.SIGTERM)
+            return True
+        try:  # only reaches a process group sharing our console (see the module docstring)
+            os.kill(int(pid), signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+        except OSError:
+            log.info("pid %d has no console to receive CTRL_BREAK_EVENT: terminating it", pid)
+            proc.terminate()
+        return True
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_tree(pid: int, timeout: float = 5.0, sig: int | None = None) -> list[int]:
+    """Stop a process and all its descendants (children, grandchildren...); returns the pids still alive.
+
+    The tree is listed first (children of a dead parent are re-parented and could no longer be
+    found). Each process gets ``sig`` (default: ``terminate()``, i.e. SIGTERM / TerminateProcess);
+    whatever still runs after ``timeout`` seconds is killed (SIGKILL / TerminateProcess).
+    """
+    try:
+        parent = psutil.Process(int(pid))
+    except psutil.NoSuchProcess:
+        return []
+    try:
+        procs = [*parent.children(recursive=True), parent]
+    except psutil.NoSuchProcess:
+        procs = [parent]
+    for proc in procs:
+        try:
+            if sig is None:
+                proc.terminate()
+            else:
+                proc.send_signal(sig)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    alive = _wait_gone(procs, timeout)
+    if alive:
+        log.warning("killing %s: still running %.1f s after being asked to stop", [p.pid for p in alive], timeout)
+        for proc in alive:
+            try:
+                proc.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        alive = _wait_gone(alive, 5.0)
+    return [p.pid for p in alive]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _wait_gone(procs: Sequence[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes still running after up to ``timeout`` s. Polls rather than ``psutil.wait_procs``,
+    which would reap our own children and so hide their exit code from ``subprocess.Popen``."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def detached_popen_kwargs() -> dict[str, Any]:
+    """``subprocess.Popen`` options that detach a job from the caller's terminal and its Ctrl+C.
+
+    POSIX: a new session. Windows: a new process group without a console window (the job outlives
+    the terminal; see the module docstring for what that means for a polite cancel).
+    """
+    if WINDOWS:
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
+        return {"creationflags": flags}
+    return {"start_new_session": True}

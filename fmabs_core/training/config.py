@@ -1,0 +1,190 @@
+"""Run configuration: dataclasses saved as ``config.json`` in every run folder, checked when read back.
+
+A saved configuration is untrusted input (a user may edit it, an older version may have written
+it): :func:`from_dict` reports unknown keys and wrong types by name instead of dropping or
+crashing on them. The method's own options live in ``method_options`` and are checked by the
+method's ``Config`` dataclass (``fmabs_core.methods``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from fmabs_core.errors import InputError
+
+C = TypeVar("C")
+
+#: options a resumed run may change; any other difference from the saved config is refused
+MUTABLE_ON_RESUME = ("device", "val_every", "ckpt_every", "keep_last", "max_val_cases", "val_overlap")
+
+
+@dataclass
+class NetConfig:
+    """Saved with every run so that ``predict`` can rebuild the network."""
+
+    name: str = "vnet"
+    in_channels: int = 1
+    out_channels: int = 2
+    width: int = 16
+    dropout: float = 0.0
+    norm: str = "batch"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sup"
+    method_options: dict[str, Any] = field(default_factory=dict)  # checked by the method's Config
+    iterations: int = 6000
+    seed: int = 1337
+    device: str = "auto"
+    # data
+    patch_size: tuple[int, int, int] = (112, 112, 80)
+    batch_size: int = 4
+    labelled_bs: int = 2  # of batch_size, from cross-labelled scans (semi-supervised methods)
+    augment: bool = True
+    # optimiser: SGD with poly decay, as in UA-MT / FM-ABS
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    # network
+    net: NetConfig = field(default_factory=NetConfig)
+    # validation and checkpoints
+    val_every: int = 500
+    val_overlap: float = 0.25
+    max_val_cases: int | None = None
+    ckpt_every: int = 500
+    keep_last: int = 3
+    # active cross-labelling (a hook, whatever the method)
+    active: str | None = None
+    budget: int | None = None
+    active_k: int = 2
+    active_every: int | None = None
+    expert: str = "simulated"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "config") -> "TrainConfig":
+        return from_dict(cls, data, where)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: cannot read the run's configuration ({exc}); "
+                             "restore it or start a new --run.") from None
+        return from_dict(cls, data, str(path))
+
+    def check(self) -> "TrainConfig":
+        """Refuse values no run can use, naming the option (the command line's spelling)."""
+        positive = {"iterations": self.iterations, "batch-size": self.batch_size, "val-every": self.val_every,
+                    "ckpt-every": self.ckpt_every, "keep-last": self.keep_last, "width": self.net.width}
+        for option, value in positive.items():
+            if value < 1:
+                raise InputError(f"--{option} must be at least 1 (got {value})")
+        if not 0 <= self.labelled_bs <= self.batch_size:
+            raise InputError(f"--labelled-batch-size must be between 0 and --batch-size {self.batch_size} "
+                             f"(got {self.labelled_bs})")
+        if any(p < 1 for p in self.patch_size):
+            raise InputError(f"--patch-size must be positive (got {' '.join(map(str, self.patch_size))})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"--lr must be a positive number (got {self.lr})")
+        if not 0 <= self.net.dropout < 1:
+            raise InputError(f"--dropout must be in [0, 1) (got {self.net.dropout})")
+        if not 0 <= self.val_overlap < 1:
+            raise InputError(f"--val-overlap must be in [0, 1) (got {self.val_overlap})")
+        if self.max_val_cases is not None and self.max_val_cases < 0:
+            raise InputError(f"--max-val-cases must not be negative (got {self.max_val_cases})")
+        return self
+
+    def differences(self, other: "TrainConfig") -> dict[str, tuple[Any, Any]]:
+        """``{dotted key: (mine, other's)}`` for every value that differs."""
+        return _diff(asdict(self), asdict(other))
+
+
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out.update(_diff(x, y, f"{prefix}{key}."))
+        elif _norm(x) != _norm(y):
+            out[f"{prefix}{key}"] = (x, y)
+    return out
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def from_dict(cls: type[C], data: Any, where: str = "config") -> C:
+    """``cls(**data)`` for a dataclass, refusing unknown keys and values of the wrong type by name."""
+    if not isinstance(data, Mapping):
+        raise InputError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} for {cls.__name__} "
+                         f"(known: {', '.join(known)})")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], value, f"{where}: '{name}'") for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, what: str) -> Any:
+    """``value`` as type ``tp`` (the JSON forms of the types dataclass configs use), else InputError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, what)
+            except InputError as exc:
+                errors.append(str(exc))
+        raise InputError(errors[0] if errors else f"{what}: must not be null")
+    if is_dataclass(tp):
+        return from_dict(tp, value, what)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+            raise InputError(f"{what}: expected a list of {len(args)} values, found {value!r}")
+        item_types = args if args and args[-1] is not Ellipsis else [args[0] if args else Any] * len(value)
+        return tuple(_coerce(t, v, what) for t, v in zip(item_types, value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise InputError(f"{what}: expected an object, found {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{what}: expected true or false, found {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise InputError(f"{what}: expected an integer, found {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{what}: expected a finite number, found {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise InputError(f"{what}: expected a string, found {value!r}")
+        return value
+    return value
