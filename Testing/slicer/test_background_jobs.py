@@ -22,6 +22,9 @@ from slicer_helpers import AFFINES
 TIMEOUT = 180.0  # generous: the child imports torch and may share a busy CPU
 
 
+pytestmark = pytest.mark.slow  # trains, starts processes or runs LiteMedSAM
+
+
 def _make_logic(scene, project_root=None):
     from SlicerFMABSLib.logic import FMABSLogic
 

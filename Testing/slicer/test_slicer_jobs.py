@@ -189,6 +189,7 @@ def test_train_arguments(tmp_path, make_logic):
         lg.train_arguments("../r", "sup", 5)
 
 
+@pytest.mark.slow
 def test_training_job_runs_in_background(labelled_project, make_logic):
     lg = make_logic(labelled_project)
     t0 = time.time()
@@ -210,6 +211,7 @@ def test_training_job_runs_in_background(labelled_project, make_logic):
     assert lg.trained_runs() == ["run1"]
 
 
+@pytest.mark.slow
 def test_cancel_sends_sigterm(labelled_project, make_logic):
     lg = make_logic(labelled_project)
     lg.start_training("run2", "sup", 2000, device="cpu", options=TINY_TRAIN)
@@ -225,6 +227,7 @@ def test_cancel_sends_sigterm(labelled_project, make_logic):
     assert lg.trained_runs() == ["run2"]  # the checkpoint is a model to segment with
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="the stand-in launcher is a script with a #! line")
 def test_cancel_through_a_launcher(labelled_project, make_logic, tmp_path):
     """Slicer runs jobs with PythonSlicer, a launcher whose child is the real interpreter and which forwards
@@ -250,6 +253,7 @@ def test_cancel_through_a_launcher(labelled_project, make_logic, tmp_path):
     assert not jobs.pid_alive(trainer)
 
 
+@pytest.mark.slow
 def test_crashing_job_is_reported(bare_project, make_logic):
     """The real CLI refuses to train without cross-labels (exit code 2); the panel says why."""
     lg = make_logic(bare_project)
@@ -260,6 +264,7 @@ def test_crashing_job_is_reported(bare_project, make_logic):
     assert any(line.startswith("[0] FAILED") and "no training scan has cross-labels" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_run_waiting_for_the_expert(bare_project, make_logic):
     """Active learning with a human expert: the warm-up asks for cross-labels, the job stops with exit code 3."""
     s = jobs.status_from_dict({"state": "waiting_for_labels", "waiting_for_labels": ["la_3", "la_9"], "iteration": 40})
@@ -293,6 +298,7 @@ def test_background_process_cancel_stops_its_tree(tmp_path):
     assert not jobs.pid_alive(grandchild)
 
 
+@pytest.mark.slow
 def test_available_methods(caplog):
     """`fmabs methods --json` of the job's Python, once; an empty list and a warning when it cannot answer."""
     jobs._methods_cache.clear()

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import traceback
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 from fmabs_core import methods
@@ -76,7 +76,7 @@ def _apply(base: TrainConfig, given: dict, method: str) -> TrainConfig:
                 raise InputError(f"--{name.replace('_', '-')} is an option of method(s) {', '.join(owners)}, "
                                  f"not of '{method}'")
             options[name] = value
-    cls.make_config(options)  # refuses ill-typed values by name
+    options = asdict(cls.make_config(options))  # refuses ill-typed values by name; saves every value
     changes = {_FIELDS[k]: v for k, v in given.items() if k in _FIELDS}
     net = replace(base.net, **{_NET_FIELDS[k]: v for k, v in given.items() if k in _NET_FIELDS})
     if "patch_size" in given:

@@ -9,10 +9,10 @@ from typing import Literal, Mapping
 
 import numpy as np
 
+from fmabs_core.contract import UNLABELLED
 from fmabs_core.errors import InputError
 from fmabs_core.data.io import VIEW_AXIS, VIEWS
 
-UNLABELLED = 255
 Placement = Literal["centre", "random"]
 
 

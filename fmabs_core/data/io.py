@@ -18,12 +18,11 @@ from typing import Iterator
 import nibabel as nib
 import numpy as np
 
+from fmabs_core.contract import VIEW_AXIS, VIEWS  # noqa: F401 (re-exported)
 from fmabs_core.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: view name -> canonical array axis that is constant on a slice of that view
-VIEW_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
-VIEWS = ("axial", "coronal", "sagittal")
 
 
 def is_nifti(path: str | os.PathLike) -> bool:

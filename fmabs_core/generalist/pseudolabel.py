@@ -28,6 +28,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from fmabs_core.contract import UNLABELLED
 from fmabs_core.errors import InputError
 from fmabs_core.generalist.base import Generalist, intensity_range
 from fmabs_core.generalist.prompts import Mode, slice_prompts
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 Fusion = Literal["mv", "ua"]
 Orientation = Literal["radiological", "array"]
-UNLABELLED = 255
 
 
 def view_slices(volume: np.ndarray, view: str, orientation: Orientation = "radiological") -> np.ndarray:

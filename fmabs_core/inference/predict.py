@@ -12,6 +12,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
+from fmabs_core.contract import MODEL_FILE
 from fmabs_core.runs.checkpoint import load_checkpoint
 from fmabs_core.training.sampler import zscore
 from fmabs_core.errors import InputError
@@ -19,7 +20,6 @@ from fmabs_core.training.nets import NetConfig, build_network
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
 
 
 @dataclass

@@ -160,8 +160,8 @@ def list_runs(project_root: Path) -> list[dict[str, Any]]:
 def cancel_job(run_dir: Path, timeout_s: float = 60.0, kill_after: bool = False) -> dict[str, Any]:
     """Ask the process that holds the run to stop, then wait for it to checkpoint and let go of the run.
 
-    POSIX: SIGTERM. Windows: CTRL_BREAK_EVENT when the job shares our console, else TerminateProcess
-    (no checkpoint: a resume continues from the last periodic one); see :mod:`fmabs_core.runs.process`.
+    POSIX: SIGTERM. Windows: TerminateProcess (no checkpoint: a resume continues from the last
+    periodic one; see :mod:`fmabs_core.runs.process` for why no console event is used).
     Returns the final job_status. With ``kill_after``, a job still running after ``timeout_s`` is
     killed with all its child processes (the work since its last checkpoint is lost); otherwise a
     TimeoutError is raised.

@@ -7,10 +7,12 @@ Stopping a job politely differs per system:
 
 - POSIX: SIGTERM. The trainer's handler finishes the step, checkpoints and exits with 130.
 - Windows: there are no signals between processes. ``CTRL_BREAK_EVENT`` reaches a process only when
-  it was started in its own process group (``CREATE_NEW_PROCESS_GROUP``) *and* shares a console
-  with the sender; a detached job (``CREATE_NO_WINDOW``) has no console, so :func:`terminate`
-  falls back to ``TerminateProcess``: the job stops at once and the work since its last
-  checkpoint is lost (a resume continues from that checkpoint).
+  it leads its own process group (``CREATE_NEW_PROCESS_GROUP``) *and* shares a console with the
+  sender. A detached job (``CREATE_NO_WINDOW``, needed so that it outlives the terminal) has no
+  console, the trainer under Slicer's launcher leads no group, and an event for an id that is no
+  group of our console is not delivered to it (it may even reach the sender's own group), so
+  :func:`terminate` uses ``TerminateProcess``: the job stops at once, the work since its last
+  checkpoint is lost and a resume continues from that checkpoint.
 
 Slicer starts jobs through ``PythonSlicer``, a launcher that runs the real interpreter as its
 child and forwards no signal: signal the process that holds the run lock, or use
@@ -47,20 +49,15 @@ def pid_alive(pid: int | None) -> bool:
 
 
 def terminate(pid: int) -> bool:
-    """Ask one process to stop (POSIX: SIGTERM; Windows: CTRL_BREAK_EVENT, else TerminateProcess).
-
-    Returns False when there was no such process.
-    """
+    """Ask one process to stop: SIGTERM on POSIX (the trainer checkpoints first), TerminateProcess on
+    Windows (immediate; see the module docstring). Returns False when there was no such process."""
     try:
         proc = psutil.Process(int(pid))
-        if not WINDOWS:
-            proc.send_signal(signal.SIGTERM)
-            return True
-        try:  # only reaches a process group sharing our console (see the module docstring)
-            os.kill(int(pid), signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
-        except OSError:
-            log.info("pid %d has no console to receive CTRL_BREAK_EVENT: terminating it", pid)
+        if WINDOWS:
+            log.info("terminating pid %d (Windows: no checkpoint; a resume starts from the last one)", pid)
             proc.terminate()
+        else:
+            proc.send_signal(signal.SIGTERM)
         return True
     except psutil.NoSuchProcess:
         return False

@@ -28,6 +28,7 @@ def _train_opts(project: Project, run: str, iterations: int = 400) -> list[str]:
             "16", "--width", "4", "--batch-size", "2", "--ckpt-every", "1000", "--val-every", "1000", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_start_status_lock_cancel(project, monkeypatch, capsys):
     """A real detached job: status while it runs, a second job refused, cancel leaves a loadable checkpoint."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -78,6 +79,7 @@ def test_start_status_lock_cancel(project, monkeypatch, capsys):
     assert "bg: cancelled" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_lock_rejects_second_trainer(project):
     cfg = TrainConfig(iterations=2, device="cpu", patch_size=(16, 16, 16), batch_size=2,
                       net=NetConfig(width=4, out_channels=2))
@@ -114,6 +116,7 @@ def test_train_argv_round_trip(project):
             assert getattr(again, key) == value, key
 
 
+@pytest.mark.slow
 def test_cancel_in_process_checkpoints(project):
     """request_cancel (what the SIGTERM handler does) mid-run: checkpoint, cancelled state, resumable."""
     from fmabs_core.training.api import Hook

@@ -22,7 +22,7 @@ from fmabs_core.contract import LOCK_FILE
 from fmabs_core.runs import process
 from fmabs_core.runs.lock import HOLDER_FILE, RunBusyError, RunLock, lock_holder, pid_alive
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _python(code: str, *args: str) -> subprocess.Popen:

@@ -26,7 +26,7 @@ from fmabs_core.runs.events import read_events, read_status
 from fmabs_core.training.nets import NetConfig
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 class _Killed(BaseException):

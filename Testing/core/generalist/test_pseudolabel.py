@@ -153,6 +153,7 @@ def _blob_volume(shape=(40, 36, 24)):
     return img, obj.astype(np.uint8)
 
 
+@pytest.mark.slow
 def test_litemedsam_no_call_on_empty_slices():
     g = get_generalist("litemedsam")
     img, _ = _blob_volume()
@@ -170,6 +171,7 @@ def test_litemedsam_no_call_on_empty_slices():
     assert dice(ax[:, :, 12], ref) > 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.la
 def test_litemedsam_on_an_la_scan_middle_slices(la_dir):
     """Middle foreground slice of each view of a real LA scan, tight ground-truth boxes."""
@@ -205,6 +207,7 @@ def test_save_pseudolabels_on_the_input_grid(tmp_path, write_nifti, oblique_affi
         save_pseudolabels(res, ref, tmp_path, "img", protect=(tmp_path / "img_fused.nii.gz",))
 
 
+@pytest.mark.slow
 def test_cli_pseudo_label_with_ground_truth(tmp_path, write_nifti, capsys):
     from fmabs_core.cli import generalist_cmds
 

@@ -15,6 +15,7 @@ TINY = ["--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "
         "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_import_crosslabel_train_predict_evaluate(tmp_path, phantom_data, capsys):
     proj = tmp_path / "proj"
     assert main(["import", str(phantom_data), "--project", str(proj)]) == 0

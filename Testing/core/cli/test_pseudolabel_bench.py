@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fmabs_core.cli.bench import _synthetic_case, bench_pseudolabel, format_table
+
+
+pytestmark = pytest.mark.slow  # trains, starts processes or runs LiteMedSAM
 
 
 def test_bench_reports_both_modes(tmp_path, write_nifti):

@@ -18,6 +18,9 @@ TINY = ["--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "
         "--device", "cpu"]
 
 
+pytestmark = pytest.mark.slow  # trains, starts processes or runs LiteMedSAM
+
+
 def _train(proj, run, *extra) -> int:
     return main(["train", "--project", str(proj), "--method", "sup", "--run", run, *TINY, *extra])
 

@@ -27,6 +27,9 @@ from fmabs_core.errors import InputError
 from fmabs_core.runs.events import read_events, read_status
 
 
+pytestmark = pytest.mark.slow  # trains, starts processes or runs LiteMedSAM
+
+
 def test_helpers_single_process(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import nibabel as nib
@@ -13,6 +15,9 @@ from fmabs_core.cli.demo import DemoConfig, run_demo
 from fmabs_core.runs.events import read_events
 from fmabs_core.methods.fmabs import fill_unprompted
 from fmabs_core.generalist.pseudolabel import PseudoLabels
+
+
+pytestmark = pytest.mark.slow  # trains, starts processes or runs LiteMedSAM
 
 
 def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):

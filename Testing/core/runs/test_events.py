@@ -37,6 +37,7 @@ def check_schema(events: list[dict]) -> None:
         assert isinstance(e["time"], float) and isinstance(e["iteration"], int)
 
 
+@pytest.mark.slow
 def test_event_and_status_schema(project):
     Trainer(project, "r", tiny()).train()
     run = project.run_dir("r")

@@ -78,6 +78,7 @@ def test_masks_map_back_exactly(shape):
         assert (back_low != want).sum() <= 2 * (shape[0] + shape[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(97, 131), (140, 88), (40, 64)])
 def test_image_and_boxes_share_one_frame(lite, shape):
     """The preprocessed image puts a bright box exactly where the box mapping says it is."""
@@ -96,6 +97,7 @@ def test_image_and_boxes_share_one_frame(lite, shape):
 
 
 # ---------------------------------------------------------------- batched decoder == stock decoder
+@pytest.mark.slow
 def test_batched_decoder_matches_stock_decoder(lite):
     torch.manual_seed(0)
     model = lite.model
@@ -121,6 +123,7 @@ def _disk_slice(h=120, w=150, cy=60, cx=80, r=30, seed=0):
     return (100 + 300 * disk + rng.normal(0, 10, (h, w))).astype(np.float32), disk
 
 
+@pytest.mark.slow
 def test_litemedsam_encode_decode_shapes_and_quality(lite):
     img, disk = _disk_slice()
     img2, disk2 = _disk_slice(cy=50, cx=60, r=20, seed=1)
@@ -145,6 +148,7 @@ def test_litemedsam_encode_decode_shapes_and_quality(lite):
     assert (single != masks[0]).sum() <= 10
 
 
+@pytest.mark.slow
 def test_generalist_is_cached_and_validates(lite):
     assert get_generalist("LiteMedSAM", device="cpu") is lite
     with pytest.raises(InputError, match="unknown generalist"):
@@ -155,6 +159,7 @@ def test_generalist_is_cached_and_validates(lite):
         lite.encode(np.zeros((1, 1, 8, 8), np.float32))
 
 
+@pytest.mark.slow
 def test_bf16_autocast_decode_path():
     """The autocast (bf16) code path used on GPUs runs and agrees with fp32 (checked on CPU here)."""
     g32 = get_generalist("litemedsam", device="cpu")
@@ -195,6 +200,7 @@ def test_wrong_checkpoint_is_clear(tmp_path):
         get_generalist("mobilesam", checkpoint=str(junk), check=False)
 
 
+@pytest.mark.slow
 def test_mobilesam_builds_from_a_local_checkpoint(tmp_path):
     """Offline use with a local path: a (randomly initialised) MobileSAM state dict loads and decodes."""
     from mobile_sam import sam_model_registry
