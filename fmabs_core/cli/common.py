@@ -17,14 +17,3 @@ def progress(items: Iterable, desc: str = "", total: int | None = None) -> Itera
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
-
-
-def parse_classes(text: str | None) -> dict[int, str] | None:
-    """``1:left_atrium,2:scar`` -> {1: 'left_atrium', 2: 'scar'}."""
-    if not text:
-        return None
-    out = {}
-    for item in text.split(","):
-        key, _, name = item.partition(":")
-        out[int(key)] = name or f"class{key}"
-    return out

@@ -10,13 +10,14 @@ import numpy as np
 from fmabs_core.data import crosslabel, io
 from fmabs_core.data.project import Project, import_folder
 from fmabs_core.errors import InputError
-from fmabs_core.cli.common import parse_classes, print_json, progress
+from fmabs_core.cli.common import print_json, progress
+from fmabs_core.contract import parse_classes
 
 log = logging.getLogger(__name__)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    project, problems = import_folder(args.src, args.project, classes=parse_classes(args.classes),
+    project, problems = import_folder(args.src, args.project, classes=_classes(args.classes),
                                       val_fraction=args.val_fraction, seed=args.seed, limit=args.limit,
                                       progress=lambda it: progress(it, desc="checking scans"))
     if problems:
@@ -68,6 +69,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     used = simulate_crosslabels(project, cases, args.placement, args.seed)
     print_json({"crosslabelled": used})
     return 0
+
+
+def _classes(text: str | None) -> dict[int, str] | None:
+    """``--classes`` as {value: name}; None when not given (the project's default)."""
+    if not text:
+        return None
+    try:
+        return parse_classes(text)
+    except ValueError as exc:
+        raise InputError(f"--classes {text!r}: {exc}") from None
 
 
 def register(sub: argparse._SubParsersAction, light: bool = False) -> None:

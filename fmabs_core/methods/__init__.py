@@ -2,7 +2,7 @@
 
 Adding a method is one new file in this folder (plus its test): a :class:`~fmabs_core.methods.base.Method`
 subclass with a ``name``, a docstring whose first line describes it, a ``Config`` dataclass of its
-options (each field's ``metadata={"help": ...}`` becomes a ``fmabs train`` option) and the hooks it
+options (each field declared with ``option(default, help)`` becomes a ``fmabs train`` option) and the hooks it
 needs. The files are found by scanning this folder, so nothing else is edited: ``fmabs train
 --method``, its options and ``--help``, ``fmabs methods`` and the Slicer Train panel list it.
 """

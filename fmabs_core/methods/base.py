@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -13,9 +13,14 @@ from fmabs_core.training.api import TrainContext
 from fmabs_core.training.config import from_dict
 
 
+def option(default: Any, help: str) -> Any:  # noqa: A002 - the word the command line shows
+    """A method option: a dataclass field whose ``help`` becomes the ``fmabs train`` option's help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MethodConfig:
-    """A method's own options (none here). Subclass it; give each field ``metadata={"help": ...}``."""
+    """A method's own options (none here): a dataclass whose fields are declared with :func:`option`."""
 
 
 class Method:

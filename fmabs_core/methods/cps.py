@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fmabs_core.methods import losses, register
-from fmabs_core.methods.base import Method
-from fmabs_core.methods.mean_teacher import _opt
+from fmabs_core.methods.base import Method, option
 from fmabs_core.training.api import TrainContext
 
 #: network B's initialisation seed is ``--seed`` + this (A's is drawn from ``--seed`` itself)
@@ -26,8 +25,8 @@ SEED_OFFSET_B = 104729
 
 @dataclass
 class CPSConfig:
-    cps_weight: float = _opt(0.1, "CPS: weight of the cross pseudo-supervision loss at the end of its ramp")
-    rampup: float = _opt(1.0, "length of the consistency weight's sigmoid ramp, as a fraction of the iterations")
+    cps_weight: float = option(0.1, "CPS: weight of the cross pseudo-supervision loss at the end of its ramp")
+    rampup: float = option(1.0, "length of the consistency weight's sigmoid ramp, as a fraction of the iterations")
 
 
 def cross_pseudo_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

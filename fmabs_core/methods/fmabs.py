@@ -16,7 +16,8 @@ import torch
 
 from fmabs_core.contract import FUSIONS, UNLABELLED, VIEW_AXIS, VIEWS
 from fmabs_core.methods import losses, register
-from fmabs_core.methods.mean_teacher import MeanTeacher, MeanTeacherConfig, _opt
+from fmabs_core.methods.base import option
+from fmabs_core.methods.mean_teacher import MeanTeacher, MeanTeacherConfig
 from fmabs_core.training.api import TrainContext
 
 log = logging.getLogger(__name__)
@@ -24,18 +25,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FMABSConfig(MeanTeacherConfig):
-    generalist: str = _opt("litemedsam", "SAM-family model: litemedsam (embedded), mobilesam, sam_vit_b, medsam")
-    generalist_checkpoint: str | None = _opt(None, "weights file of the generalist (default: the cache)")
-    fusion: str = _opt("mv", f"how the three views' pseudo-labels are fused: {', '.join(FUSIONS)}")
-    sam_weight: float = _opt(0.5, "weight of the pseudo-label loss at the start (it decays to 0)")
-    nt_gamma: float = _opt(1.5, "exponent of the noise-tolerant Dice (2 = plain Dice)")
-    pseudo_warmup: float = _opt(0.06, "fraction of the iterations before the first pseudo-label round")
-    pseudo_every: float = _opt(0.06, "fraction of the iterations between rounds")
-    pseudo_stop: float = _opt(0.8, "no new round after this fraction of the iterations")
-    pseudo_max_slices: int | None = _opt(None, "generalist calls per view and scan (CPU runs; default: all)")
-    pseudo_max_cases: int | None = _opt(None, "scans pseudo-labelled per round (CPU runs; default: all)")
-    box_jitter: int = _opt(10, "random enlargement of each box prompt, pixels per side")
-    n_points: int | None = _opt(None, "positive points per box (default: the generalist's)")
+    generalist: str = option("litemedsam", "SAM-family model: litemedsam (embedded), mobilesam, sam_vit_b, medsam")
+    generalist_checkpoint: str | None = option(None, "weights file of the generalist (default: the cache)")
+    fusion: str = option("mv", f"how the three views' pseudo-labels are fused: {', '.join(FUSIONS)}")
+    sam_weight: float = option(0.5, "weight of the pseudo-label loss at the start (it decays to 0)")
+    nt_gamma: float = option(1.5, "exponent of the noise-tolerant Dice (2 = plain Dice)")
+    pseudo_warmup: float = option(0.06, "fraction of the iterations before the first pseudo-label round")
+    pseudo_every: float = option(0.06, "fraction of the iterations between rounds")
+    pseudo_stop: float = option(0.8, "no new round after this fraction of the iterations")
+    pseudo_max_slices: int | None = option(None, "generalist calls per view and scan (CPU runs; default: all)")
+    pseudo_max_cases: int | None = option(None, "scans pseudo-labelled per round (CPU runs; default: all)")
+    box_jitter: int = option(10, "random enlargement of each box prompt, pixels per side")
+    n_points: int | None = option(None, "positive points per box (default: the generalist's)")
 
 
 @register

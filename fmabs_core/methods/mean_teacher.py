@@ -9,27 +9,24 @@ perturbations are shared by the mean-teacher family (fmabs, ua-mt).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fmabs_core.methods import losses, register
-from fmabs_core.methods.base import Method
+from fmabs_core.methods.base import Method, option
 from fmabs_core.training.api import TrainContext
 
-
-def _opt(default, help: str):  # noqa: A002 - the dataclass metadata key the CLI reads
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class MeanTeacherConfig:
-    ema: float = _opt(0.99, "EMA rate of the teacher (after UA-MT's ramp)")
-    consistency: float = _opt(0.1, "weight of the consistency loss at the end of its ramp")
-    noise_std: float = _opt(0.1, "std of the Gaussian noise added to the teacher's input")
-    noise_clip: float = _opt(0.2, "clip of that noise")
-    log_gamma: float = _opt(0.3, "contrast perturbation: gamma = exp(U(-log_gamma, log_gamma))")
+    ema: float = option(0.99, "EMA rate of the teacher (after UA-MT's ramp)")
+    consistency: float = option(0.1, "weight of the consistency loss at the end of its ramp")
+    noise_std: float = option(0.1, "std of the Gaussian noise added to the teacher's input")
+    noise_clip: float = option(0.2, "clip of that noise")
+    log_gamma: float = option(0.3, "contrast perturbation: gamma = exp(U(-log_gamma, log_gamma))")
 
 
 @torch.no_grad()
