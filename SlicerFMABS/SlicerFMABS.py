@@ -372,7 +372,8 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainingLogTextEdit.appendPlainText(line)
         self.ui.trainingProgressBar.value = int(round(100 * status.fraction))
         done = f"{status.iteration}/{status.total}" if status.total else ""
-        self.ui.trainingStateLabel.text = f"{status.state} {done}".strip()
+        state = f"{status.state} ({status.stage_title})" if status.stage_title else status.state
+        self.ui.trainingStateLabel.text = f"{state} {done}".strip()
         self.ui.etaLabel.text = f"ETA: {status.eta_text or '-'}"
         self.ui.diceLabel.text = f"val Dice: {status.val_dice:.3f}" if status.val_dice is not None else "val Dice: -"
         if core.watcher.last_suggestion is not None:

@@ -29,6 +29,10 @@ STATUS_FILE = "status.json"
 MODEL_FILE = "model.pt"
 CHECKPOINTS_DIR = "checkpoints"
 PSEUDO_DIR = "pseudo"
+#: pseudo-label layers a run writes as ``pseudo/<case>_<layer>.nii.gz`` (FM-ABS: the three views and
+#: their fusion; CFR: the fine-tuned generalist's prompt-free label)
+PSEUDO_LAYERS = ("axial", "coronal", "sagittal", "fused", "generalist")
+ADAPTER_FILE = "generalist_adapter.pt"  # CFR: the fine-tuned generalist's LoRA adapter in the run folder
 LOG_FILE = "train.log"
 JOB_FILE = "job.json"
 LOCK_FILE = ".lock"
@@ -42,6 +46,10 @@ CRASHED = "crashed"
 #: states after which no process works on the run (WAITING: the expert must cross-label scans first)
 FINAL_STATES = (DONE, FAILED, CANCELLED, WAITING, CRASHED)
 
+#: stages of a pipeline run (status.json ``stage``), with what the front-ends say while each runs
+STAGE_TITLES = {"finetune": "fine-tuning the generalist", "pseudo": "pseudo-labelling the scans",
+                "retrain": "re-training"}
+
 #: what one ``fmabs train`` call ends with (the engine's outcome; :data:`EXIT_CODES` maps it)
 OUTCOMES = (DONE, CANCELLED, WAITING, FAILED)
 
@@ -49,6 +57,7 @@ OUTCOMES = (DONE, CANCELLED, WAITING, FAILED)
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "started": ("iterations", "device", "resumed", "pid", "host", "world_size", "method"),
     "stage": ("stage", "stages"),
+    "stage_done": ("stage", "output", "seconds"),
     "progress": ("iterations", "loss", "losses", "lr", "eta_s", "step_s"),
     "validation": ("dice", "per_case", "best_dice"),
     "pseudo_label": ("round",),

@@ -58,6 +58,12 @@ class JobStatus:
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     waiting_for: list[str] = field(default_factory=list)  # scans the expert must cross-label to resume
+    stage: str | None = None  # a pipeline's stage (CFR: finetune, pseudo, retrain)
+
+    @property
+    def stage_title(self) -> str:
+        """What the panel says the run is doing ("fine-tuning the generalist", ...), or ''."""
+        return contract.STAGE_TITLES.get(self.stage, self.stage) if self.stage and self.state == RUNNING else ""
 
     @property
     def fraction(self) -> float:
@@ -83,13 +89,6 @@ def format_eta(seconds: float | None) -> str:
     return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
 
 
-def _first(d: Mapping[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if key in d and d[key] is not None:
-            return d[key]
-    return None
-
-
 def _as_int(value: Any) -> int | None:
     try:
         return None if value is None else int(value)
@@ -105,46 +104,28 @@ def _as_float(value: Any) -> float | None:
     return out if out is None or math.isfinite(out) else None
 
 
-def dice_from(metrics: Mapping[str, Any]) -> float | None:
-    """Validation Dice from a metrics dict, whatever the key spelling (val_dice, dice, val/dice...)."""
-    for key in ("val_dice", "dice", "val/dice", "mean_dice", "val_mean_dice"):
-        if key in metrics:
-            return _as_float(metrics[key])
-    for key in ("val", "validation"):
-        if isinstance(metrics.get(key), Mapping):
-            return dice_from(metrics[key])
-    return None
-
-
 def status_from_dict(data: Mapping[str, Any]) -> JobStatus:
-    """Interpret status.json (tolerating the spellings a job might use)."""
-    metrics = _first(data, "metrics", "last_metrics") or {}
-    if not isinstance(metrics, Mapping):
-        metrics = {}
-    state = str(_first(data, "state", "status") or RUNNING).lower()
-    if state in ("finished", "completed", "complete"):
-        state = DONE
-    if state == "error":
-        state = FAILED
-    if state == "stale":
-        state = CRASHED
-    if state in ("canceled", "terminated", "interrupted", "stopped"):
-        state = CANCELLED
-    if state in (contract.STARTING, "queued", "training", "validating", "pseudo_label"):
+    """Interpret status.json as the training process writes it (docs/events.md; names from the contract).
+
+    Tolerant of a file from another version: unknown states read as running, bad numbers as unknown.
+    """
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), Mapping) else {}
+    state = str(data.get("state") or RUNNING)
+    if state == contract.STARTING or state not in (*FINAL_STATES, RUNNING):
         state = RUNNING
-    if state in ("waiting", "needs_labels", WAITING):
-        state = WAITING
     waiting = data.get("waiting_for_labels")
+    stage = data.get("stage") if isinstance(data.get("stage"), str) else None
     return JobStatus(
         state=state,
-        iteration=_as_int(_first(data, "iteration", "iter", "step")),
-        total=_as_int(_first(data, "total_iterations", "iterations", "total", "max_iterations")),
-        eta_s=_as_float(_first(data, "eta_s", "eta")),
-        val_dice=dice_from(metrics) if metrics else _as_float(_first(data, "val_dice", "dice")),
+        iteration=_as_int(data.get("iteration")),
+        total=_as_int(data.get("iterations")),
+        eta_s=_as_float(data.get("eta_s")),
+        val_dice=_as_float(metrics.get("val_dice", data.get("val_dice"))),
         pid=_as_int(data.get("pid")),
-        error=_first(data, "error", "message") if state in (FAILED, CRASHED) else None,
+        error=data.get("error") if state in (FAILED, CRASHED) else None,
         metrics=dict(metrics),
         waiting_for=[str(c) for c in waiting] if isinstance(waiting, list) and state == WAITING else [],
+        stage=stage,
     )
 
 
@@ -248,7 +229,7 @@ def format_event(event: Mapping[str, Any]) -> str:
             parts.append(f"ETA {format_eta(eta)}")
         return f"{prefix}progress: " + ", ".join(parts)
     if kind == "validation":
-        dice = dice_from(event.get("metrics", event) if isinstance(event.get("metrics", event), Mapping) else event)
+        dice = _as_float(event.get("dice"))
         return f"{prefix}validation Dice {dice:.4f}" if dice is not None else f"{prefix}validation"
     if kind == "pseudo_label":
         cases = event.get("cases")
@@ -267,7 +248,8 @@ def format_event(event: Mapping[str, Any]) -> str:
     if kind == "stage":
         stages = event.get("stages")
         of = f" of {len(stages)}" if isinstance(stages, list) else ""
-        return f"{prefix}stage {event.get('stage', '?')}{of}"
+        name = event.get("stage", "?")
+        return f"{prefix}stage {name}{of}: {contract.STAGE_TITLES.get(name, name)}"
     if kind == WAITING:
         cases = event.get("cases")
         names = ", ".join(str(c) for c in cases) if isinstance(cases, list) else "the suggested scans"
@@ -296,7 +278,7 @@ class RunWatcher:
             kind = event.get("type")
             lines.append(format_event(event))
             if kind == "validation":
-                dice = dice_from(event.get("metrics", event) if isinstance(event.get("metrics", event), Mapping) else event)
+                dice = _as_float(event.get("dice"))
                 if dice is not None:
                     self.status.val_dice = dice
             elif kind == "suggestion":
@@ -371,7 +353,7 @@ def parse_suggestions(data: Any) -> list[Suggestion]:
             continue
         if not isinstance(item, Mapping):
             continue
-        case = _first(item, "case", "name", "id")
+        case = item.get("case")
         if case is None:
             continue
         source = item.get("slices") if isinstance(item.get("slices"), Mapping) else item

@@ -92,7 +92,7 @@ def _dead_pid() -> int:
 def test_parse_suggestions_forms():
     out = jobs.parse_suggestions('{"cases": [{"case": "a", "score": 1.5, "axial": {"index": 3, "ras": [0, 0, 1]}}]}')
     assert out[0].case == "a" and out[0].score == 1.5 and out[0].slices == {"axial": {"index": 3, "ras": [0, 0, 1]}}
-    out = jobs.parse_suggestions([{"name": "b", "slices": {"coronal": 4}}, "c", 7])
+    out = jobs.parse_suggestions([{"case": "b", "slices": {"coronal": 4}}, "c", 7, {"name": "no case key"}])
     assert [s.case for s in out] == ["b", "c"] and out[0].slices["coronal"] == {"index": 4, "ras": None}
     assert jobs.parse_suggestions({"suggestions": []}) == []
 
@@ -112,8 +112,13 @@ def test_contract_argv_and_status_spellings():
     assert jobs.GENERALISTS == jobs.contract.GENERALISTS and set(jobs.FINAL_STATES) >= {jobs.WAITING, jobs.CRASHED}
     assert jobs.format_event({"type": "waiting_for_labels", "iteration": 4, "cases": ["a", "b"]}) == \
         "[4] waiting for the expert's cross-labels: a, b"
-    s = jobs.status_from_dict({"status": "Finished", "iter": "7", "total_iterations": 10, "metrics": {"val/dice": 0.5}})
+    s = jobs.status_from_dict({"state": "done", "iteration": "7", "iterations": 10, "metrics": {"val_dice": 0.5}})
     assert (s.state, s.iteration, s.total, s.val_dice) == ("done", 7, 10, 0.5)
+    s = jobs.status_from_dict({"state": "running", "stage": "finetune", "iteration": 3, "iterations": 60})
+    assert s.stage_title == "fine-tuning the generalist" and s.fraction == 0.05
+    assert jobs.status_from_dict({"state": "starting", "eta_s": "nan"}).state == "running"
+    assert jobs.format_event({"type": "stage", "iteration": 0, "stage": "retrain", "stages": ["a", "b", "c"]}) == \
+        "[0] stage retrain of 3: re-training"
     assert jobs.format_eta(3725) == "1h 02m" and jobs.format_eta(None) == "unknown" and jobs.format_eta(9) == "9s"
 
 

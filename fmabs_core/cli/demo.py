@@ -17,7 +17,7 @@ from fmabs_core import methods
 from fmabs_core.training.config import TrainConfig
 from fmabs_core.data.project import Project, import_folder
 from fmabs_core.device import resolve_device
-from fmabs_core.training.engine import train
+from fmabs_core.pipelines import train
 from fmabs_core.errors import InputError
 from fmabs_core.inference.predict import InferenceConfig, predict_files
 from fmabs_core.inference.metrics import CaseScores, summarise

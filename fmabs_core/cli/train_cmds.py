@@ -105,7 +105,7 @@ def report(outcome: Outcome) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fmabs_core.training.engine import train
+    from fmabs_core.pipelines import train
 
     project = Project(args.project)
     cfg = config_from_args(args, project)

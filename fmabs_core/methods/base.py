@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -11,6 +12,9 @@ from torch import nn
 from fmabs_core.methods import losses
 from fmabs_core.training.api import TrainContext
 from fmabs_core.training.config import from_dict
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def option(default: Any, help: str) -> Any:  # noqa: A002 - the word the command line shows
@@ -51,6 +55,27 @@ class Method:
         return (cls.__doc__ or cls.name).strip().splitlines()[0]
 
     # ---- per run --------------------------------------------------------------------------------------
+    def build_network(self, tr: TrainContext) -> nn.Module:
+        """The network the engine trains and ships (default: the run's ``--network``, a V-Net)."""
+        from fmabs_core.training.nets import build_network
+
+        return build_network(tr.cfg.net)
+
+    def build_optimizer(self, tr: TrainContext, net: nn.Module) -> torch.optim.Optimizer:
+        """The engine's optimiser (default: SGD with momentum, as UA-MT and FM-ABS)."""
+        cfg = tr.cfg
+        return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def predict(self, tr: TrainContext, model: nn.Module, image: "np.ndarray") -> "np.ndarray":
+        """Class probabilities (C+1, X, Y, Z) of a whole z-scored scan (validation; default: sliding windows)."""
+        return tr.predict(model, image)
+
+    def export(self, tr: TrainContext, path: Path) -> None:
+        """Write what the run ships once trained (default: the eval model as a ``fmabs predict`` model file)."""
+        from fmabs_core.inference.predict import save_model
+
+        save_model(path, self.eval_model(tr).state_dict(), tr.cfg.net, tr.patch, tr.project.classes)
+
     def setup(self, tr: TrainContext) -> None:
         """Called once before the first step (after resume state is known)."""
 

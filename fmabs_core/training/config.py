@@ -53,6 +53,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
+    lr_schedule: str = "poly"  # poly | step (CFR's re-training: x lr_gamma every lr_step iterations)
+    lr_step: int = 2500
+    lr_gamma: float = 0.1
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     # network
     net: NetConfig = field(default_factory=NetConfig)
@@ -98,6 +101,8 @@ class TrainConfig:
                              f"(got {self.labelled_bs})")
         if any(p < 1 for p in self.patch_size):
             raise InputError(f"--patch-size must be positive (got {' '.join(map(str, self.patch_size))})")
+        if self.lr_schedule not in ("poly", "step"):
+            raise InputError(f"lr_schedule '{self.lr_schedule}': choose poly or step")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InputError(f"--lr must be a positive number (got {self.lr})")
         if not 0 <= self.net.dropout < 1:

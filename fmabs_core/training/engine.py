@@ -9,19 +9,21 @@ import random
 import signal
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
 
-from fmabs_core.contract import CANCELLED, CONFIG_FILE, FAILED, MODEL_FILE, PSEUDO_DIR, RUNNING, STARTING, WAITING
+from fmabs_core.contract import (CANCELLED, CHECKPOINTS_DIR, CONFIG_FILE, DONE, FAILED, MODEL_FILE, PSEUDO_DIR, RUNNING,
+                                  STARTING, WAITING)
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
 from fmabs_core.device import resolve_device
 from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.inference.metrics import dice_jaccard
-from fmabs_core.inference.predict import predict_proba, save_model
+from fmabs_core.inference.predict import predict_proba
 from fmabs_core.methods import get_method
 from fmabs_core.methods.base import Method
 from fmabs_core.runs.checkpoint import CheckpointStore
@@ -30,7 +32,7 @@ from fmabs_core.runs.lock import RunLock
 from fmabs_core.training import distributed
 from fmabs_core.training.api import Hook, Outcome, Progress
 from fmabs_core.training.config import TrainConfig
-from fmabs_core.training.nets import build_network, size_divisor
+from fmabs_core.training.nets import size_divisor
 from fmabs_core.training.sampler import Case, PatchSampler, effective_patch, zscore
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,21 @@ def default_hooks(cfg: TrainConfig) -> list[Hook]:
 
         hooks.append(ActiveLearningHook())
     return hooks
+
+
+@dataclass
+class Stage:
+    """One stage of a pipeline trained by this engine (``fmabs_core.pipelines``): its own checkpoint
+    folder and config file in the run folder, its own output; only the last stage ends the run."""
+
+    name: str
+    last: bool = True
+    output: Path | None = None  # what the method exports (default: the run's model.pt)
+    lock: RunLock | None = None  # the run's lock, held by the pipeline across its stages
+
+    @property
+    def config_file(self) -> str:
+        return CONFIG_FILE if self.last else f"config.{self.name}.json"
 
 
 class _Stop(Exception):
@@ -107,17 +124,22 @@ class Trainer:
     """
 
     def __init__(self, project: Project, run: str, cfg: TrainConfig,
-                 progress: Progress | None = None, install_signal_handlers: bool = False):
+                 progress: Progress | None = None, install_signal_handlers: bool = False,
+                 stage: Stage | None = None):
         self.project = project
         self.cfg = cfg
+        self.stage = stage
         self.run_dir = project.run_dir(run)
         self.run_name = run
         self._owns_group = distributed.env_info().enabled and not distributed.is_initialized()
         self.dist, self.device = distributed.init(resolve_device(cfg.device))
         self.method: Method = get_method(cfg.method, cfg.method_options)
         self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
-        self.ckpts = CheckpointStore(self.run_dir / "checkpoints", keep_last=cfg.keep_last)
-        self.lock = RunLock(self.run_dir)
+        ckpt_dir = self.run_dir / CHECKPOINTS_DIR
+        self.ckpts = CheckpointStore(ckpt_dir / stage.name if stage else ckpt_dir, keep_last=cfg.keep_last)
+        # a pipeline holds the run's lock across its stages; a plain run takes it itself
+        self.lock = stage.lock if stage and stage.lock else RunLock(self.run_dir)
+        self._owns_lock = not (stage and stage.lock)
         self._progress = progress
         self._cancel = False
         self._cancel_signal: int | None = None
@@ -309,7 +331,7 @@ class Trainer:
                 self.runlog.update_status(phase="training")
                 return None
             image = zscore(self.project.load_image(cid).array)
-            pred = self.predict(model, image).argmax(0)
+            pred = self.method.predict(self, model, image).argmax(0)
             dices.append(dice_jaccard(pred, self.project.load_label(cid).array)[0])
         dice = float(np.mean(dices))
         if dice > self.best_dice:
@@ -324,7 +346,11 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def lr_at(self, it: int) -> float:
-        return self.cfg.lr * (1 - it / self.cfg.iterations) ** self.cfg.poly_power
+        """Poly decay (UA-MT, FM-ABS), or a step decay (``lr_schedule='step'``: x lr_gamma every lr_step)."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "step":
+            return cfg.lr * cfg.lr_gamma ** (it // cfg.lr_step)
+        return cfg.lr * (1 - it / cfg.iterations) ** cfg.poly_power
 
     def setup(self) -> int:
         """Build everything and resume from the newest good checkpoint; returns the first iteration."""
@@ -335,9 +361,8 @@ class Trainer:
         if self._stop is not None:
             return 0
         self.load_data()
-        self.net = build_network(cfg.net).to(self.device)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.net = self.method.build_network(self).to(self.device)
+        self.optimizer = self.method.build_optimizer(self, self.net)
         self.best_dice = -1.0
         start = 0
         # On the CPU: RNG states must stay there, and load_state_dict copies the rest onto the device.
@@ -350,7 +375,7 @@ class Trainer:
             log.info("resuming %s from iteration %d", self.run_dir, start)
         self._last_ckpt = start
         if self.dist.is_main:
-            io.atomic_write_text(self.run_dir / CONFIG_FILE, cfg.to_json())
+            io.atomic_write_text(self.run_dir / (self.stage.config_file if self.stage else CONFIG_FILE), cfg.to_json())
         self.train_net = self.wrap(self.net)
         self.method.setup(self)
         for hook in self.hooks:
@@ -363,7 +388,8 @@ class Trainer:
             return
         self.lock.acquire()
         if (self.run_dir / MODEL_FILE).exists():
-            self.lock.release()
+            if self._owns_lock:
+                self.lock.release()
             raise InputError(f"{self.run_dir}: this run is finished; choose a new --run name.")
         self.runlog.repair()
         self.ckpts.clean_temporary()
@@ -408,11 +434,16 @@ class Trainer:
         recorded in the run folder; ``outcome.raise_for_failure()`` re-raises it).
         """
         self._preflight()
+        outcome = None
         try:
-            return self._train()
+            outcome = self._train()
+            return outcome
         finally:
-            self.lock.release()
-            if self._owns_group:
+            if self._owns_lock:
+                self.lock.release()
+            # a pipeline's later stages train in the same process group
+            going_on = self.stage is not None and not self.stage.last and outcome is not None and outcome.state == DONE
+            if self._owns_group and not going_on:
                 distributed.shutdown()
 
     def _step(self, it: int) -> dict[str, float]:
@@ -448,7 +479,7 @@ class Trainer:
         self.runlog.update_status(durable=True, state=STARTING, run=self.run_name, method=cfg.method,
                                   iteration=0, iterations=cfg.iterations, device=str(self.device),
                                   world_size=self.dist.world_size, started=t_begin, error=None,
-                                  waiting_for_labels=None)
+                                  waiting_for_labels=None, stage=self.stage.name if self.stage else None)
         it = 0
         try:
             start = self.setup()
@@ -494,10 +525,9 @@ class Trainer:
                     self.checkpoint(done)
             it = cfg.iterations
             self.checkpoint(cfg.iterations)
-            model_path = self.run_dir / MODEL_FILE
+            model_path = self.stage.output if self.stage and self.stage.output else self.run_dir / MODEL_FILE
             if self.dist.is_main:
-                save_model(model_path, self.method.eval_model(self).state_dict(), cfg.net, self.patch,
-                           self.project.classes)
+                self.method.export(self, model_path)
             distributed.barrier()
         except _Stop as stop:
             return self._stopped(stop.outcome)
@@ -513,6 +543,10 @@ class Trainer:
                                       "resume from the last checkpoint with the same command")
             raise
         seconds = time.time() - t_begin
+        if self.stage is not None and not self.stage.last:  # the pipeline goes on: no final state yet
+            self.runlog.event("stage_done", iteration=cfg.iterations, stage=self.stage.name, output=str(model_path),
+                              best_val_dice=self.best_dice, seconds=seconds)
+            return Outcome.done(cfg.iterations, model_path)
         self.runlog.event("done", iteration=cfg.iterations, model=str(model_path), best_val_dice=self.best_dice,
                           seconds=seconds)
         self.runlog.update_status(durable=True, state="done", phase=None, iteration=cfg.iterations, eta_s=0.0,
