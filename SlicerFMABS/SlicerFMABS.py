@@ -108,6 +108,9 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for value in values:
                 combo.addItem(value)
 
+        self.ui.methodComboBox.connect("currentTextChanged(QString)", self.onMethodChanged)
+        self.onMethodChanged(self.ui.methodComboBox.currentText)
+
         self.timer = qt.QTimer()
         self.timer.setInterval(1000)
         self.timer.connect("timeout()", self.onTimer)
@@ -346,6 +349,11 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.showStatusMessage("No running training job to cancel.", 3000)
             else:
                 self.ui.trainingStateLabel.text = "cancelling (saving a checkpoint)..."
+
+    def onMethodChanged(self, name: str) -> None:
+        """What the chosen method does, and which label setting each family is for."""
+        described = {m["name"]: m["description"] for m in jobs.available_methods()} if not deps.missing() else {}
+        self.ui.methodHelpLabel.text = "\n".join(filter(None, [described.get(name), jobs.METHOD_GUIDE]))
 
     def onTimer(self) -> None:
         """Every second: read the run files and the child processes; never blocks."""

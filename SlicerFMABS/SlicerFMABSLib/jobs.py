@@ -413,6 +413,11 @@ def available_methods(python: str | None = None, timeout_s: float = 120.0) -> li
     return [dict(m) for m in methods]
 
 
+#: which method family fits which labels (the Train panel shows it under the method list)
+METHOD_GUIDE = ("Three drawn slices on many scans: fmabs (or mt, ua-mt, cps, sup). "
+                "One or a few densely labelled scans: cfr-mt (or cfr-acmt, cfr-st).")
+
+
 def method_names(python: str | None = None) -> tuple[str, ...]:
     """Names for the Train panel's method list: :func:`available_methods`, else :data:`METHODS`."""
     return tuple(str(m["name"]) for m in available_methods(python)) or METHODS

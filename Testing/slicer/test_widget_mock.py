@@ -153,3 +153,10 @@ def _own_pid() -> int:
     import os
 
     return os.getpid()
+
+
+def test_method_help_says_which_family_fits_which_labels(widget):
+    widget.onMethodChanged("cfr-mt")
+    text = widget.ui.methodHelpLabel.text
+    assert "densely labelled" in text and "Three drawn slices" in text
+    assert "cfr-mt" in text and "fmabs" in text
