@@ -81,6 +81,8 @@ def _apply(base: TrainConfig, given: dict, method: str) -> TrainConfig:
     net = replace(base.net, **{_NET_FIELDS[k]: v for k, v in given.items() if k in _NET_FIELDS})
     if "patch_size" in given:
         changes["patch_size"] = tuple(given["patch_size"])
+    if "labelled_cases" in given:
+        changes["labelled_cases"] = tuple(given["labelled_cases"])
     if given.get("no_augment"):
         changes["augment"] = False
     return replace(base, method=method, method_options=options, net=net, **changes)
@@ -180,6 +182,9 @@ def add_train_arguments(p: argparse.ArgumentParser, light: bool = False) -> None
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=S,
                    help=f"default: {' '.join(map(str, d.patch_size))}")
     p.add_argument("--batch-size", type=int, default=S, help=f"default: {d.batch_size}")
+    p.add_argument("--labelled-cases", nargs="+", metavar="CASE", default=S,
+                   help="learn from the labels of these training scans only (e.g. CFR's one densely labelled scan; "
+                        "default: every scan with labels of the method's kind)")
     p.add_argument("--labelled-batch-size", type=int, default=S,
                    help=f"crops from labelled scans per batch (default: {d.labelled_bs})")
     p.add_argument("--device", default=S, help=DEVICE_HINT)

@@ -48,6 +48,7 @@ class TrainConfig:
     batch_size: int = 4
     labelled_bs: int = 2  # of batch_size, from cross-labelled scans (semi-supervised methods)
     augment: bool = True
+    labelled_cases: tuple[str, ...] | None = None  # train on these scans' labels only (None: every labelled scan)
     # optimiser: SGD with poly decay, as in UA-MT / FM-ABS
     lr: float = 0.01
     momentum: float = 0.9

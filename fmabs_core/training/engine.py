@@ -203,16 +203,21 @@ class Trainer:
         train = project.split("train")
         if not train:
             raise InputError(f"{project.root}: the training split is empty; import scans first.")
+        chosen = set(cfg.labelled_cases) if cfg.labelled_cases is not None else None
+        if chosen is not None and not chosen <= set(train):
+            raise InputError(f"--labelled-cases: {', '.join(sorted(chosen - set(train)))} not in the training split "
+                             f"of {project.root}")
         self.train_cases: list[Case] = []
         labelled, unlabelled = [], []
         for cid in self.progress(train, desc="loading scans"):
             case = Case(cid, zscore(project.load_image(cid).array))
             if project.has_label(cid):
-                case.extra["label"] = project.load_label(cid).array
+                case.extra["label"] = project.load_label(cid).array  # evaluation and the simulated expert
+            usable = chosen is None or cid in chosen
             if self.method.supervision == "dense":
-                if "label" in case.extra:
+                if "label" in case.extra and usable:
                     case.target = case.extra["label"]
-            elif project.crosslabel_path(cid).exists():
+            elif project.crosslabel_path(cid).exists() and usable:
                 case.target = project.load_crosslabel(cid).array
             (labelled if case.target is not None else unlabelled).append(case)
             self.train_cases.append(case)
