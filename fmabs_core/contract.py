@@ -31,7 +31,8 @@ CHECKPOINTS_DIR = "checkpoints"
 PSEUDO_DIR = "pseudo"
 #: pseudo-label layers a run writes as ``pseudo/<case>_<layer>.nii.gz`` (FM-ABS: the three views and
 #: their fusion; CFR: the fine-tuned generalist's prompt-free label)
-PSEUDO_LAYERS = ("axial", "coronal", "sagittal", "fused", "generalist")
+GENERALIST_LAYER = "generalist"
+PSEUDO_LAYERS = ("axial", "coronal", "sagittal", "fused", GENERALIST_LAYER)
 ADAPTER_FILE = "generalist_adapter.pt"  # CFR: the fine-tuned generalist's LoRA adapter in the run folder
 LOG_FILE = "train.log"
 JOB_FILE = "job.json"

@@ -39,16 +39,27 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     # ---- pseudo-label
     p = subparsers.add_parser(
         "pseudo-label",
-        help="multi-view generalist pseudo-labels of one scan, prompted from a mask",
+        help="generalist pseudo-labels of one scan: prompted from a mask, or prompt-free with a tuned adapter",
         description="Prompt a generalist slice by slice in the axial, coronal and sagittal views from a mask "
-        "(the teacher's prediction, or any label such as the ground truth) and fuse the three answers.",
+        "(the teacher's prediction, or any label such as the ground truth) and fuse the three answers. "
+        "With --adapter (a LoRA adapter from a 'sam-lora' run, CFR's fine-tuning stage) the tuned generalist "
+        "segments the scan prompt-free instead: tiled axial slices in sliding 3D windows.",
     )
     p.add_argument("--image", required=True, help="scan (NIfTI)")
-    p.add_argument("--prompt-from", required=True, help="mask on the scan's grid (0 background, 1..C) that prompts")
-    p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
-    p.add_argument("--checkpoint", help="local weights file for the generalist (offline use)")
+    p.add_argument("--prompt-from", help="mask on the scan's grid (0 background, 1..C) that prompts "
+                   "(required without --adapter)")
+    p.add_argument("--adapter", help="LoRA adapter of a 'sam-lora' run (its model.pt): prompt-free tiled mode; "
+                   "the adapter names its generalist, classes and grid")
+    p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="with --adapter: sliding-window size (default: the patch it was trained on)")
+    p.add_argument("--overlap", type=float, default=0.5, help="with --adapter: sliding-window overlap (default 0.5)")
+    p.add_argument("--generalist", help=f"one of {', '.join(names)} (default litemedsam; with --adapter: the "
+                   "adapter's)")
+    p.add_argument("--checkpoint", help="local weights file for the generalist (offline use; with --adapter: the "
+                   "base weights it was tuned on)")
     p.add_argument("--fusion", default="mv", choices=["mv", "ua"], help="mv: >= 2 of 3 views; ua: all 3")
-    p.add_argument("--output", required=True, help="output folder for <case>_{axial,coronal,sagittal,fused}.nii.gz")
+    p.add_argument("--output", required=True, help="output folder for <case>_{axial,coronal,sagittal,fused}.nii.gz "
+                   "(with --adapter: a .nii.gz file, or a folder for <case>_tiled.nii.gz)")
     p.add_argument("--case", help="case name in the output files (default: from the image file name)")
     p.add_argument("--label", help="ground truth: print the Dice of each view and of the fused result")
     p.add_argument("--max-slices", type=int, help="prompt at most N foreground slices per view (CPU checks)")
@@ -116,10 +127,18 @@ def _weights_verify(args: argparse.Namespace) -> int:
 
 
 def _pseudo_label(args: argparse.Namespace) -> int:
+    if args.adapter:
+        return _pseudo_label_tuned(args)
     from fmabs_core.data import io
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, save_pseudolabels
 
+    if not args.prompt_from:
+        raise InputError("pseudo-label needs --prompt-from (a mask that prompts the generalist), or --adapter "
+                         "(a tuned LoRA adapter, prompt-free).")
+    if args.patch_size is not None:
+        raise InputError("--patch-size is for the prompt-free mode (--adapter) only.")
+    args.generalist = args.generalist or "litemedsam"
     image = io.load_image(args.image)
     prompt = io.load_label(args.prompt_from, allow_unlabelled=True)
     problems = io.check_pair(image, prompt)
@@ -157,6 +176,74 @@ def _pseudo_label(args: argparse.Namespace) -> int:
             print(line)
         if args.max_slices is not None:
             print("  (--max-slices leaves unprompted slices background: whole-scan Dice is a lower bound)")
+    return 0
+
+
+#: options of the prompted mode that mean nothing to the prompt-free one (flag -> its default)
+_PROMPTED_ONLY = {"--max-slices": ("max_slices", None), "--points": ("points", None),
+                  "--jitter": ("jitter", 10), "--prompt-mode": ("prompt_mode", "component"),
+                  "--fusion": ("fusion", "mv"), "--batch-size": ("batch_size", None)}
+
+
+def _pseudo_label_tuned(args: argparse.Namespace) -> int:
+    """``--adapter``: the fine-tuned generalist (CFR) segments the whole scan, prompt-free, by sliding
+    3D windows, each tiled into canvases exactly as in training."""
+    import time
+
+    import torch
+
+    from fmabs_core.data import io
+    from fmabs_core.device import resolve_device
+    from fmabs_core.generalist.models import canonical_name
+    from fmabs_core.generalist.pseudolabel import dice
+    from fmabs_core.generalist.tiled import load_tuned, read_adapter_meta
+    from fmabs_core.inference.predict import predict_proba
+    from fmabs_core.training.sampler import zscore
+
+    if args.prompt_from:
+        raise InputError("--adapter segments prompt-free (the tuned generalist sees tiled slices, no prompt): "
+                         "drop --prompt-from, or drop --adapter for the prompted multi-view mode.")
+    given = [flag for flag, (dest, default) in _PROMPTED_ONLY.items() if getattr(args, dest) != default]
+    if given:
+        raise InputError(f"{', '.join(given)} belong(s) to the prompted mode; --adapter segments prompt-free.")
+    if not 0 <= args.overlap < 1:
+        raise InputError(f"--overlap must be in [0, 1), got {args.overlap}.")
+    head = read_adapter_meta(args.adapter)
+    meta = head["meta"]
+    if args.generalist and canonical_name(args.generalist) != canonical_name(meta["generalist"]):
+        raise InputError(f"{args.adapter} was tuned on {meta['generalist']}, not {args.generalist}; "
+                         "drop --generalist (the adapter names its own).")
+    patch = args.patch_size or meta.get("patch_size")
+    if not patch:
+        raise InputError(f"{args.adapter} does not record the patch size it was trained on; give --patch-size X Y Z.")
+    patch = tuple(int(p) for p in patch)
+    if min(patch) < 1:
+        raise InputError(f"--patch-size must be positive, got {' '.join(map(str, patch))}.")
+    image = io.load_image(args.image)
+    gt = None
+    if args.label:
+        gt = io.load_label(args.label)
+        problems = io.check_pair(image, gt)
+        if problems:
+            raise InputError(" ".join(problems))
+    device = resolve_device(args.device, fallback=False)
+    model = load_tuned(args.adapter, device, checkpoint=args.checkpoint)
+    t0 = time.time()
+    with torch.no_grad():
+        probs = predict_proba(model, zscore(image.array), patch, args.overlap, device, normalise=False)
+    seg = probs.argmax(0).astype(np.uint8)
+    seconds = time.time() - t0
+    case = args.case or io.case_id(args.image)
+    out = Path(args.output)
+    if not io.is_nifti(out):
+        out = out / f"{case}_tiled.nii.gz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    protect = tuple(Path(p) for p in (args.image, args.label, args.adapter) if p)
+    io.save_like(seg, image, out, np.uint8, protect=protect)
+    print(f"{case}: prompt-free {meta['generalist']} + LoRA adapter, patch {' x '.join(map(str, patch))}, "
+          f"{seconds:.1f} s -> {out}")
+    if gt is not None:
+        print(f"Dice vs {args.label}: {dice(seg, gt.array):.4f}")
     return 0
 
 

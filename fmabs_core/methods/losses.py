@@ -73,3 +73,27 @@ def lambda_sam(t: float, t_max: float, scale: float = 0.5) -> float:
 def lambda_consistency(t: float, t_max: float, scale: float = 0.1) -> float:
     """Weight of the consistency loss: 0.1 ramp, rising to 0.1 at t_max."""
     return scale * sigmoid_rampup(t, t_max)
+
+
+def partial_dice_ce(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """0.5 * (CE + soft Dice) over the labelled voxels only (255 = not labelled, ignored by both terms).
+
+    CFR's fine-tuning and pseudo-label loss, usable with cross-labels. The Dice is MONAI's
+    ``DiceLoss(softmax=True, include_background=True)`` restricted to the labelled voxels: per scan
+    and class ``1 - (2 sum p y + s) / (sum p + sum y + s)``, averaged, so on a fully labelled target
+    this equals :func:`dice_ce`. 0 (with a gradient path) when nothing is labelled.
+    """
+    valid = target != UNLABELLED
+    if not valid.any():
+        return logits.sum() * 0.0
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target.long(), ignore_index=UNLABELLED)
+    probs = torch.softmax(logits, 1)
+    mask = valid.unsqueeze(1).to(probs.dtype)
+    onehot = one_hot(target.masked_fill(~valid, 0), probs.shape[1]) * mask
+    probs = probs * mask
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs * onehot).sum(dims)
+    den = probs.sum(dims) + onehot.sum(dims)
+    dice = 1.0 - (2.0 * inter + smooth) / (den + smooth)
+    return 0.5 * (ce + dice.mean())

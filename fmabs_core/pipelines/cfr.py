@@ -24,8 +24,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from fmabs_core.contract import (ADAPTER_FILE, CANCELLED, DONE, MODEL_FILE, PSEUDO_DIR, RUNNING, STAGE_TITLES,
-                                 STARTING)
+from fmabs_core.contract import (ADAPTER_FILE, CANCELLED, DONE, GENERALIST_LAYER, MODEL_FILE, PSEUDO_DIR, RUNNING,
+                                 STAGE_TITLES, STARTING)
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
 from fmabs_core.device import resolve_device
@@ -41,8 +41,6 @@ from fmabs_core.training.sampler import zscore
 log = logging.getLogger(__name__)
 
 STAGES = ("finetune", "pseudo", "retrain")
-#: file name suffix of the fine-tuned generalist's pseudo-labels (``pseudo/<case>_generalist.nii.gz``)
-PSEUDO_LAYER = "generalist"
 #: the options of a CFR method that configure its fine-tuning stage (method ``sam-lora``)
 FINETUNE_OPTIONS = ("generalist", "generalist_checkpoint", "rank", "grid", "labels")
 
@@ -95,8 +93,8 @@ def run(project: Project, run: str, cfg: TrainConfig, progress: Progress | None 
     try:
         runlog = RunLog(run_dir, enabled=main)
         adapter = run_dir / ADAPTER_FILE
-        _stage_event(runlog, "finetune")
         if not adapter.exists():
+            _stage_event(runlog, "finetune")
             stage = Stage("finetune", last=False, output=adapter, lock=lock)
             outcome = Trainer(project, run, finetune_config(cfg), progress, install_signal_handlers, stage).train()
             if outcome.state != DONE:
@@ -129,7 +127,7 @@ def pseudo_label_stage(project: Project, run: str, cfg: TrainConfig, runlog: Run
     run_dir = project.run_dir(run)
     out_dir = run_dir / PSEUDO_DIR
     cases = project.split("train")
-    todo = [c for c in distributed.shard(cases) if not (out_dir / f"{c}_{PSEUDO_LAYER}.nii.gz").exists()]
+    todo = [c for c in distributed.shard(cases) if not (out_dir / f"{c}_{GENERALIST_LAYER}.nii.gz").exists()]
     cancel = _CancelFlag(install_signal_handlers)
     runlog.update_status(durable=True, state=RUNNING, stage="pseudo", iteration=len(cases) - len(todo),
                          iterations=len(cases), eta_s=None)
@@ -149,7 +147,7 @@ def pseudo_label_stage(project: Project, run: str, cfg: TrainConfig, runlog: Run
             ref = project.load_image(cid)
             probs = predict_proba(model, zscore(ref.array), tuple(cfg.patch_size), cfg.val_overlap, device,
                                   normalise=False)
-            io.save_like(probs.argmax(0).astype(np.uint8), ref, out_dir / f"{cid}_{PSEUDO_LAYER}.nii.gz")
+            io.save_like(probs.argmax(0).astype(np.uint8), ref, out_dir / f"{cid}_{GENERALIST_LAYER}.nii.gz")
             times.append(time.time() - t0)
             left = len(todo) - i - 1
             runlog.update_status(iteration=len(cases) - left, iterations=len(cases),

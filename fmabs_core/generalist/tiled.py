@@ -1,0 +1,247 @@
+"""CFR's fine-tuning network: a 3D segmenter made of a 2D SAM-family model seeing tiled axial slices.
+
+    net = build_tiled_segmenter("litemedsam", num_classes_plus_bg=2, checkpoint=None, rank=4, grid=None)
+    logits = net(crop)                  # (B, 1, X, Y, Z) z-scored -> (B, C+1, X, Y, Z)
+
+What one forward pass does, per crop of the batch:
+
+1. **Concatenate** (:mod:`~fmabs_core.generalist.tiling`): the Z axial slices are tiled row by row on a
+   ``g x g`` grid, 1 px apart (zero intensity between tiles and in unused tiles). ``g`` is the
+   ``grid`` option; when the crop has more than ``g * g`` slices it is split into consecutive runs
+   of at most ``g * g`` slices (:func:`~fmabs_core.generalist.tiling.chunk_ranges`), one canvas each,
+   all encoded in one batch. ``grid=None`` means one canvas per crop, ``g = ceil(sqrt(Z))`` (CFR with
+   SAM at 1024 px: 80 slices of 112 px -> 9 x 9 -> 1016 px, padded to 1024).
+2. **Model frame**: SAM-size models (1024 px) get the canvas padded to their input (no resampling,
+   the authors' layout; a larger canvas is shrunk); LiteMedSAM (256 px) gets it resized, so a slice
+   keeps the same share of the input whatever the crop size. The canvas is copied to 3 channels as
+   it is: CFR feeds z-scored intensities with pixel mean 0 and std 1, so the model's own pixel
+   normalisation (SAM's ImageNet mean/std, LiteMedSAM's [0, 1] stretch) is not applied.
+3. **Encode** with the frozen image encoder plus LoRA on q and v (:func:`~fmabs_core.generalist.lora.add_lora`).
+4. **Decode without prompts**: the prompt encoder is called with no points, boxes or masks (an empty
+   sparse embedding; the dense one is its learnt "no mask" embedding), and the mask decoder has
+   ``C + 1`` mask tokens, all used, one per class with background (SAMed's deterministic head, in
+   place of SAM's ambiguity outputs). It is SAM's ``MaskDecoder(num_multimask_outputs=C)``: the
+   pretrained two-way transformer and upscaling are kept; mask token ``i``, its hypernetwork MLP
+   and IoU output ``i`` start from the pretrained ones of index ``i mod 4`` (SAM has 4 mask tokens).
+5. The decoder's masks (256 x 256 for both SAM at 1024 and LiteMedSAM at 256: LiteMedSAM's masks
+   are at its full input resolution) are brought back to the canvas (bilinear) and untiled to
+   ``(B, C+1, X, Y, Z)`` logits; softmax over the channels gives the class probabilities.
+
+Trained: the LoRA tensors, the mask decoder (but its IoU head, which no loss reaches) and the
+prompt encoder's "no mask" embedding (the only prompt-encoder parameter a prompt-free pass uses;
+its point, box and mask-input embeddings are frozen so that every trainable parameter gets a
+gradient, which DistributedDataParallel requires). The image encoder stays in ``eval()`` mode even
+when the network is put in training mode: TinyViT's BatchNorm statistics must not drift (and a
+frozen encoder has no business with dropout).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fmabs_core.errors import InputError, WeightsError
+from fmabs_core.generalist import lora
+from fmabs_core.generalist.tiling import Fit, ModelFrame, TileLayout, chunk_ranges, grid_for, tile_image, untile
+
+log = logging.getLogger(__name__)
+
+#: slices per canvas side by generalist (None: the whole crop on one canvas, ceil(sqrt(Z)))
+DEFAULT_GRID: dict[str, int | None] = {"litemedsam": 5}
+#: pixels between tiles (CFR's authors: 0; see tiling.py for why 1)
+DEFAULT_PAD = 1
+#: pretrained SAM-family mask decoders have 4 mask tokens (1 single-mask + 3 multimask outputs)
+_PRETRAINED_TOKENS = 4
+
+
+def default_grid(generalist: str) -> int | None:
+    from fmabs_core.generalist.models import canonical_name
+
+    return DEFAULT_GRID.get(canonical_name(generalist))
+
+
+def default_fit(image_size: int) -> Fit:
+    """Pad the canvas into a SAM-size input (no resampling); resize it to a small model's input."""
+    return "pad" if image_size >= 1024 else "resize"
+
+
+def multiclass_decoder(decoder: nn.Module, num_masks: int) -> nn.Module:
+    """A copy of a pretrained SAM ``MaskDecoder`` with ``num_masks`` mask outputs (C + 1).
+
+    The same module as ``MaskDecoder(num_multimask_outputs=num_masks - 1)``, built by resizing a
+    deep copy: the transformer, output upscaling and IoU token are the pretrained ones; mask token
+    ``i``, hypernetwork MLP ``i`` and IoU output ``i`` are copied from pretrained index ``i mod n``.
+    """
+    if num_masks < 2:
+        raise InputError(f"a multi-class head needs at least 2 masks (background + 1 class), got {num_masks}.")
+    src = decoder
+    n_old = int(src.num_mask_tokens)
+    dec = copy.deepcopy(src)
+    dim = src.mask_tokens.weight.shape[1]
+    idx = [i % n_old for i in range(num_masks)]
+    dec.num_multimask_outputs = num_masks - 1
+    dec.num_mask_tokens = num_masks
+    dec.mask_tokens = nn.Embedding(num_masks, dim).to(src.mask_tokens.weight)
+    with torch.no_grad():
+        dec.mask_tokens.weight.copy_(src.mask_tokens.weight[idx])
+    dec.output_hypernetworks_mlps = nn.ModuleList(copy.deepcopy(src.output_hypernetworks_mlps[i]) for i in idx)
+    last = src.iou_prediction_head.layers[-1]
+    new_last = nn.Linear(last.in_features, num_masks, bias=last.bias is not None).to(last.weight)
+    with torch.no_grad():
+        new_last.weight.copy_(last.weight[idx])
+        if last.bias is not None:
+            new_last.bias.copy_(last.bias[idx])
+    dec.iou_prediction_head.layers[-1] = new_last
+    return dec
+
+
+class TiledSegmenter(nn.Module):
+    """A 3D segmenter ``(B, 1, X, Y, Z) -> (B, C+1, X, Y, Z)`` logits from a 2D SAM-family model on
+    tiled axial slices (see the module docstring). Build it with :func:`build_tiled_segmenter`."""
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 num_classes: int, generalist: str, rank: int = 4, grid: int | None = None,
+                 pad: int = DEFAULT_PAD, fit: Fit | None = None, alpha: float | None = None) -> None:
+        super().__init__()
+        if grid is not None and int(grid) < 1:
+            raise InputError(f"grid must be >= 1 slice per canvas side (or None: one canvas per crop), got {grid}.")
+        if int(rank) < 1:
+            raise InputError(f"LoRA rank must be >= 1, got {rank}.")
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = multiclass_decoder(mask_decoder, int(num_classes))
+        self.num_classes = int(num_classes)  # C + 1 output channels
+        self.generalist = generalist
+        self.grid = None if grid is None else int(grid)
+        self.pad = int(pad)
+        self.image_size = int(prompt_encoder.input_image_size[0])
+        self.fit: Fit = fit or default_fit(self.image_size)
+        self.rank = int(rank)
+        lora.add_lora(self.image_encoder, self.rank, alpha)  # freezes the encoder's own weights
+        for p in self.prompt_encoder.parameters():
+            p.requires_grad_(False)
+        self.prompt_encoder.no_mask_embed.weight.requires_grad_(True)
+        for p in self.mask_decoder.parameters():
+            p.requires_grad_(True)
+        for p in self.mask_decoder.iou_prediction_head.parameters():
+            p.requires_grad_(False)
+        self.image_encoder.eval()
+
+    # ------------------------------------------------------------------------------------ helpers
+    def train(self, mode: bool = True) -> "TiledSegmenter":
+        """Heads follow ``mode``; the image encoder always stays in eval (BatchNorm statistics frozen)."""
+        super().train(mode)
+        self.image_encoder.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def grid_for_depth(self, depth: int) -> int:
+        return grid_for(depth) if self.grid is None else self.grid
+
+    def layouts(self, shape: tuple[int, int, int]) -> list[tuple[int, int, TileLayout]]:
+        """``(start, stop, layout)`` of each canvas of a crop of ``shape`` (X, Y, Z)."""
+        x, y, z = (int(s) for s in shape)
+        g = self.grid_for_depth(z)
+        ranges = chunk_ranges(z, g) if g * g < z else [(0, z)]
+        return [(a, b, TileLayout((x, y, b - a), g, self.pad)) for a, b in ranges]
+
+    def meta(self) -> dict[str, Any]:
+        """What :func:`load_tuned` needs to rebuild this network (kept in the adapter file)."""
+        return {"generalist": self.generalist, "num_classes": self.num_classes, "rank": self.rank,
+                "grid": self.grid, "pad": self.pad, "fit": self.fit, "image_size": self.image_size}
+
+    def extra_repr(self) -> str:
+        return (f"generalist={self.generalist!r}, classes={self.num_classes}, rank={self.rank}, "
+                f"grid={self.grid}, pad={self.pad}, fit={self.fit!r}, image_size={self.image_size}")
+
+    # ------------------------------------------------------------------------------------ forward
+    def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(N, 256, h, w)`` -> ``(N, C+1, 4h, 4w)`` mask logits, without prompts."""
+        n = embeddings.shape[0]
+        sparse, dense = self.prompt_encoder(points=None, boxes=None, masks=None)
+        sparse = sparse.to(embeddings.dtype).expand(n, -1, -1)  # (N, 0, 256): no prompt token
+        dense = dense.to(embeddings.dtype)
+        masks, _iou = self.mask_decoder.predict_masks(
+            image_embeddings=embeddings, image_pe=self.prompt_encoder.get_dense_pe().to(embeddings.dtype),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        return masks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise InputError(f"TiledSegmenter takes (B, 1, X, Y, Z) crops, got shape {tuple(x.shape)}.")
+        b, _, sx, sy, sz = x.shape
+        plan = self.layouts((sx, sy, sz))
+        frame = ModelFrame.for_layout(plan[0][2], self.image_size, self.fit)  # one canvas side for all chunks
+        canvases = torch.cat([tile_image(x[:, 0, :, :, a:e], layout, fill=0.0) for a, e, layout in plan])
+        inp = frame.to_model(canvases, "image", fill=0.0)  # (n * B, M, M), chunk-major
+        inp = inp[:, None].expand(-1, 3, -1, -1).contiguous()
+        emb = self.image_encoder(inp)
+        masks = frame.from_model(self.decode(emb), "probs")  # (n * B, C+1, S, S)
+        parts = [untile(masks[i * b:(i + 1) * b], layout) for i, (_a, _e, layout) in enumerate(plan)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------- building
+def build_tiled_segmenter(generalist: str, num_classes_plus_bg: int, checkpoint: str | os.PathLike | None = None,
+                          rank: int = 4, grid: int | None = None, *, alpha: float | None = None,
+                          fit: Fit | None = None, pad: int = DEFAULT_PAD, use_default_grid: bool = True
+                          ) -> TiledSegmenter:
+    """A fresh :class:`TiledSegmenter` on the CPU from the pretrained ``generalist`` weights.
+
+    ``grid=None`` takes the generalist's default (:data:`DEFAULT_GRID`: 5 for LiteMedSAM, else one
+    canvas per crop) unless ``use_default_grid=False`` (then None means one canvas per crop).
+    The model is built afresh (not the cached frozen one of ``get_generalist``, which other code shares).
+    """
+    from fmabs_core.generalist.models import GENERALISTS, canonical_name
+
+    name = canonical_name(generalist)
+    if grid is None and use_default_grid:
+        grid = DEFAULT_GRID.get(name)
+    _cls, build = GENERALISTS[name]
+    sam = build(str(checkpoint) if checkpoint else None, True)
+    net = TiledSegmenter(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, num_classes_plus_bg, name,
+                         rank=rank, grid=grid, pad=pad, fit=fit, alpha=alpha)
+    log.info("tiled %s: %d classes, LoRA rank %d, grid %s, %s to %d px; %d trainable parameters", name,
+             net.num_classes, net.rank, net.grid or "ceil(sqrt(Z))", net.fit, net.image_size,
+             sum(p.numel() for p in net.trainable_parameters()))
+    return net
+
+
+def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The adapter file's header (base name, rank, alpha) and ``meta`` dict, checked (digest) but not loaded."""
+    payload = lora._read_adapter(Path(path))
+    meta = json.loads(payload["meta"])
+    missing = [k for k in ("generalist", "num_classes") if k not in meta]
+    if missing:
+        raise WeightsError(f"{path}: this LoRA adapter was not written by a tiled (CFR) fine-tuning run: its metadata "
+                           f"lacks {', '.join(missing)}.")
+    return {"base_name": payload["base_name"], "rank": payload["rank"], "alpha": payload["alpha"], "meta": meta}
+
+
+def load_tuned(adapter_path: str | os.PathLike, device: str | torch.device = "cpu",
+               checkpoint: str | os.PathLike | None = None) -> TiledSegmenter:
+    """The fine-tuned :class:`TiledSegmenter` of an adapter written by the ``sam-lora`` method, in eval mode.
+
+    The adapter's metadata names the generalist, the classes, the LoRA rank and the grid; the base
+    weights are the bundled/cached file (or ``checkpoint``) and must have the sha256 the adapter was
+    tuned on (checked by :func:`~fmabs_core.generalist.lora.load_adapter`; loading is weights-only).
+    ``model.adapter_meta`` keeps the metadata (e.g. the training patch size).
+    """
+    head = read_adapter_meta(adapter_path)
+    meta = head["meta"]
+    net = build_tiled_segmenter(meta["generalist"], int(meta["num_classes"]), checkpoint, int(head["rank"]),
+                                meta.get("grid"), alpha=float(head["alpha"]), fit=meta.get("fit"),
+                                pad=int(meta.get("pad", DEFAULT_PAD)), use_default_grid=False)
+    sha = lora.base_sha256(net.generalist, checkpoint)
+    lora.load_adapter(adapter_path, net, net.generalist, sha)
+    net.adapter_meta = meta
+    return net.to(torch.device(device)).eval()
