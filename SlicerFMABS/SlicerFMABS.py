@@ -3,8 +3,13 @@
 Module / Widget / Logic / Test, as in Slicer's scripted-module template. The Widget is thin: it
 reads its widgets and calls the Logic. The Logic delegates to ``SlicerFMABSLib`` (importable
 without Qt, tested headless with slicer-core). Training, suggestions and segmentation run as
-separate ``python -m fmabs_core`` processes that a QTimer watches: the GUI never blocks and never
-imports torch. Third-party packages are installed on first use, after asking, never at import.
+separate ``python -m fmabs_core`` processes (launched with ``slicer.util.launchConsoleProcess``)
+that a QTimer watches: the GUI never blocks and never imports torch. Third-party packages are
+installed on first use, after asking, never at import. The panels' choices live in the scene's
+parameter node, so a saved scene restores them.
+
+Supported: 3D Slicer 5.10 or later (Python 3.12). Slicer 5.6 and 5.8 ship Python 3.9, on which the
+training library cannot run; the module loads there and says so instead of installing anything.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -24,12 +30,60 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SlicerFMABSLib import deps, jobs
+from SlicerFMABSLib import deps, jobs, parameters
+from SlicerFMABSLib.scene import SLICE_VIEW_OF
 
 log = logging.getLogger(__name__)
 
 MODULE_DIR = Path(__file__).resolve().parent
-SLICE_VIEW_OF = {"axial": "Red", "coronal": "Green", "sagittal": "Yellow"}
+
+#: parameter (SlicerFMABSLib.parameters) -> (widget of the .ui, how to read and write it)
+PARAMETER_WIDGETS = {
+    "projectPath": ("projectPathLineEdit", "path"),
+    "runName": ("runNameLineEdit", "text"),
+    "method": ("methodComboBox", "combo"),
+    "generalist": ("generalistComboBox", "combo"),
+    "strategy": ("strategyComboBox", "combo"),
+    "expert": ("expertComboBox", "combo"),
+    "device": ("deviceComboBox", "combo"),
+    "budget": ("budgetSpinBox", "number"),
+    "iterations": ("iterationsSpinBox", "number"),
+    "case": ("caseComboBox", "combo"),
+    "modelRun": ("modelComboBox", "combo"),
+    "segmentVolume": ("segmentVolumeSelector", "node"),
+    "exportSegmentation": ("exportSegmentationSelector", "node"),
+}
+#: the Qt signal each kind of widget emits when the user changes it
+CHANGED_SIGNAL = {"path": "currentPathChanged(QString)", "text": "textChanged(QString)",
+                  "combo": "currentTextChanged(QString)", "number": "valueChanged(int)",
+                  "node": "currentNodeChanged(vtkMRMLNode*)"}
+
+
+def readWidget(widget, kind: str):
+    """The value a widget shows, by the kind of PARAMETER_WIDGETS."""
+    if kind == "path":
+        return widget.currentPath
+    if kind == "text":
+        return widget.text
+    if kind == "combo":
+        return widget.currentText
+    if kind == "number":
+        return widget.value
+    return widget.currentNode()
+
+
+def writeWidget(widget, kind: str, value) -> None:
+    if kind == "path":
+        widget.currentPath = value
+    elif kind == "text":
+        widget.text = value
+    elif kind == "combo":
+        if value:  # a choice missing from the list (e.g. no project open yet) leaves the list as it is
+            widget.setCurrentText(value)
+    elif kind == "number":
+        widget.value = value
+    else:
+        widget.setCurrentNode(value)
 
 
 def resourcePath(filename: str) -> str:
@@ -59,7 +113,12 @@ Train a 3D segmentation model for your structure from three drawn slices (axial,
 per scan. A frozen SAM-family model turns the model's guesses into extra pseudo-labels while a
 small 3D specialist trains in the background; the module suggests which scan and slices to label
 next, then segments new scans and exports NIfTI. Panels: Project, Label, Train, Review, Segment and export.
+Needs 3D Slicer 5.10 or later.
 """
+        problem = deps.python_problem()
+        if problem:  # checked at load: the module still loads and its panels say why nothing runs
+            logging.warning("SlicerFMABS: %s", problem)
+            self.parent.helpText = "<b>" + problem.split("\n")[0] + "</b>\n" + self.parent.helpText
         self.parent.acknowledgementText = """
 Methods: FM-ABS (foundation-model-assisted active barely-supervised learning, MICCAI 2024) and CFR.
 Built on 3D Slicer, MONAI, PyTorch and the PyTorch extension (PyTorch Utils).
@@ -75,20 +134,41 @@ Built on 3D Slicer, MONAI, PyTorch and the PyTorch extension (PyTorch Utils).
 
 
 class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panels. Every handler reads widgets, calls the Logic and shows the outcome."""
+    """The panels. Every handler reads widgets, calls the Logic and shows the outcome.
+
+    The widgets mirror the scene's parameter node (``self.logic.params``): a change in a widget is written
+    to the node, and the node (a loaded scene, the Logic) updates the widgets.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic: SlicerFMABSLogic | None = None
-        self.labelVolume = None  # volume node being cross-labelled
-        self.labelSegmentation = None
         self.suggestions: list[jobs.Suggestion] = []
         self.reviewNodes: dict = {}
         self.timer = None
+        self._parameterNode = None
+        self._updatingGUI = False
 
     def resourcePath(self, filename: str) -> str:
         return resourcePath(filename)
+
+    # the Label panel's scan and drawing live in the parameter node (a saved scene restores them)
+    @property
+    def labelVolume(self):
+        return self.logic.params.labelVolume
+
+    @labelVolume.setter
+    def labelVolume(self, node) -> None:
+        self.logic.params.labelVolume = node
+
+    @property
+    def labelSegmentation(self):
+        return self.logic.params.labelSegmentation
+
+    @labelSegmentation.setter
+    def labelSegmentation(self, node) -> None:
+        self.logic.params.labelSegmentation = node
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -100,7 +180,7 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = SlicerFMABSLogic()
 
         # the methods the job's Python offers (`fmabs methods --json`); fallback names until it is set up
-        methods = jobs.method_names() if not deps.missing() else jobs.METHODS
+        methods = jobs.method_names() if deps.ready(for_jobs=True) else jobs.METHODS
         for combo, values in ((self.ui.methodComboBox, methods), (self.ui.generalistComboBox, jobs.GENERALISTS),
                               (self.ui.strategyComboBox, jobs.STRATEGIES), (self.ui.deviceComboBox, jobs.DEVICES),
                               (self.ui.expertComboBox, jobs.EXPERTS)):
@@ -141,32 +221,131 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelSegmentButton.connect("clicked(bool)", self.onCancelSegment)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
 
+        # every choice is kept in the parameter node (a widget's change writes its own parameter only)
+        for name, (widgetName, kind) in PARAMETER_WIDGETS.items():
+            getattr(self.ui, widgetName).connect(CHANGED_SIGNAL[kind],
+                                                 lambda *args, name=name: self.updateParameterNodeFromGUI(name))
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.restoreSettings()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+        self.initializeParameterNode()
+
+        problem = deps.python_problem()
+        if problem:
+            self.ui.projectInfoLabel.text = problem.split("\n")[0]
+            for button in (self.ui.startTrainingButton, self.ui.suggestButton, self.ui.segmentButton):
+                button.enabled = False
 
     def cleanup(self) -> None:
-        """Module widget destroyed (application exit): stop polling; running jobs keep running."""
+        """Module widget destroyed (application exit): stop polling.
+
+        Jobs are not stopped, but inside Slicer their output reaches their log file through this process:
+        after Slicer exits, a job loses its output (status.json and events.jsonl are still written).
+        """
         if self.timer is not None:
             self.timer.stop()
         self.removeObservers()
 
+    # ---- parameter node ---------------------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        """Observe the scene's parameter node (created with the defaults if needed) and show its values."""
+        if not self.logic.params.projectPath:  # a new scene: start from the last project used
+            last = qt.QSettings().value("SlicerFMABS/ProjectPath", "")
+            if last:
+                self.logic.params.projectPath = last
+        self.setParameterNode(self.logic.params.node)
+
+    def setParameterNode(self, node) -> None:
+        if node is self._parameterNode:
+            self.updateGUIFromParameterNode()
+            return
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = node
+        if node is not None:
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        """Show the parameter node's values in the widgets (without writing them back)."""
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        values = self.logic.params.values()
+        self._updatingGUI = True
+        try:
+            for name, (widgetName, kind) in PARAMETER_WIDGETS.items():
+                writeWidget(getattr(self.ui, widgetName), kind, values[name])
+        finally:
+            self._updatingGUI = False
+
+    def updateParameterNodeFromGUI(self, *names: str) -> None:
+        """Store what the widgets show in the parameter node: the named parameters (a widget's change), or all."""
+        if self._parameterNode is None or self._updatingGUI:
+            return
+        values = {}
+        for name in names or PARAMETER_WIDGETS:
+            widgetName, kind = PARAMETER_WIDGETS[name]
+            value = readWidget(getattr(self.ui, widgetName), kind)
+            if kind != "combo" or value:  # an empty list (no project yet) keeps the stored choice
+                values[name] = value
+        self._updatingGUI = True  # the node's Modified event must not rewrite the widgets being read
+        try:
+            self.logic.params.update(**values)
+        finally:
+            self._updatingGUI = False
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartImport(self, caller, event) -> None:
+        """Widgets that react to the nodes being loaded (node selectors) must not overwrite the loaded choices."""
+        self.setParameterNode(None)
+
     def onSceneEndClose(self, caller, event) -> None:
-        self.labelVolume = self.labelSegmentation = None
+        """A closed scene: nothing of the old one is shown; the parameter node is back to its defaults."""
+        self.suggestions = []
         self.reviewNodes = {}
+        if getattr(self.parent, "isEntered", True):  # as the template: no parameter node for a hidden module
+            self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event) -> None:
+        """A loaded scene may bring its own parameter node: show it and reopen its project."""
+        self.setParameterNode(self.logic.params.node)
+        core = self.logic.coreIfReady()
+        if core is None:
+            return
+        try:
+            if core.restore_project() is not None:
+                self.refreshProject()
+        except Exception as exc:  # a moved or deleted project folder: say so, do not fail the scene load
+            logging.warning("SlicerFMABS: could not reopen the scene's project: %s", exc)
+            self.ui.projectInfoLabel.text = f"The scene's project could not be opened: {exc}"
 
     def layerCheckBoxes(self) -> dict:
         return {"axial": self.ui.showAxialCheckBox, "coronal": self.ui.showCoronalCheckBox,
                 "sagittal": self.ui.showSagittalCheckBox, "fused": self.ui.showFusedCheckBox,
                 "prediction": self.ui.showPredictionCheckBox}
 
-    def restoreSettings(self) -> None:
-        settings = qt.QSettings()
-        self.ui.projectPathLineEdit.currentPath = settings.value("SlicerFMABS/ProjectPath", "")
-        self.ui.runNameLineEdit.text = settings.value("SlicerFMABS/RunName", "run1")
+    def sliceNodes(self, requireShown: bool = False) -> dict:
+        """{view: slice node}, fetched by ID; with ``requireShown``, an error when the layout hides one of the views."""
+        nodes = self.logic.core.slice_nodes()
+        layoutManager = slicer.app.layoutManager() if hasattr(slicer, "app") else None
+        hidden = [f"{view} ({name})" for view, name in SLICE_VIEW_OF.items()
+                  if view not in nodes or (layoutManager is not None and layoutManager.sliceWidget(name) is None)]
+        if hidden and requireShown:
+            raise ValueError(f"The current layout does not show the {', '.join(hidden)} view: choose a layout with "
+                             "the red, green and yellow views (e.g. Four-Up), press Show slices, then save.")
+        return nodes
 
-    def sliceNodes(self) -> dict:
-        layoutManager = slicer.app.layoutManager()
-        return {view: layoutManager.sliceWidget(name).mrmlSliceNode() for view, name in SLICE_VIEW_OF.items()}
+    def showThreeSliceViews(self) -> None:
+        """Switch to the Four-Up layout when the current one lacks the red, green or yellow view."""
+        layoutManager = slicer.app.layoutManager() if hasattr(slicer, "app") else None
+        if layoutManager is None:
+            return
+        if any(layoutManager.sliceWidget(name) is None for name in SLICE_VIEW_OF.values()):
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
 
     # ---- Project --------------------------------------------------------------------------------
     def onCreateProject(self) -> None:
@@ -190,8 +369,7 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddLoadedVolumes(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not add the loaded volumes.", waitCursor=True):
-            nodes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-                     if n.GetClassName() == "vtkMRMLScalarVolumeNode"]
+            nodes = self.logic.core.loaded_volume_nodes()
             if not nodes:
                 raise ValueError("No volume is loaded: load scans first (File > Add Data).")
             added = self.logic.core.add_volume_nodes(nodes)
@@ -213,24 +391,25 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.projectInfoLabel.text = "No project open."
             return
         rows = core.case_rows()
-        self.ui.caseListWidget.clear()
-        for case, labelled in rows:
-            self.ui.caseListWidget.addItem(("\u2713 " if labelled else "    ") + case)
-        for combo in (self.ui.caseComboBox, self.ui.reviewCaseComboBox):
-            current = combo.currentText
-            combo.clear()
-            for case, _ in rows:
-                combo.addItem(case)
-            if current:
-                combo.setCurrentText(current)
         runs = core.runs()
-        for combo, values in ((self.ui.reviewRunComboBox, runs), (self.ui.modelComboBox, core.trained_runs())):
-            current = combo.currentText
-            combo.clear()
-            for run in values:
-                combo.addItem(run)
-            if current:
-                combo.setCurrentText(current)
+        self._updatingGUI = True  # refilling the lists must not overwrite the stored choices
+        try:
+            self.ui.caseListWidget.clear()
+            for case, labelled in rows:
+                self.ui.caseListWidget.addItem(("\u2713 " if labelled else "    ") + case)
+            for combo, values in ((self.ui.caseComboBox, [case for case, _ in rows]),
+                                  (self.ui.reviewCaseComboBox, [case for case, _ in rows]),
+                                  (self.ui.reviewRunComboBox, runs), (self.ui.modelComboBox, core.trained_runs())):
+                current = combo.currentText
+                combo.clear()
+                for value in values:
+                    combo.addItem(value)
+                if current:
+                    combo.setCurrentText(current)
+        finally:
+            self._updatingGUI = False
+        self.updateGUIFromParameterNode()  # the stored scan and model, when they are in the lists
+        self.updateParameterNodeFromGUI("case", "modelRun")
         classes = ", ".join(f"{k}:{v}" for k, v in core.project.classes.items())
         n_labelled = sum(1 for _, labelled in rows if labelled)
         self.ui.projectInfoLabel.text = (f"{core.project.root}: {len(rows)} scans, {n_labelled} cross-labelled; "
@@ -246,9 +425,8 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             case = self.ui.caseComboBox.currentText
             if not case:
                 raise ValueError("The project has no scans yet: add some in the Project panel.")
-            self.labelVolume = self.logic.core.load_case(case)
-            self.labelSegmentation = None
-            slicer.util.setSliceViewerLayers(background=self.labelVolume, foreground=None, label=None, fit=True)
+            volume = self.logic.core.start_labelling(case)
+            slicer.util.setSliceViewerLayers(background=volume, foreground=None, label=None, fit=True)
             self.onShowSlices()
 
     def onSuggest(self) -> None:
@@ -282,36 +460,33 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onShowSlices(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not move the slice views.", waitCursor=True):
-            if self.labelVolume is None:
+            volume = self.labelVolume
+            if volume is None:
                 raise ValueError("Load a scan first (Label panel: Load).")
-            case = self.labelVolume.GetAttribute("FMABS.case")
-            self.logic.core.place_views(self.labelVolume, self.currentSlicesFor(case), self.sliceNodes())
+            self.showThreeSliceViews()
+            case = volume.GetAttribute("FMABS.case")
+            self.logic.core.place_views(volume, self.currentSlicesFor(case), self.sliceNodes())
 
     def onDraw(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not start drawing.", waitCursor=True):
-            if self.labelVolume is None:
-                raise ValueError("Load a scan first (Label panel: Load).")
-            if self.labelSegmentation is None or self.labelSegmentation.GetScene() is None:
-                self.labelSegmentation = self.logic.core.create_label_segmentation(self.labelVolume)
+            drawing = self.logic.core.label_segmentation()
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-            editor.setSegmentationNode(self.labelSegmentation)
-            if hasattr(editor, "setSourceVolumeNode"):
-                editor.setSourceVolumeNode(self.labelVolume)
-            else:  # Slicer < 5.2
-                editor.setMasterVolumeNode(self.labelVolume)
+            editor.setSegmentationNode(drawing)
+            editor.setSourceVolumeNode(self.labelVolume)
 
     def onSaveCrossLabel(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not save the cross-label.", waitCursor=True):
-            if self.labelVolume is None or self.labelSegmentation is None:
+            volume, drawing = self.labelVolume, self.labelSegmentation
+            if volume is None or drawing is None:
                 raise ValueError("Load a scan and draw on it first (Label panel: Load, then Draw).")
             core = self.logic.core
-            case = self.labelVolume.GetAttribute("FMABS.case")
+            case = volume.GetAttribute("FMABS.case")
             if core.project.crosslabel_path(case).exists() and not slicer.util.confirmOkCancelDisplay(
                     f"Scan {case} already has a cross-label. Replace it?"):
                 return
-            slices = core.shown_slices(self.labelVolume, self.sliceNodes())
-            report = core.save_crosslabel(case, self.labelSegmentation, self.labelVolume, slices)
+            slices = core.shown_slices(volume, self.sliceNodes(requireShown=True))
+            report = core.save_crosslabel(case, drawing, volume, slices)
             where = ", ".join(f"{v} {i}" for v, i in report.slices.items())
             self.ui.labelStatusLabel.text = f"Saved {report.path.name} ({where})."
             if report.warnings:
@@ -330,7 +505,6 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=self.ui.deviceComboBox.currentText, generalist=self.ui.generalistComboBox.currentText,
                 active=None if strategy == "none" else strategy, budget=self.ui.budgetSpinBox.value,
                 expert=self.ui.expertComboBox.currentText)
-            qt.QSettings().setValue("SlicerFMABS/RunName", run)
             self.ui.trainingLogTextEdit.clear()
             self.ui.cancelTrainingButton.enabled = True
             self.ui.startTrainingButton.enabled = False
@@ -352,28 +526,56 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onMethodChanged(self, name: str) -> None:
         """What the chosen method does, and which label setting each family is for."""
-        described = {m["name"]: m["description"] for m in jobs.available_methods()} if not deps.missing() else {}
+        described = {m["name"]: m["description"] for m in jobs.available_methods()} if deps.ready() else {}
         self.ui.methodHelpLabel.text = "\n".join(filter(None, [described.get(name), jobs.METHOD_GUIDE]))
 
     def onTimer(self) -> None:
-        """Every second: read the run files and the child processes; never blocks."""
-        try:
-            self.pollTraining()
-            self.pollSuggestions()
-            self.pollSegmentation()
-        except Exception as exc:  # a timer must not raise into Qt; show it once and go on
-            logging.exception("SlicerFMABS timer")
-            slicer.util.errorDisplay(f"FM-ABS: {exc}")
+        """Every second: read the run files and the child processes; never blocks, never opens a dialog.
+
+        An error while following a job is shown once (the panel's status line and the log) and that job is
+        no longer followed; the timer stops when nothing is left to follow.
+        """
+        for what, poll in (("training", self.pollTraining), ("suggestions", self.pollSuggestions),
+                           ("segmentation", self.pollSegmentation)):
+            try:
+                poll()
+            except Exception as exc:  # a timer must not raise into Qt, nor open a dialog per tick
+                self.reportPollError(what, exc)
         core = self.logic._core
         busy = core is not None and (
-            (core.watcher is not None and not core.watcher.status.finished)
+            (core.watcher is not None and core.watcher.active)
             or core.suggest_job is not None or core.prediction is not None)
         if not busy:
             self.timer.stop()
 
+    def reportPollError(self, what: str, exc: Exception) -> None:
+        """One message for a failed job or an unreadable run: the log, the panel's status line, the status bar."""
+        logging.error("FM-ABS: following the %s job failed: %s", what, exc, exc_info=exc)
+        core = self.logic._core
+        text = str(exc).strip() or type(exc).__name__
+        short = "\n".join(text.splitlines()[:6])
+        if what == "training":
+            if core is not None and core.watcher is not None:
+                core.watcher.failed = text  # no longer followed: no second message
+            running = core is not None and core.train_job is not None and core.train_job.running
+            self.ui.trainingStateLabel.text = f"error reading the run (press Watch run to retry): {short}"
+            self.ui.cancelTrainingButton.enabled = running
+            self.ui.startTrainingButton.enabled = not running
+        elif what == "suggestions":
+            if core is not None:
+                core.suggest_job = None
+            self.ui.labelStatusLabel.text = f"Suggestions failed: {short}"
+        else:
+            if core is not None:
+                core.prediction = None
+            self.ui.segmentButton.enabled = True
+            self.ui.cancelSegmentButton.enabled = False
+            self.ui.segmentStatusLabel.text = f"Segmentation failed: {short}"
+        slicer.util.showStatusMessage(f"FM-ABS: {what} failed (details in the Python console / error log).", 10000)
+
     def pollTraining(self) -> None:
         core = self.logic._core
-        if core is None or core.watcher is None:
+        if core is None or core.watcher is None or core.watcher.failed is not None:
             return
         status, lines = core.poll_training()
         for line in lines:
@@ -486,39 +688,78 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SlicerFMABSLogic(ScriptedLoadableModuleLogic):
-    """Slicer-facing logic: dependency installation, then ``core`` (SlicerFMABSLib.logic.FMABSLogic).
+    """Slicer-facing logic: dependency installation, the parameter node, then ``core`` (SlicerFMABSLib.logic.FMABSLogic).
 
-    ``core`` is created on first use, after the dependencies are present, so the module loads in a
-    fresh Slicer without torch, MONAI or nibabel.
+    ``core`` is created on first use, once the packages the Slicer process itself needs (numpy, nibabel,
+    filelock, psutil) are there, so the module loads in a fresh Slicer; torch, MONAI and the generalists
+    are installed only before the first job.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._core = None
-        self._dependenciesChecked = False
+        self._jobDependenciesChecked = False
+        self._unavailable: set[str] = set()  # generalist packages that could not be installed: not asked again
 
-    def ensureDependencies(self) -> bool:
-        """Ask once, then install torch (PyTorch extension) and the pip packages that are missing."""
-        if self._dependenciesChecked:
-            return True
+    @property
+    def params(self) -> parameters.Parameters:
+        """The module's choices in the scene's parameter node (``getParameterNode()``'s node)."""
+        return parameters.Parameters(slicer.mrmlScene)
+
+    def ensureDependencies(self, forJobs: bool = True) -> bool:
+        """Install what is missing or too old, after one confirmation, one package at a time.
+
+        ``forJobs``: torch (through PyTorch Utils) and every requirement of the jobs; otherwise only what the
+        Slicer process imports. False when the user declines or something FM-ABS cannot do without failed
+        (one message says which package and pip's reason); a generalist's package that failed only makes
+        that generalist unavailable.
+        """
+        problem = deps.python_problem()
+        if problem:
+            slicer.util.errorDisplay(problem, windowTitle=f"FM-ABS needs 3D Slicer {deps.MIN_SLICER} or later")
+            return False
         deps.ensure_fmabs_core_importable()
-        names = deps.missing(torch_needed=True)
-        if names:
-            confirm, install_torch, pip_install = deps.slicer_installers()
-            if not deps.install(names, confirm, install_torch, pip_install):
+        if forJobs and self._jobDependenciesChecked:
+            return True
+        requirements = deps.REQUIREMENTS if forJobs else [r for r in deps.REQUIREMENTS if r.gui]
+        plan = deps.plan(torch_needed=forJobs, requirements=requirements, skip=self._unavailable)
+        if plan.steps:
+            confirm, install_torch, run_pip = deps.slicer_installers()
+            outcome = deps.install(plan, confirm, install_torch, run_pip, progress=self._showProgress)
+            if outcome.declined:
                 return False
-        self._dependenciesChecked = True
+            self._unavailable |= {r.dist for r in outcome.not_installed if r.generalists}
+            if not outcome.ok:
+                show = slicer.util.warningDisplay if outcome.usable else slicer.util.errorDisplay
+                show(outcome.message, windowTitle="FM-ABS: Python packages")
+            else:
+                slicer.util.showStatusMessage(outcome.message, 5000)
+            if not outcome.usable:
+                return False
+        if forJobs:
+            self._jobDependenciesChecked = True
         return True
+
+    @staticmethod
+    def _showProgress(text: str) -> None:
+        slicer.util.showStatusMessage(text)
+        slicer.app.processEvents()
 
     @property
     def core(self):
         if self._core is None:
-            if not self.ensureDependencies():
+            if not self.ensureDependencies(forJobs=False):
                 raise RuntimeError("FM-ABS needs its Python packages; they were not installed.")
             from SlicerFMABSLib.logic import FMABSLogic
 
             self._core = FMABSLogic(slicer.mrmlScene, slicer.modules.segmentations.logic())
         return self._core
+
+    def coreIfReady(self):
+        """``core`` when it can be made without asking anything (its packages are installed), else None."""
+        if self._core is None and not deps.ready(for_jobs=False):
+            return None
+        return self.core
 
 
 #
@@ -527,26 +768,61 @@ class SlicerFMABSLogic(ScriptedLoadableModuleLogic):
 
 
 class SlicerFMABSTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (ctest or the Reload and Test button) on the application's own scene."""
+    """Runs inside Slicer (ctest or the Reload and Test button) on the application's own scene.
+
+    It downloads nothing big: the Label, Review and Export part needs only what the Slicer process imports
+    (numpy, nibabel, filelock, psutil; installed if missing, a few MB, never PyTorch). The part that runs a
+    real ``fmabs`` job runs only when PyTorch and the jobs' packages are already installed; otherwise it
+    is skipped with a message.
+    """
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
-        self.setUp()
-        self.test_module_widget()
-        self.setUp()
-        self.test_crosslabel_review_export()
-        self.setUp()
-        self.test_run_watcher()
+        for test in (self.test_module_widget, self.test_crosslabel_review_export, self.test_run_watcher,
+                     self.test_cancel_stops_the_process_tree, self.test_fmabs_job):
+            self.setUp()
+            test()
+
+    def _skip(self, what: str, why: str) -> None:
+        logging.warning("SlicerFMABSTest: %s skipped: %s", what, why)
+        self.delayDisplay(f"{what} skipped: {why}")
+
+    def _guiPackages(self, what: str) -> bool:
+        """numpy, nibabel, filelock, psutil: present, or installed (small); never torch."""
+        problem = deps.python_problem()
+        if problem:
+            self._skip(what, problem.split("\n")[0])
+            return False
+        if deps.ready(for_jobs=False):
+            return True
+        try:
+            if SlicerFMABSLogic().ensureDependencies(forJobs=False):
+                return True
+        except Exception as exc:  # offline
+            logging.warning("SlicerFMABSTest: %s", exc)
+        self._skip(what, f"could not install {', '.join(deps.missing(gui_only=True))}")
+        return False
 
     def _tmp(self) -> Path:
         import tempfile
 
         return Path(tempfile.mkdtemp(prefix="SlicerFMABSTest-"))
 
+    def _waitFor(self, predicate, timeout_s: float = 120.0, what: str = "the job"):
+        """Poll like the module's timer (the GUI keeps running); returns the predicate's first true value."""
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            value = predicate()
+            if value:
+                return value
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        self.fail(f"timed out waiting for {what}")
+
     def test_module_widget(self) -> None:
-        """The panels load from the .ui and every section is there."""
+        """The panels load from the .ui, every section is there, and the widgets follow the parameter node."""
         self.delayDisplay("Opening the module")
         slicer.util.selectModule("SlicerFMABS")
         widget = slicer.modules.SlicerFMABSWidget
@@ -554,13 +830,21 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
                      "reviewCollapsibleButton", "segmentCollapsibleButton"):
             self.assertTrue(hasattr(widget.ui, name), name)
         self.assertEqual(widget.ui.methodComboBox.count, len(jobs.method_names()))
+        widget.ui.runNameLineEdit.text = "ctest-run"  # widget -> parameter node
+        self.assertEqual(widget.logic.params.runName, "ctest-run")
+        widget.logic.params.budget = 7  # parameter node -> widget
+        self.assertEqual(widget.ui.budgetSpinBox.value, 7)
+        slicer.mrmlScene.Clear()  # a closed scene: back to the defaults
+        self.assertEqual(widget.logic.params.runName, parameters.TEXT["runName"])
 
     def test_crosslabel_review_export(self) -> None:
-        """Oblique left-handed scan: views on suggested planes, drawing -> cross-label, layers, export."""
+        """Oblique left-handed scan: views on suggested planes, drawing -> cross-label, layers, export; the scene
+        keeps no temporary node (colour tables included)."""
+        if not self._guiPackages("Label, review and export"):
+            return
         import numpy as np
 
         logic = SlicerFMABSLogic()
-        self.assertTrue(logic.ensureDependencies())
         import nibabel as nib
         from fmabs_core.data import io as fio
         from SlicerFMABSLib import geometry, segmentations
@@ -582,15 +866,17 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
         core = logic.core
         core.create_project(tmp / "project", {1: "structure"})
         core.project.add_case(scan)
-        volume = core.load_case("scan01")
+        volume = core.start_labelling("scan01")
+        self.assertEqual(logic.params.labelVolume, volume)
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
-        layoutManager = slicer.app.layoutManager()
-        sliceNodes = {v: layoutManager.sliceWidget(n).mrmlSliceNode() for v, n in SLICE_VIEW_OF.items()}
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        sliceNodes = core.slice_nodes()
+        self.assertEqual(set(sliceNodes), set(SLICE_VIEW_OF))
         want = {"axial": 5, "coronal": 7, "sagittal": 9}
         core.place_views(volume, {v: {"index": i} for v, i in want.items()}, sliceNodes)
         self.assertEqual(core.shown_slices(volume, sliceNodes), want)
 
-        seg = core.create_label_segmentation(volume)
+        seg = core.label_segmentation()
         segmentId = seg.GetSegmentation().GetNthSegmentID(0)
         _, shape = geometry.canonical_grid(volume)
         mask = np.zeros(shape, np.uint8)
@@ -598,7 +884,11 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
         mask[9, 3:12, 2:8] = 1
         kji = geometry.from_canonical(mask, geometry.ijk_to_ras(volume)).transpose(2, 1, 0)
         slicer.util.updateSegmentBinaryLabelmapFromArray(kji, seg, segmentId, volume)
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        colourTables = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")
         report = core.save_crosslabel("scan01", seg, volume, want)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)  # no *_ColorTable left behind
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"), colourTables)
         self.assertEqual(report.outside_voxels, 0)
         label = fio.load_label(report.path, 1, allow_unlabelled=True)
         self.assertEqual(fio.check_pair(fio.load_image(core.project.image_path("scan01")), label), [])
@@ -616,7 +906,9 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
         np.testing.assert_array_equal(arr, mask)
 
         self.delayDisplay("Export")
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
         nii, nrrd = core.export_segmentation(nodes["fused"], volume, tmp / "export", "scan01_fused")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
         out = nib.load(str(nii))
         np.testing.assert_allclose(out.affine, nib.load(str(core.project.image_path("scan01"))).affine, atol=1e-5)
         np.testing.assert_array_equal(np.asarray(out.dataobj), image.to_source(mask))
@@ -635,3 +927,35 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
         status, lines = jobs.RunWatcher(run).poll()
         self.assertEqual((status.state, status.iteration, status.total, status.val_dice), ("running", 5, 10, 0.7))
         self.assertEqual(len(lines), 1)
+
+    def test_cancel_stops_the_process_tree(self) -> None:
+        """A job launched as the module launches jobs (launchConsoleProcess, PythonSlicer: a launcher whose child
+        is the real interpreter) and cancelled leaves no process behind. Needs psutil, not torch."""
+        if not self._guiPackages("Cancelling a job"):
+            return
+        code = ("import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', 'import time; "
+                "time.sleep(120)']); print('grandchild', g.pid, flush=True); time.sleep(120)")
+        job = jobs.BackgroundProcess([jobs.python_executable(), "-c", code], self._tmp() / "job.log")
+        self.assertEqual(job.launched_by, "launch_slicer")
+        self._waitFor(lambda: "grandchild" in job.log_tail(), what="the job's child")
+        grandchild = int(job.log_tail().split()[-1])
+        self.assertTrue(jobs.pid_alive(grandchild))
+        job.cancel()
+        self._waitFor(lambda: job.poll() is not None and not jobs.pid_alive(grandchild), 30, "the job to stop")
+
+    def test_fmabs_job(self) -> None:
+        """A real ``fmabs`` job through the module's launcher (only when PyTorch and the jobs' packages are installed)."""
+        import json
+
+        if deps.python_problem() or not deps.ready(for_jobs=True):
+            self._skip("Running an fmabs job", "PyTorch or the jobs' packages are not installed (the module installs "
+                       "them on first use; this test does not download them)")
+            return
+        root = deps.ensure_fmabs_core_importable()
+        job = jobs.BackgroundProcess(jobs.fmabs_argv(["methods", "--json"]), self._tmp() / "methods.json",
+                                     jobs.job_environment([root] if root else []))
+        self._waitFor(lambda: job.poll() is not None, 300, "fmabs methods")
+        self.assertEqual(job.returncode, 0, job.log_tail())
+        text = job.log_tail(200000)
+        methods = json.loads(text[text.find("["):])
+        self.assertIn("fmabs", [m["name"] for m in methods])

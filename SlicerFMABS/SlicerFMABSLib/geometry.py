@@ -28,7 +28,7 @@ deps.ensure_fmabs_core_importable()  # fmabs_core.contract (standard library onl
 #: canonical array axis that is constant on a slice of each view
 from fmabs_core.contract import VIEW_AXIS, VIEWS  # noqa: E402,F401
 #: Slicer's default slice views and the view each one shows while labelling
-SLICE_VIEW_OF = {"axial": "Red", "coronal": "Green", "sagittal": "Yellow"}
+from .scene import SLICE_VIEW_OF  # noqa: E402,F401
 #: slice orientation preset names in Slicer
 ORIENTATION_PRESET = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
 #: tolerance (mm) when comparing affines of the same grid read by ITK and by nibabel (float32 headers)

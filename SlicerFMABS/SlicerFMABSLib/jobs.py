@@ -1,9 +1,14 @@
 """Background jobs: launch ``fmabs`` in its own process and watch its run folder.
 
-The GUI never imports torch and never waits: it starts ``python -m fmabs_core ...`` with
-``subprocess.Popen`` and a timer calls :meth:`RunWatcher.poll`, which only reads
+The GUI never imports torch and never waits: it starts ``python -m fmabs_core ...`` (one command
+line, :func:`fmabs_argv`) and a timer calls :meth:`RunWatcher.poll`, which only reads
 ``status.json`` and the new complete lines of ``events.jsonl``. A job writes those files while
 we read, so every read tolerates a missing file, a half-written JSON and a partial last line.
+
+Inside the Slicer application a job is launched the way Slicer launches its own Python processes,
+with ``slicer.util.launchConsoleProcess`` (Slicer's environment, no console window on Windows); a
+thread copies its output into the job's log file. Elsewhere (tests, a plain Python) it is a
+``subprocess.Popen`` writing straight into the log file, in a session of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -270,6 +276,13 @@ class RunWatcher:
         self.status = JobStatus()
         self.last_suggestion: dict[str, Any] | None = None
         self.last_event_state: str | None = None
+        #: why following the run stopped (reading its files raised); the panel shows it once and stops polling
+        self.failed: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """Worth polling: not finished and not failed."""
+        return self.failed is None and not self.status.finished
 
     def poll(self, process_running: bool | None = None) -> tuple[JobStatus, list[str]]:
         """(current status, new log lines). ``process_running`` is what the launcher knows, if anything."""
@@ -449,29 +462,102 @@ def job_environment(extra_paths: Iterable[str | os.PathLike] = ()) -> dict[str, 
     return env
 
 
+def in_slicer_application() -> bool:
+    """True inside the Slicer application (not in a plain Python with the slicer-core MRML wheel)."""
+    try:
+        import slicer
+    except ImportError:
+        return False
+    return getattr(slicer, "app", None) is not None and hasattr(getattr(slicer, "util", None), "launchConsoleProcess")
+
+
+def environment_changes(env: Mapping[str, str] | None) -> dict[str, str] | None:
+    """What ``env`` sets differently from this process's environment (``launchConsoleProcess`` takes the changes)."""
+    if env is None:
+        return None
+    return {k: v for k, v in env.items() if os.environ.get(k) != v} or None
+
+
+def _copy_output(stream: Any, log_path: Path) -> None:
+    """Copy a child's output pipe into its log file until the pipe closes (runs in a thread)."""
+    raw = getattr(stream, "buffer", stream)  # bytes: no decoding, so a non-UTF-8 line cannot stop the copy
+    try:
+        with open(log_path, "ab", buffering=0) as out:
+            while True:
+                chunk = raw.read1(65536) if hasattr(raw, "read1") else raw.read(65536)
+                if not chunk:
+                    break
+                out.write(chunk if isinstance(chunk, bytes) else chunk.encode("utf-8", "replace"))
+    except (OSError, ValueError):
+        log.warning("stopped copying the output of a job into %s", log_path, exc_info=True)
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
+def launch_popen(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None,
+                 cwd: str | os.PathLike | None) -> tuple[subprocess.Popen, threading.Thread | None]:
+    """Outside Slicer: the child writes into the log file itself, in a session of its own (no Ctrl+C from us)."""
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None, **_detached(),
+        )
+    return process, None
+
+
+def launch_slicer(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None,
+                  cwd: str | os.PathLike | None) -> tuple[subprocess.Popen, threading.Thread | None]:
+    """Inside Slicer: ``slicer.util.launchConsoleProcess`` (no console window on Windows) with this process's
+    environment plus the job's changes, as Slicer itself runs ``PythonSlicer -m pip``; a thread copies the
+    output pipe into the log file."""
+    import slicer
+
+    process = slicer.util.launchConsoleProcess(list(argv), useStartupEnvironment=False,
+                                               updateEnvironment=environment_changes(env),
+                                               cwd=str(cwd) if cwd else None)
+    pump = threading.Thread(target=_copy_output, args=(process.stdout, log_path), daemon=True,
+                            name=f"fmabs-job-{process.pid}-output")
+    pump.start()
+    return process, pump
+
+
 class BackgroundProcess:
-    """A child process whose output goes to a log file; poll() never blocks; cancel() stops its whole tree."""
+    """A child process whose output goes to a log file; poll() never blocks; cancel() stops its whole tree.
+
+    ``launcher``: :func:`launch_slicer` or :func:`launch_popen` (or a function like them); by default the
+    first inside the Slicer application, the second elsewhere. Both run the same command line.
+    """
 
     def __init__(self, argv: Sequence[str], log_path: str | os.PathLike, env: Mapping[str, str] | None = None,
-                 cwd: str | os.PathLike | None = None):
+                 cwd: str | os.PathLike | None = None, launcher: Any = None):
         self.argv = [str(a) for a in argv]
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log.info("starting: %s (log: %s)", " ".join(self.argv), self.log_path)
-        with open(self.log_path, "ab") as out:
-            self.process = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None, **_detached(),
-            )
+        launcher = launcher or (launch_slicer if in_slicer_application() else launch_popen)
+        self.launched_by = getattr(launcher, "__name__", str(launcher))
+        log.info("starting: %s (log: %s; %s)", " ".join(self.argv), self.log_path, self.launched_by)
+        self.process, self._pump = launcher(self.argv, self.log_path, env, cwd)
         self.cancelled = False
+
+    def _finish_output(self, timeout: float = 5.0) -> None:
+        """Once the process has ended: let the last of its output reach the log file (a few seconds at most:
+        a grandchild that kept the pipe open must not block the GUI)."""
+        if self._pump is not None and self._pump.is_alive():
+            self._pump.join(timeout)
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def poll(self) -> int | None:
-        """Return code once finished (reaps the child), else None."""
-        return self.process.poll()
+        """Return code once finished (reaps the child), else None; once finished, the log file is complete."""
+        code = self.process.poll()
+        if code is not None:
+            self._finish_output()
+        return code
 
     @property
     def returncode(self) -> int | None:
@@ -501,7 +587,9 @@ class BackgroundProcess:
         kill_tree(self.pid, timeout=timeout_s)
 
     def wait(self, timeout: float | None = None) -> int:
-        return self.process.wait(timeout)
+        code = self.process.wait(timeout)
+        self._finish_output()
+        return code
 
     def log_tail(self, max_chars: int = 4000) -> str:
         try:

@@ -2,7 +2,10 @@
 
 The Slicer module's ``SlicerFMABSLogic`` hands it ``slicer.mrmlScene``; tests hand it a fresh
 ``vtkMRMLScene`` from slicer-core. Long work (training, suggestions, segmentation) runs in child
-processes (:mod:`.jobs`); this class only starts them and reads their files.
+processes (:mod:`.jobs`); this class only starts them and reads their files. The panels' choices live
+in the scene's parameter node (:attr:`FMABSLogic.params`), so a saved scene restores them.
+
+The process itself needs numpy, nibabel and filelock (``deps.GUI_MODULES``), not torch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import deps, geometry, jobs, segmentations
+from . import deps, geometry, jobs, parameters, segmentations
+from .scene import nodes_by_class
+from .scene import slice_nodes as scene_slice_nodes
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,12 @@ class FMABSLogic:
         self.suggest_output: Path | None = None
         self.prediction: PredictionJob | None = None
         self.python: str | None = None  # None: PythonSlicer or this interpreter
+        self.launcher: Any = None  # None: launchConsoleProcess inside Slicer, Popen elsewhere (jobs.BackgroundProcess)
+
+    @property
+    def params(self) -> parameters.Parameters:
+        """The module's choices in the scene's parameter node (saved with the scene)."""
+        return parameters.Parameters(self.scene)
 
     # ---- project ------------------------------------------------------------------------------
     def require_project(self) -> Project:
@@ -77,11 +88,26 @@ class FMABSLogic:
     def create_project(self, folder: str | os.PathLike, classes: Mapping[int, str]) -> Project:
         self.project = Project.create(folder, dict(classes))
         log.info("created project %s with classes %s", folder, dict(classes))
+        self._remember_project()
         return self.project
 
     def open_project(self, folder: str | os.PathLike) -> Project:
         self.project = Project(folder)
+        self._remember_project()
         return self.project
+
+    def _remember_project(self) -> None:
+        if self.scene is not None:
+            self.params.projectPath = str(self.project.root)
+
+    def restore_project(self) -> Project | None:
+        """Open the project the parameter node names (a reloaded scene), if it is not the open one."""
+        folder = self.params.projectPath
+        if not folder:
+            return None
+        if self.project is not None and Path(folder).resolve() == self.project.root.resolve():
+            return self.project
+        return self.open_project(folder)
 
     def case_rows(self) -> list[tuple[str, bool]]:
         """(case, cross-labelled?) for every scan of the project."""
@@ -170,7 +196,7 @@ class FMABSLogic:
     def load_case(self, case: str) -> Any:
         """The project scan as a volume node (reused when already loaded)."""
         project = self.require_project()
-        for node in self._nodes("vtkMRMLScalarVolumeNode"):
+        for node in nodes_by_class(self.scene, "vtkMRMLScalarVolumeNode"):
             if node.GetAttribute(CASE_ATTRIBUTE) == case and node.GetAttribute("FMABS.project") == str(project.root):
                 return node
         node = self.load_volume_file(project.image_path(case), case)
@@ -191,9 +217,10 @@ class FMABSLogic:
             nib.save(img, str(tmp))
         return Path(path)
 
-    def _nodes(self, class_name: str) -> list[Any]:
-        nodes = self.scene.GetNodesByClass(class_name)
-        return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    def loaded_volume_nodes(self) -> list[Any]:
+        """The scalar volumes in the scene (not labelmaps), e.g. for 'Add loaded volumes'."""
+        return [n for n in nodes_by_class(self.scene, "vtkMRMLScalarVolumeNode")
+                if n.GetClassName() == "vtkMRMLScalarVolumeNode"]
 
     # ---- labelling ----------------------------------------------------------------------------
     def centre_slices(self, volume_node: Any) -> dict[str, dict[str, Any]]:
@@ -214,6 +241,31 @@ class FMABSLogic:
     def shown_slices(self, volume_node: Any, slice_nodes: Mapping[str, Any]) -> dict[str, int]:
         """The canonical plane each view shows now (the planes that will be saved)."""
         return {view: geometry.shown_index(node, volume_node, view) for view, node in slice_nodes.items()}
+
+    def slice_nodes(self) -> dict[str, Any]:
+        """{axial, coronal, sagittal: the red, green, yellow slice node} for those in the scene (fetched by ID)."""
+        return scene_slice_nodes(self.scene)
+
+    def start_labelling(self, case: str) -> Any:
+        """Load a project scan for cross-labelling; it becomes the Label panel's volume (parameter node)."""
+        volume = self.load_case(case)
+        params = self.params
+        drawing = params.labelSegmentation
+        keep = drawing is not None and drawing.GetAttribute(CASE_ATTRIBUTE) == case
+        params.update(case=case, labelVolume=volume, labelSegmentation=drawing if keep else None)
+        return volume
+
+    def label_segmentation(self) -> Any:
+        """The Label panel's drawing for its volume, created (one empty segment per class) when there is none."""
+        params = self.params
+        volume = params.labelVolume
+        if volume is None:
+            raise ValueError("Load a scan first (Label panel: Load).")
+        drawing = params.labelSegmentation
+        if drawing is None or drawing.GetScene() is None:
+            drawing = self.create_label_segmentation(volume)
+            params.labelSegmentation = drawing
+        return drawing
 
     def create_label_segmentation(self, volume_node: Any, classes: Mapping[int, str] | None = None) -> Any:
         """A segmentation on the volume's grid with one empty segment per project class."""
@@ -291,19 +343,42 @@ class FMABSLogic:
     def start_training(self, run: str, method: str, iterations: int, device: str = "auto",
                        generalist: str | None = None, active: str | None = None, budget: int | None = None,
                        expert: str | None = None, options: Sequence[str] = ()) -> jobs.RunWatcher:
-        """Launch ``fmabs train`` in its own process; returns the watcher the timer polls."""
+        """Launch ``fmabs train`` in its own process; returns the watcher the timer polls.
+
+        The choices are recorded in the parameter node (a saved scene remembers which run it trained).
+        """
         project = self.require_project()
         if self.train_job is not None and self.train_job.running:
             raise RuntimeError(f"a training job is already running (pid {self.train_job.pid}); cancel it first")
         args = self.train_arguments(run, method, iterations, device, generalist, active, budget, expert, options)
+        if self.scene is not None:
+            choices = {"runName": run, "method": method, "iterations": int(iterations), "device": device or "auto",
+                       "strategy": active or "none"}
+            choices.update({k: v for k, v in (("generalist", generalist), ("budget", budget), ("expert", expert))
+                            if v is not None})
+            self.params.update(**choices)
         run_dir = project.run_dir(run)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.watcher = jobs.RunWatcher(run_dir)
         events = run_dir / EVENTS_FILE
         self.watcher.events.offset = events.stat().st_size if events.exists() else 0
-        self.train_job = jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), run_dir / "slicer-job.log",
-                                                jobs.job_environment(self.job_pythonpath()), cwd=run_dir)
+        self.train_job = self._launch(args, run_dir / "slicer-job.log", run_dir)
         return self.watcher
+
+    def training_choices(self) -> dict[str, Any]:
+        """The Train panel's choices from the parameter node, as :meth:`start_training`'s keyword arguments."""
+        p = self.params
+        return {"run": p.runName.strip(), "method": p.method, "iterations": p.iterations, "device": p.device,
+                "generalist": p.generalist, "active": p.strategy, "budget": p.budget, "expert": p.expert}
+
+    def start_training_from_parameters(self, options: Sequence[str] = ()) -> jobs.RunWatcher:
+        """:meth:`start_training` with the choices in the parameter node (what the Train panel shows)."""
+        return self.start_training(**self.training_choices(), options=options)
+
+    def _launch(self, args: Sequence[str], log_path: Path, cwd: Path) -> jobs.BackgroundProcess:
+        """Start ``fmabs ARGS``: one command line (contract.fmabs_argv), launched as Slicer launches processes."""
+        return jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), log_path,
+                                      jobs.job_environment(self.job_pythonpath()), cwd=cwd, launcher=self.launcher)
 
     def watch_run(self, run: str) -> jobs.RunWatcher:
         """Watch an existing run (e.g. one started from a terminal)."""
@@ -313,6 +388,8 @@ class FMABSLogic:
     def poll_training(self) -> tuple[jobs.JobStatus, list[str]]:
         if self.watcher is None:
             return jobs.JobStatus(), []
+        if self.watcher.failed is not None:  # reading the run failed before: it is no longer followed
+            return self.watcher.status, []
         running = None
         if self.train_job is not None:
             running = self.train_job.running
@@ -366,8 +443,7 @@ class FMABSLogic:
             self.suggest_output.unlink()
         args = ["suggest", "--project", str(project.root), "--run", run, "--strategy", strategy, "-k", str(int(k))]
         # stdout is the JSON answer; the log file doubles as the output file
-        self.suggest_job = jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), self.suggest_output,
-                                                  jobs.job_environment(self.job_pythonpath()), cwd=out_dir)
+        self.suggest_job = self._launch(args, self.suggest_output, out_dir)
         return self.suggest_job
 
     def finish_suggestions(self) -> list[jobs.Suggestion] | None:
@@ -408,19 +484,30 @@ class FMABSLogic:
         files.pop("label", None)
         self.remove_review_layers(case)
         nodes = {}
-        for layer, path in files.items():
-            title = f"{case} SAM {layer}" if layer in PSEUDO_LAYERS else f"{case} {layer} ({run})"
-            node = segmentations.load_label_file_as_segmentation(self.seg_logic, self.scene, path, volume_node,
-                                                                 title, project.classes, layer)
-            node.SetAttribute(CASE_ATTRIBUTE, case)
-            node.SetAttribute("FMABS.run", run)
-            nodes[layer] = node
+        try:
+            for layer, path in files.items():
+                title = f"{case} SAM {layer}" if layer in PSEUDO_LAYERS else f"{case} {layer} ({run})"
+                node = segmentations.load_label_file_as_segmentation(self.seg_logic, self.scene, path, volume_node,
+                                                                     title, project.classes, layer)
+                node.SetAttribute(CASE_ATTRIBUTE, case)
+                node.SetAttribute("FMABS.run", run)
+                nodes[layer] = node
+        except BaseException:  # all the layers or none: a half-loaded review would mislead
+            for node in nodes.values():
+                self._remove_with_display(node)
+            raise
         return nodes
 
+    def _remove_with_display(self, node: Any) -> None:
+        display = node.GetDisplayNode()
+        if display is not None:
+            self.scene.RemoveNode(display)
+        self.scene.RemoveNode(node)
+
     def remove_review_layers(self, case: str) -> None:
-        for node in self._nodes("vtkMRMLSegmentationNode"):
+        for node in nodes_by_class(self.scene, "vtkMRMLSegmentationNode"):
             if node.GetAttribute(CASE_ATTRIBUTE) == case and node.GetAttribute(LAYER_ATTRIBUTE) in (*PSEUDO_LAYERS, "prediction"):
-                self.scene.RemoveNode(node)
+                self._remove_with_display(node)
 
     @staticmethod
     def set_layer_visible(node: Any, visible: bool, opacity: float | None = None) -> None:
@@ -452,8 +539,7 @@ class FMABSLogic:
         args = ["predict", "--model", str(model), "--input", str(source), "--output", str(work / "output")]
         if device != "auto":
             args += ["--device", device]
-        process = jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), work / "predict.log",
-                                         jobs.job_environment(self.job_pythonpath()), cwd=work)
+        process = self._launch(args, work / "predict.log", work)
         self.prediction = PredictionJob(process, volume_node.GetID(), work / "output" / f"{fio.case_id(source)}.nii.gz",
                                         time.time())
         return self.prediction

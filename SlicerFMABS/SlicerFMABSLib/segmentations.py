@@ -17,6 +17,7 @@ import numpy as np
 import vtk
 
 from . import deps, geometry
+from .scene import scratch_nodes
 
 log = logging.getLogger(__name__)
 
@@ -166,22 +167,21 @@ def class_colour(value: int, base: Sequence[float] | None = None) -> tuple[float
 
 # ---- segmentation -> arrays -----------------------------------------------------------------------
 def _export_segment_ijk(seg_logic: Any, scene: Any, segmentation_node: Any, segment_id: str, reference: Any) -> np.ndarray:
-    """One segment as a 0/1 array on the reference volume's IJK grid."""
+    """One segment as a 0/1 array on the reference volume's IJK grid.
+
+    The export goes through a temporary labelmap node; ``ExportSegmentsToLabelmapNode`` also adds a
+    ``<segmentation>_ColorTable`` node and a display node. All of them are removed again.
+    """
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__fmabs_export__")
-    try:
+    with scratch_nodes(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__fmabs_export__")
         if not seg_logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference):
             raise RuntimeError(
                 f"exporting segment '{segment_id}' of '{segmentation_node.GetName()}' onto "
                 f"'{reference.GetName()}' failed"
             )
         return geometry.node_array_ijk(labelmap) > 0
-    finally:
-        display = labelmap.GetDisplayNode()
-        if display is not None:
-            scene.RemoveNode(display)
-        scene.RemoveNode(labelmap)
 
 
 def segmentation_to_canonical(seg_logic: Any, scene: Any, segmentation_node: Any, reference_volume: Any,
@@ -253,24 +253,30 @@ def load_label_file_as_segmentation(seg_logic: Any, scene: Any, path: str | os.P
                                     name: str, classes: Mapping[int, str], layer: str = "label") -> Any:
     """A label NIfTI (pseudo-label, prediction) as a segmentation node aligned with ``reference_volume``.
 
-    Raises when the file is not on the volume's grid: overlaying it would mislead the reviewer.
+    Raises when the file is not on the volume's grid: overlaying it would mislead the reviewer. Only the
+    segmentation node (and its display node) stays in the scene; the labelmap read from the file and
+    whatever came with it are removed.
     """
-    labelmap = read_labelmap_node(scene, path, f"__fmabs_{name}__")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.CreateDefaultDisplayNodes()
     try:
-        ref_affine, ref_shape = geometry.canonical_grid(reference_volume)
-        lab_affine, lab_shape = geometry.canonical_grid(labelmap)
-        if not geometry.same_grid(ref_affine, ref_shape, lab_affine, lab_shape):
-            raise geometry.GeometryError(
-                f"{path}: not on the grid of volume '{reference_volume.GetName()}' "
-                f"(shape {lab_shape} vs {ref_shape}); was it made from another scan?"
-            )
-        node = labelmap_to_segmentation(seg_logic, scene, labelmap, reference_volume, name, classes,
-                                        LAYER_COLOURS.get(layer))
-    finally:
-        display = labelmap.GetDisplayNode()
+        with scratch_nodes(scene):
+            labelmap = read_labelmap_node(scene, path, f"__fmabs_{name}__")
+            ref_affine, ref_shape = geometry.canonical_grid(reference_volume)
+            lab_affine, lab_shape = geometry.canonical_grid(labelmap)
+            if not geometry.same_grid(ref_affine, ref_shape, lab_affine, lab_shape):
+                raise geometry.GeometryError(
+                    f"{path}: not on the grid of volume '{reference_volume.GetName()}' "
+                    f"(shape {lab_shape} vs {ref_shape}); was it made from another scan?"
+                )
+            labelmap_to_segmentation(seg_logic, scene, labelmap, reference_volume, name, classes,
+                                     LAYER_COLOURS.get(layer), segmentation_node=node)
+    except BaseException:
+        display = node.GetDisplayNode()
         if display is not None:
             scene.RemoveNode(display)
-        scene.RemoveNode(labelmap)
+        scene.RemoveNode(node)
+        raise
     node.SetAttribute("FMABS.layer", layer)
     node.SetAttribute("FMABS.file", str(path))
     display = node.GetDisplayNode()

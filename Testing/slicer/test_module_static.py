@@ -75,3 +75,25 @@ def test_cmake_lists_every_script_and_resource():
         assert re.search(rf"set\({key} \"[^\"]+\"\)", top), key
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in top and 'set(EXTENSION_DEPENDS "PyTorch")' in top
     assert "add_subdirectory(SlicerFMABS)" in top
+
+
+def test_parameter_widgets_exist_and_fit_their_kind():
+    """Every widget bound to the parameter node exists in the .ui with a class its read/write code fits,
+    and every bound parameter exists in SlicerFMABSLib.parameters."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "SlicerFMABS"))
+    from SlicerFMABSLib import parameters
+
+    tree = ast.parse(MODULE.read_text())
+    found = {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name) and t.id in ("PARAMETER_WIDGETS", "CHANGED_SIGNAL")}
+    bound, signals = found["PARAMETER_WIDGETS"], found["CHANGED_SIGNAL"]
+    widgets = ui_widgets()
+    fits = {"path": "ctkPathLineEdit", "text": "QLineEdit", "combo": "QComboBox", "number": "QSpinBox",
+            "node": "qMRMLNodeComboBox"}
+    for name, (widget, kind) in bound.items():
+        assert name in parameters.NAMES, name
+        assert widgets.get(widget) == fits[kind], (name, widget, widgets.get(widget))
+        assert kind in signals
+    assert set(parameters.NAMES) - set(bound) == {"labelVolume", "labelSegmentation"}  # no widget: set by Load/Draw

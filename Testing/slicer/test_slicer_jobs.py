@@ -145,6 +145,7 @@ def make_logic():
         lg.project = Project(root)
         lg.train_job = lg.watcher = lg.suggest_job = lg.suggest_output = lg.prediction = None
         lg.python = sys.executable
+        lg.launcher = None
         made.append(lg)
         return lg
 
@@ -232,30 +233,110 @@ def test_cancel_sends_sigterm(labelled_project, make_logic):
     assert lg.trained_runs() == ["run2"]  # the checkpoint is a model to segment with
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.name != "posix", reason="the stand-in launcher is a script with a #! line")
-def test_cancel_through_a_launcher(labelled_project, make_logic, tmp_path):
-    """Slicer runs jobs with PythonSlicer, a launcher whose child is the real interpreter and which forwards
-    no signal. Here a real launcher of that kind (a script that runs the interpreter as its child): cancel
-    must reach the trainer (the holder of the run lock), which checkpoints; the launcher passes on its 130."""
+def _launcher_script(tmp_path) -> Path:
+    """A stand-in for PythonSlicer: a launcher that runs the real interpreter as its child, forwards no signal
+    and passes on the child's exit code."""
     launcher = tmp_path / "PythonLauncher"
     launcher.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
                         f"sys.exit(subprocess.call([{sys.executable!r}, *sys.argv[1:]]))\n")
     launcher.chmod(0o755)
-    lg = make_logic(labelled_project)
-    lg.python = str(launcher)
-    lg.start_training("run5", "sup", 2000, device="cpu", options=TINY_TRAIN)
-    _poll_until(lg, lambda s: (s.iteration or 0) >= 1)
+    return launcher
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="the stand-in launcher is a script with a #! line")
+@pytest.mark.parametrize("launch", ["launch_slicer", "launch_popen"])
+def test_cancel_through_a_launcher_then_resume(labelled_project, make_logic, tmp_path, launch, slicer_mod):
+    """Slicer runs jobs with PythonSlicer, a launcher whose child is the real interpreter and which forwards
+    no signal; inside Slicer the module launches it with launchConsoleProcess (slicer-core's, real, here).
+    Cancel must reach the trainer (the holder of the run lock), which checkpoints; no process is left behind;
+    Start on the same run resumes from the checkpoint."""
     from fmabs_core.runs.lock import lock_holder
 
-    trainer = lock_holder(lg.project.run_dir("run5"))["pid"]
-    assert trainer != lg.train_job.pid  # the launcher is not the trainer
+    lg = make_logic(labelled_project)
+    lg.python = str(_launcher_script(tmp_path))
+    lg.launcher = getattr(jobs, launch)
+    lg.start_training("run5", "sup", 2000, device="cpu", options=TINY_TRAIN)
+    assert lg.train_job.launched_by == launch
+    _poll_until(lg, lambda s: (s.iteration or 0) >= 1)
+    run = lg.project.run_dir("run5")
+    trainer = lock_holder(run)["pid"]
+    launcher_pid = lg.train_job.pid
+    assert trainer != launcher_pid  # the launcher is not the trainer
     assert lg.cancel_training()
     status, lines, _ = _poll_until(lg, lambda s: s.finished, timeout=60.0)
     assert status.state == "cancelled" and status.iteration < 2000
     assert lg.train_job.wait(30) == 130
     assert any("cancelled (resume" in line for line in lines)
-    assert not jobs.pid_alive(trainer)
+    assert not jobs.pid_alive(trainer) and not jobs.pid_alive(launcher_pid)  # nothing left behind
+    assert "cancel" in (run / "slicer-job.log").read_text().lower()  # the job's output reached its log file
+    checkpoint = jobs.read_json(run / "status.json")["checkpoint_iteration"]
+    assert checkpoint == status.iteration
+
+    lg.start_training("run5", "sup", 2000, device="cpu", options=TINY_TRAIN)  # Start again: resume
+    status, lines, _ = _poll_until(lg, lambda s: (s.iteration or 0) > checkpoint)
+    assert lines[0].startswith(f"[{checkpoint}] started (2000 iterations on cpu)"), lines[:3]
+    trainer = lock_holder(run)["pid"]
+    assert lg.cancel_training()
+    status, _, _ = _poll_until(lg, lambda s: s.finished, timeout=60.0)
+    assert status.state == "cancelled" and status.iteration > checkpoint
+    assert lg.train_job.wait(30) == 130 and not jobs.pid_alive(trainer)
+
+
+def test_slicer_launcher_writes_the_log_and_cancel_stops_its_tree(tmp_path, slicer_mod):
+    """launch_slicer: slicer.util.launchConsoleProcess (slicer-core's, real) with the job's environment changes;
+    the output pipe reaches the log file (bytes that are not UTF-8 included); cancel stops the grandchild too."""
+    code = ("import os, subprocess, sys, time; sys.stdout.buffer.write(b'latin-1: \\xe9\\n'); "
+            "print('env', os.environ.get('FMABS_TEST_MARK'), flush=True); "
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "print('grandchild', g.pid, flush=True); time.sleep(60)")
+    env = jobs.job_environment()
+    env["FMABS_TEST_MARK"] = "marked"
+    assert jobs.environment_changes(env)["FMABS_TEST_MARK"] == "marked"
+    proc = jobs.BackgroundProcess([sys.executable, "-c", code], tmp_path / "log.txt", env, cwd=tmp_path,
+                                  launcher=jobs.launch_slicer)
+    for _ in range(200):
+        if "grandchild" in proc.log_tail():
+            break
+        time.sleep(0.05)
+    text = proc.log_tail()
+    assert "env marked" in text and "latin-1: \ufffd" in text  # the raw byte is in the file, shown replaced
+    assert b"\xe9" in (tmp_path / "log.txt").read_bytes()
+    grandchild = int(text.split()[-1])
+    assert jobs.pid_alive(grandchild)
+    proc.cancel()
+    assert proc.cancelled and proc.wait(10) == -signal.SIGTERM
+    for _ in range(200):
+        if not jobs.pid_alive(grandchild):
+            break
+        time.sleep(0.05)
+    assert not jobs.pid_alive(grandchild)
+    assert proc.poll() is not None and not proc._pump.is_alive()  # the log is complete once the job has ended
+
+
+def test_jobs_use_launch_console_process_inside_slicer(tmp_path, slicer_mod, monkeypatch):
+    """Inside the application (``slicer.app`` exists: the only fake here) a job is launched with
+    launchConsoleProcess; in a plain Python with Popen. The command line is the same."""
+    argv = [sys.executable, "-c", "print('hello', flush=True)"]
+    plain = jobs.BackgroundProcess(argv, tmp_path / "plain.log")
+    assert not jobs.in_slicer_application() and plain.launched_by == "launch_popen"
+    calls = []
+    real = slicer_mod.util.launchConsoleProcess
+
+    def recording(args, **kwargs):
+        calls.append((list(args), kwargs))
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(slicer_mod, "app", object(), raising=False)
+    monkeypatch.setattr(slicer_mod.util, "launchConsoleProcess", recording)
+    assert jobs.in_slicer_application()
+    inside = jobs.BackgroundProcess(argv, tmp_path / "inside.log", jobs.job_environment(["/extra/path"]), cwd=tmp_path)
+    assert inside.launched_by == "launch_slicer" and calls[0][0] == argv
+    assert calls[0][1]["useStartupEnvironment"] is False and calls[0][1]["cwd"] == str(tmp_path)
+    assert calls[0][1]["updateEnvironment"]["PYTHONPATH"].startswith("/extra/path")
+    for job in (plain, inside):
+        assert job.wait(30) == 0
+        assert job.log_tail().strip() == "hello"
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def widget_module(monkeypatch, slicer_mod):
     sl = types.ModuleType("slicer.ScriptedLoadableModule")
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
                  "ScriptedLoadableModuleTest"):
-        setattr(sl, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
+        setattr(sl, name, type(name, (), {"__init__": lambda self, parent=None, *a, **k: setattr(self, "parent", parent)}))
     monkeypatch.setitem(sys.modules, "qt", qt)
     monkeypatch.setitem(sys.modules, "ctk", types.ModuleType("ctk"))
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", sl)
@@ -83,13 +83,16 @@ def widget_module(monkeypatch, slicer_mod):
         yield  # the application would show a dialog; here the error fails the test
 
     monkeypatch.setattr(slicer_mod.util, "tryWithErrorDisplay", raise_errors, raising=False)
-    monkeypatch.setattr(slicer_mod.util, "showStatusMessage", lambda *a, **k: None, raising=False)
     warnings = []
     monkeypatch.setattr(slicer_mod.util, "warningDisplay", lambda text, **k: warnings.append(text), raising=False)
+    dialogs = []  # a modal dialog in the application; here recorded so that a test can assert there was none
+    monkeypatch.setattr(slicer_mod.util, "errorDisplay", lambda text, **k: dialogs.append(text), raising=False)
+    status = []
+    monkeypatch.setattr(slicer_mod.util, "showStatusMessage", lambda text, *a, **k: status.append(text), raising=False)
     spec = importlib.util.spec_from_file_location("SlicerFMABS_under_test", REPO / "SlicerFMABS" / "SlicerFMABS.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module._warnings = warnings
+    module._warnings, module._dialogs, module._status = warnings, dialogs, status
     return module
 
 
@@ -103,7 +106,7 @@ def widget(widget_module, scene):
     w.ui = types.SimpleNamespace(**{n: FakeWidget(n) for n in names})
     w.logic = widget_module.SlicerFMABSLogic()
     w.logic._core = FMABSLogic(scene)
-    w.logic._dependenciesChecked = True
+    w.logic._jobDependenciesChecked = True
     w.timer = sys.modules["qt"].QTimer()
     return w
 
@@ -160,3 +163,115 @@ def test_method_help_says_which_family_fits_which_labels(widget):
     text = widget.ui.methodHelpLabel.text
     assert "densely labelled" in text and "Three drawn slices" in text
     assert "cfr-mt" in text and "fmabs" in text
+
+
+def test_polling_error_gives_one_message_and_stops(widget, widget_module, tmp_path, caplog):
+    """A run whose files cannot be read (events.jsonl is a folder: reading it raises) makes the watcher's poll
+    raise on every tick. Two ticks: one message (log + the Train panel's state line), no dialog, timer stopped."""
+    core = widget.logic.core
+    core.create_project(tmp_path / "proj", {1: "x"})
+    run = core.project.run_dir("broken")
+    (run / "events.jsonl").mkdir(parents=True)
+    widget.ui.runNameLineEdit.text = "broken"
+    widget.onWatchRun()
+    with pytest.raises(IsADirectoryError):  # the real watcher on the real folder does raise, each time
+        jobs_of(widget_module).RunWatcher(run).poll()
+    with caplog.at_level("ERROR"):
+        widget.onTimer()
+        widget.onTimer()  # a tick already queued when the first one stopped the timer
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "training" in errors[0].getMessage()
+    assert widget.ui.trainingStateLabel.text.startswith("error reading the run")
+    assert "Is a directory" in widget.ui.trainingStateLabel.text or "events.jsonl" in widget.ui.trainingStateLabel.text
+    assert widget_module._dialogs == [] and len(widget_module._status) == 1
+    assert not widget.timer.active and core.watcher.failed and widget.ui.startTrainingButton.enabled
+    widget.onWatchRun()  # Watch run again: a new watcher, polled again
+    assert widget.timer.active and core.watcher.failed is None
+
+
+def jobs_of(module):
+    return module.jobs
+
+
+def test_widgets_follow_the_parameter_node(widget, widget_module, scene, tmp_path, slicer_mod):
+    """The widgets show the parameter node and write to it; a loaded scene brings its values into the panels."""
+    from SlicerFMABSLib import parameters
+
+    ui = widget.ui
+    for combo, values in ((ui.methodComboBox, ["fmabs", "mt", "sup"]), (ui.generalistComboBox, ["litemedsam", "medsam"]),
+                          (ui.strategyComboBox, ["none", "her"]), (ui.expertComboBox, ["human", "simulated"]),
+                          (ui.deviceComboBox, ["auto", "cpu"])):
+        for value in values:
+            combo.addItem(value)
+    widget.initializeParameterNode()
+    assert ui.runNameLineEdit.text == "run1" and ui.iterationsSpinBox.value == 6000  # the defaults, shown
+    params = widget.logic.params
+    params.update(runName="night", budget=4, method="mt")  # Logic -> widgets (the node's Modified event)
+    assert (ui.runNameLineEdit.text, ui.budgetSpinBox.value, ui.methodComboBox.currentText) == ("night", 4, "mt")
+    ui.iterationsSpinBox.value = 321  # the user edits a widget; Qt emits valueChanged(int)
+    widget.updateParameterNodeFromGUI("iterations")
+    ui.deviceComboBox.setCurrentText("cpu")
+    ui.runNameLineEdit.text = "not signalled yet"
+    widget.updateParameterNodeFromGUI("device")  # only the widget that changed is written
+    assert params.runName == "night"
+    ui.runNameLineEdit.text = "night"
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "scan")
+    ui.segmentVolumeSelector.setCurrentNode(volume)
+    widget.updateParameterNodeFromGUI()  # all of them
+    assert (params.iterations, params.device, params.segmentVolume, params.runName) == (321, "cpu", volume, "night")
+    assert widget.labelVolume is None
+    widget.labelVolume = volume
+    assert params.labelVolume is volume
+
+    # a scene saved and loaded again (as File > Add Data does: imported into the open scene)
+    path = tmp_path / "s.mrml"
+    scene.SetURL(str(path))
+    assert scene.Commit()
+    params.update(runName="changed", iterations=5)
+    assert ui.runNameLineEdit.text == "changed"
+    widget.onSceneStartImport(scene, None)
+    ui.iterationsSpinBox.value = 77  # a widget reacting to the nodes being loaded: not written while importing
+    widget.updateParameterNodeFromGUI("iterations")
+    scene.Import()
+    widget.onSceneEndImport(scene, None)
+    assert (ui.runNameLineEdit.text, ui.iterationsSpinBox.value, ui.deviceComboBox.currentText) == ("night", 321, "cpu")
+    assert ui.segmentVolumeSelector.currentNode().GetName() == "scan"
+    # closing the scene: defaults again
+    widget.onSceneStartClose(scene, None)
+    scene.Clear(0)
+    widget.onSceneEndClose(scene, None)
+    assert ui.runNameLineEdit.text == parameters.TEXT["runName"] and ui.segmentVolumeSelector.currentNode() is None
+
+
+class FakeLayoutManager:
+    """Slicer's layout manager (an application class): which slice views the current layout shows."""
+
+    def __init__(self, shown):
+        self.shown, self.layouts = set(shown), []
+
+    def sliceWidget(self, name):
+        return object() if name in self.shown else None
+
+    def setLayout(self, layout):
+        self.layouts.append(layout)
+        self.shown = {"Red", "Green", "Yellow"}
+
+
+def test_layout_without_the_green_view(widget, widget_module, scene, slicer_mod, monkeypatch, tmp_path):
+    """sliceWidget("Green") is None in a layout without the green view: saving asks for a layout with the three
+    views instead of failing; Show slices switches to Four-Up. The slice nodes are fetched by ID."""
+    for name in ("Red", "Green", "Yellow"):
+        node = slicer_mod.vtkMRMLSliceNode()
+        node.SetLayoutName(name)
+        node.SetSingletonTag(name)
+        scene.AddNode(node)
+    layout = FakeLayoutManager({"Red", "Yellow"})
+    monkeypatch.setattr(slicer_mod, "app", type("App", (), {"layoutManager": lambda self: layout})(), raising=False)
+    nodes = widget.sliceNodes()
+    assert {v: n.GetID() for v, n in nodes.items()} == {
+        "axial": "vtkMRMLSliceNodeRed", "coronal": "vtkMRMLSliceNodeGreen", "sagittal": "vtkMRMLSliceNodeYellow"}
+    with pytest.raises(ValueError, match=r"does not show the coronal \(Green\) view"):
+        widget.sliceNodes(requireShown=True)
+    widget.showThreeSliceViews()
+    assert layout.layouts == [slicer_mod.vtkMRMLLayoutNode.SlicerLayoutFourUpView]
+    assert set(widget.sliceNodes(requireShown=True)) == {"axial", "coronal", "sagittal"}
