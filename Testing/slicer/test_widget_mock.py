@@ -158,6 +158,7 @@ def _own_pid() -> int:
     return os.getpid()
 
 
+@pytest.mark.slow  # runs `fmabs methods --json` in a child process
 def test_method_help_says_which_family_fits_which_labels(widget):
     widget.onMethodChanged("cfr-mt")
     text = widget.ui.methodHelpLabel.text
