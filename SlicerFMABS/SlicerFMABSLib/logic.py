@@ -30,14 +30,23 @@ log = logging.getLogger(__name__)
 
 deps.ensure_fmabs_core_importable()
 
+from fmabs_core import contract  # noqa: E402
 from fmabs_core.contract import (  # noqa: E402,F401  (parse_classes: re-exported for the module)
-    CHECKPOINTS_DIR, EVENTS_FILE, PSEUDO_DIR, RUNS_DIR, STATUS_FILE, VIEWS, parse_classes, train_args)
+    CHECKPOINTS_DIR, EVENTS_FILE, PSEUDO_DIR, PSEUDO_LAYERS, RUNS_DIR, STATUS_FILE, VIEWS, parse_classes, train_args)
 from fmabs_core.data import io as fio  # noqa: E402  (needs the path set up above)
 from fmabs_core.data.project import Project, import_folder  # noqa: E402
 
-PSEUDO_LAYERS = ("axial", "coronal", "sagittal", "fused")
 CASE_ATTRIBUTE = "FMABS.case"
 LAYER_ATTRIBUTE = "FMABS.layer"
+
+
+def _usable_name(name: str) -> bool:
+    """A run folder fmabs can use (a hand-made folder such as 'my run' is not listed)."""
+    try:
+        contract.check_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def safe_name(name: str) -> str:
@@ -303,7 +312,7 @@ class FMABSLogic:
     def runs(self) -> list[str]:
         project = self.require_project()
         root = project.root / RUNS_DIR
-        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and _usable_name(p.name)) if root.is_dir() else []
 
     def trained_runs(self) -> list[str]:
         """Runs with a model to segment with (a finished run, or any checkpoint)."""

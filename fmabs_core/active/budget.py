@@ -33,7 +33,10 @@ def warmup_count(budget: int) -> int:
 
 
 def check_budget(budget: int | None) -> int:
-    if budget is None or int(budget) != budget or budget < 1:
+    """A whole number of scans >= 1 (a float that is whole is accepted); anything else is an InputError."""
+    ok = (not isinstance(budget, bool) and isinstance(budget, (int, float)) and math.isfinite(budget)
+          and int(budget) == budget and budget >= 1)
+    if not ok:
         raise InputError(f"active cross-labelling needs a budget of at least 1 scan (got --budget {budget})")
     return int(budget)
 

@@ -1,12 +1,26 @@
-"""The ``fmabs`` command. Each sub-command lives in its own module with a ``register(subparsers)``."""
+"""The ``fmabs`` command. Each sub-command lives in its own module with a ``register(subparsers)``.
+
+Errors: bad input (an :class:`~fmabs_core.errors.FmabsError`, or a value the parser refuses) prints one
+``fmabs: error: ...`` line naming the file, key or option, and exits with 2. Anything else is a bug:
+``fmabs`` prints one line saying so and where the full traceback was saved, and exits with 1. The
+report goes to ``<project>/.fmabs/crash/`` when the command has a ``--project`` that is an FM-ABS
+project, else to ``fmabs-crash/`` in the system's temporary folder (``FMABS_CRASH_DIR`` overrides
+both); ``-v`` also prints the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
+from fmabs_core.contract import EXIT_FAILED, EXIT_USAGE, PROJECT_FILE
 from fmabs_core.errors import FmabsError
 
 log = logging.getLogger("fmabs_core")
@@ -40,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(light=command is not None and command not in TRAINING_COMMANDS)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a value the parser refused (it printed why)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -50,7 +67,52 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except FmabsError as exc:
         print(f"fmabs: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("fmabs: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback in a file
+        return internal_error(exc, argv, args)
+
+
+def internal_error(exc: BaseException, argv: list[str], args: argparse.Namespace | None = None) -> int:
+    """Save the traceback of an unexpected error, say where in one line, and return EXIT_FAILED."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    report = (f"fmabs {' '.join(map(str, argv))}\npython {sys.version.split()[0]} on {sys.platform}, "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n\n{text}")
+    saved = None
+    for folder in crash_dirs(args):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+            path.write_text(report, encoding="utf-8")
+            saved = path
+            break
+        except OSError:
+            continue
+    what = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    if saved is not None:
+        print(f"fmabs: internal error ({what}). This is a bug in fmabs, not in your input; the full traceback is "
+              f"in {saved} - please attach it when you report the problem.", file=sys.stderr)
+    else:
+        print(f"fmabs: internal error ({what}); the traceback could not be saved, so here it is:\n{text}",
+              file=sys.stderr)
+    if args is not None and getattr(args, "verbose", False) and saved is not None:
+        print(text, file=sys.stderr)
+    return EXIT_FAILED
+
+
+def crash_dirs(args: argparse.Namespace | None) -> list[Path]:
+    """Where a crash report may go, best first (see the module docstring)."""
+    out = []
+    if os.environ.get("FMABS_CRASH_DIR"):
+        out.append(Path(os.environ["FMABS_CRASH_DIR"]))
+    project = getattr(args, "project", None) if args is not None else None
+    if isinstance(project, str) and project:
+        try:
+            if (Path(project) / PROJECT_FILE).is_file():
+                out.append(Path(project) / ".fmabs" / "crash")
+        except (OSError, ValueError):
+            pass
+    out.append(Path(tempfile.gettempdir()) / "fmabs-crash")
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Any, Callable
 
@@ -16,14 +17,15 @@ from fmabs_core.active.strategies import STRATEGIES, get_strategy
 from fmabs_core.active.suggest import SLICE_MODES, describe, select, suggest_slices
 from fmabs_core.data.project import Project
 from fmabs_core.errors import InputError
-from fmabs_core.runs.events import read_status
-from fmabs_core.cli.common import print_json, progress
+from fmabs_core.cli.common import OVERLAP, POSITIVE_INT, UNIT, check_status, print_json, progress
 
 log = logging.getLogger(__name__)
 
 def run_progress(project: Project, run: str) -> float:
-    """Where the run is in its training (t/T for HER's threshold): 1.0 once finished or unknown."""
-    status = read_status(project.run_dir(run))
+    """Where the run is in its training (t/T for HER's threshold): 1.0 once finished or unknown.
+
+    A damaged status.json (wrong types, unknown state) is an error naming the file and key."""
+    status = check_status(project.run_dir(run))
     if status.get("state") == "done":
         return 1.0
     try:
@@ -39,20 +41,24 @@ def suggest(project: Project, run: str, strategy: str, k: int, slices: str = "ce
 
     When the project has a budget, ``k`` is capped to what is left of it (an error once spent).
     """
-    if k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"-k must be at least 1 (got {k})")
     if slices not in SLICE_MODES:
         raise InputError(f"--slices {slices}: choose from {', '.join(SLICE_MODES)}")
+    if not (isinstance(overlap, (int, float)) and math.isfinite(overlap) and 0 <= overlap < 1):
+        raise InputError(f"--overlap must be a number in [0, 1) (got {overlap})")
+    if at is not None and not (isinstance(at, (int, float)) and math.isfinite(at) and 0 <= at <= 1):
+        raise InputError(f"--progress must be a number in [0, 1] (got {at})")
     strat = get_strategy(strategy, seed=seed)
     run_dir = project.run_dir(run)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run; train one first with 'fmabs train --run {run}'.")
     from fmabs_core.device import resolve_device
-    from fmabs_core.inference.predict import load_model, predict_proba
+    from fmabs_core.inference.predict import check_patch, load_model, predict_proba
 
     dev = resolve_device(device)
     net, meta = load_model(run_dir, dev)
-    patch = tuple(meta["patch_size"])
+    patch = check_patch(tuple(meta["patch_size"]), meta["divisor"], meta["network"], f"{meta['path']}: 'patch_size'")
     train = project.split("train")
     labelled = set(project.crosslabelled())
     candidates = [c for c in train if c not in labelled]
@@ -104,13 +110,14 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p.add_argument("--project", required=True)
     p.add_argument("--run", required=True, help="the run whose model scores the scans")
     p.add_argument("--strategy", choices=sorted(STRATEGIES), default="her")
-    p.add_argument("-k", type=int, default=2, help="scans to suggest (capped by the project's budget)")
+    p.add_argument("-k", type=POSITIVE_INT, default=2, help="scans to suggest, at least 1 (capped by the project's "
+                   "budget)")
     p.add_argument("--slices", choices=SLICE_MODES, default="centre",
                    help="centre of the predicted object per view (default), or the most uncertain slice")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="for --strategy random")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
-    p.add_argument("--progress", type=float, help="training progress t/T for HER's threshold "
+    p.add_argument("--overlap", type=OVERLAP, default=0.25, help="sliding-window overlap, in [0, 1)")
+    p.add_argument("--progress", type=UNIT, help="training progress t/T in [0, 1] for HER's threshold "
                    "(default: the run's, 1.0 when finished)")
     p.add_argument("--no-record", action="store_true", help="do not add the suggestion to fmabs.json")
     p.set_defaults(func=cmd_suggest)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 
+from fmabs_core.contract import RUNS_DIR
 from fmabs_core.runs import jobs
 from fmabs_core.data.project import Project
 from fmabs_core.errors import FmabsError, InputError
-from fmabs_core.cli.common import print_json
-from fmabs_core.cli.train_cmds import add_train_arguments
+from fmabs_core.cli.common import POSITIVE_SECONDS, check_run_files, print_json
+from fmabs_core.cli.train_cmds import add_train_arguments, config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,14 @@ def _run_dir(args: argparse.Namespace):
     run_dir = project.run_dir(args.run)
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run in {project.root} (see 'fmabs jobs list --project {args.project}')")
+    check_run_files(run_dir)  # status.json and job.json: a damaged one is named, never a traceback
     return run_dir
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     project = Project(args.project)  # fails early, in the foreground, on a bad project
+    project.run_dir(args.run)  # a safe run name inside the project
+    config_from_args(args, project)  # every option checked here, before anything is written or started
     argv = train_argv(args)
     argv[argv.index("--project") + 1] = str(project.root.resolve())
     job = jobs.start_job(project.run_dir(args.run), argv)
@@ -79,6 +83,16 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     project = Project(args.project)
+    runs_dir = project.root / RUNS_DIR
+    damaged = []
+    for run_dir in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        if run_dir.is_dir():
+            try:
+                check_run_files(run_dir)
+            except InputError as exc:
+                damaged.append(str(exc))
+    if damaged:  # list_runs would stumble on them; name every one instead
+        raise InputError(f"{len(damaged)} run(s) of {project.root} have damaged files:\n  - " + "\n  - ".join(damaged))
     runs = jobs.list_runs(project.root)
     if args.json:
         print_json(runs)
@@ -106,7 +120,8 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     s = jsub.add_parser("cancel", help="SIGTERM a running job: it checkpoints and exits")
     s.add_argument("--project", required=True)
     s.add_argument("--run", required=True)
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the checkpoint (default 120)")
+    s.add_argument("--timeout", type=POSITIVE_SECONDS, default=120.0,
+                   help="seconds to wait for the checkpoint, at least 0 (default 120)")
     s.add_argument("--kill", action="store_true",
                    help="SIGKILL after the timeout (loses the work since the last checkpoint)")
     s.set_defaults(func=cmd_cancel)

@@ -6,13 +6,12 @@ import argparse
 import json
 import logging
 import sys
-import traceback
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 from fmabs_core import methods
-from fmabs_core.cli.common import print_json, progress
-from fmabs_core.contract import CONFIG_FILE, DEVICE_HINT, DONE, EXPERTS, FAILED, STRATEGIES, WAITING
+from fmabs_core.cli.common import OVERLAP, PATCH_SIDE, POSITIVE_INT, print_json, progress
+from fmabs_core.contract import CONFIG_FILE, DEVICE_HINT, DONE, EVENTS_FILE, EXPERTS, FAILED, STRATEGIES, WAITING
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
 from fmabs_core.errors import FmabsError, InputError
@@ -88,8 +87,9 @@ def _apply(base: TrainConfig, given: dict, method: str) -> TrainConfig:
     return replace(base, method=method, method_options=options, net=net, **changes)
 
 
-def report(outcome: Outcome) -> int:
-    """Say how the run ended; returns the exit code."""
+def report(outcome: Outcome, run_dir: Path) -> int:
+    """Say how the run ended; returns the exit code. An unexpected failure is one line: its traceback is
+    in the run's events.jsonl (the ``failed`` event), where the Slicer panel shows it too."""
     if outcome.state == DONE:
         print(f"model: {outcome.model}")
     elif outcome.state == WAITING:
@@ -97,10 +97,12 @@ def report(outcome: Outcome) -> int:
         print_json({"waiting_for_labels": outcome.details.get("missing", []),
                     "cases": outcome.details.get("cases", [])})
     elif outcome.state == FAILED:
-        exc = outcome.exception
-        if not isinstance(exc, FmabsError) and exc is not None:
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-        print(f"fmabs: error: {outcome.message}", file=sys.stderr)
+        if isinstance(outcome.exception, FmabsError):
+            print(f"fmabs: error: {outcome.message}", file=sys.stderr)
+        else:
+            print(f"fmabs: training failed ({outcome.message}); the traceback is in "
+                  f"{run_dir / EVENTS_FILE} (the 'failed' event). The same command resumes from the last "
+                  "checkpoint.", file=sys.stderr)
     else:
         print(outcome.message)
     return outcome.exit_code
@@ -111,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     project = Project(args.project)
     cfg = config_from_args(args, project)
-    return report(train(project, args.run, cfg, progress=progress, install_signal_handlers=True))
+    outcome = train(project, args.run, cfg, progress=progress, install_signal_handlers=True)
+    return report(outcome, project.run_dir(args.run))
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -127,26 +130,34 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _inputs(path: str) -> list[Path]:
+    """The scans ``--input`` names (a file, or a folder of them), each checked up to its header now:
+    a damaged scan is named before the model loads or anything is written."""
     p = Path(path)
     if p.is_dir():
         files = io.list_niftis(p)
         if not files:
-            raise InputError(f"{p}: no .nii or .nii.gz scans found.")
-        return files
-    return [p]
+            raise InputError(f"--input {p}: no .nii or .nii.gz scans found in this folder.")
+    elif not p.exists():
+        raise InputError(f"--input {p}: no such file or folder.")
+    else:
+        files = [p]
+    for f in files:
+        io.read_header(f)
+    return files
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from fmabs_core.device import resolve_device
     from fmabs_core.inference.predict import InferenceConfig, predict_files
 
+    inputs = _inputs(args.input)
     device = resolve_device(args.device or "auto")
     cfg = InferenceConfig(overlap=args.overlap, largest_component=args.largest_component,
                           sw_batch_size=args.sw_batch_size)
     if args.patch_size:
         cfg.patch_size = tuple(args.patch_size)
-    written = predict_files(args.model, _inputs(args.input), Path(args.output), cfg, device,
-                            save_probabilities=args.probabilities, progress=progress)
+    written = predict_files(args.model, inputs, Path(args.output), cfg, device,
+                            save_probabilities=args.probabilities, progress=progress, overwrite=args.overwrite)
     print(f"{len(written)} segmentation(s) written to {args.output}")
     return 0
 
@@ -154,6 +165,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fmabs_core.inference.metrics import evaluate_folders, format_table
 
+    for option, folder in (("--pred", args.pred), ("--labels", args.labels)):
+        if not Path(folder).is_dir():
+            what = "is a file, not a folder" if Path(folder).exists() else "no such folder"
+            raise InputError(f"{option} {folder}: {what}; give the folder of the .nii/.nii.gz files.")
+    if args.json:  # refused before any work: an input, an existing file, a folder, a read-only place
+        inputs = tuple(io.list_niftis(args.pred)) + tuple(io.list_niftis(args.labels))
+        for folder in (args.pred, args.labels):
+            if Path(args.json).resolve() == Path(folder).resolve():
+                raise InputError(f"--json {args.json}: is the folder --{'pred' if folder == args.pred else 'labels'}; "
+                                 "give the name of a new file.")
+        io.check_output_file(args.json, inputs, overwrite=args.overwrite, option="--json")
     scores, summary = evaluate_folders(args.pred, args.labels)
     print(format_table(scores, summary))
     report = {"cases": [s.as_dict() for s in scores], "summary": summary}
@@ -264,17 +286,21 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p = sub.add_parser("predict", help="segment scans with a trained model")
     p.add_argument("--model", required=True, help="a run folder or a model file")
     p.add_argument("--input", required=True, help="a NIfTI file or a folder of them")
-    p.add_argument("--output", required=True)
-    p.add_argument("--patch-size", type=int, nargs=3)
-    p.add_argument("--overlap", type=float, default=0.5)
-    p.add_argument("--sw-batch-size", type=int, default=2)
+    p.add_argument("--output", required=True,
+                   help="folder for <case>.nii.gz (created if its parent exists; never a folder of the inputs)")
+    p.add_argument("--patch-size", type=PATCH_SIDE, nargs=3, metavar=("X", "Y", "Z"),
+                   help="sliding-window size, positive multiples of the network's divisor (default: the model's)")
+    p.add_argument("--overlap", type=OVERLAP, default=0.5, help="sliding-window overlap, in [0, 1) (default 0.5)")
+    p.add_argument("--sw-batch-size", type=POSITIVE_INT, default=2, help="windows per forward pass, at least 1")
     p.add_argument("--largest-component", action="store_true")
     p.add_argument("--probabilities", action="store_true", help="also write foreground probabilities")
-    p.add_argument("--device")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist in --output")
+    p.add_argument("--device", help=DEVICE_HINT)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard, 95HD, ASD of predictions against labels")
     p.add_argument("--pred", required=True)
     p.add_argument("--labels", required=True)
-    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--json", help="also write the report as JSON here (a new file)")
+    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     p.set_defaults(func=cmd_evaluate)

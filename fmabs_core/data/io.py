@@ -9,6 +9,7 @@ own orientation and affine, so that they overlay the input voxel for voxel.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -66,41 +67,179 @@ class Volume:
         return Volume(array, self.affine, self.source_affine, self.source_shape, self.path)
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
+#: the most memory one volume may take once loaded as float32, in bytes (``FMABS_MAX_VOLUME_BYTES``
+#: overrides it); a header claiming more is refused before anything is allocated
+MAX_VOLUME_BYTES = int(os.environ.get("FMABS_MAX_VOLUME_BYTES", 8 * 1024 ** 3))
+#: deflate shrinks data at most about 1032:1, so a .nii.gz this many times smaller than the voxels its
+#: header claims cannot hold them (a truncated file, or a header that lies)
+MAX_GZIP_RATIO = 1100
+_SCALAR_KINDS = "biuf"
+
+
+def _memory_ceiling() -> int:
+    try:
+        import psutil
+
+        return int(min(MAX_VOLUME_BYTES, psutil.virtual_memory().total // 2))
+    except Exception:  # noqa: BLE001 - psutil missing or unusable: the fixed ceiling alone
+        return MAX_VOLUME_BYTES
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+def read_header(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Open a NIfTI file and check everything its header says, without reading the voxels.
+
+    Refused, naming the file: missing or not a file, not NIfTI, unreadable header, voxels that are not
+    single numbers (RGB, complex), not 3D, a claimed size beyond the memory ceiling or beyond what the
+    file can hold, non-finite intensity scaling, and affines with NaN/inf entries or collapsed axes.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file. Check the path or re-import the project.")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file (a folder?). Give the path of a .nii or .nii.gz file.")
     if not is_nifti(path):
         raise InputError(f"{path}: not a NIfTI file (.nii or .nii.gz). Convert it first, e.g. in 3D Slicer.")
     try:
+        _check_raw_header(path)
         img = nib.load(str(path))
         img = nib.Nifti1Image.from_image(img) if not isinstance(img, nib.Nifti1Image) else img
+        shape = tuple(int(n) for n in img.shape)
+        dtype = np.dtype(img.get_data_dtype())
+    except _BadScaling as exc:
+        raise InputError(str(exc)) from None
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputError(f"{path}: cannot be read as NIfTI ({exc}). Re-export the file.") from exc
-    if len(img.shape) != 3:
-        extra = " (a 4D file: split its channels or time points into 3D files)" if len(img.shape) == 4 else ""
-        raise InputError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}{extra}.")
-    if min(img.shape) < 2:
-        raise InputError(f"{path}: shape {tuple(img.shape)} is a single slice, not a 3D volume.")
-    if not np.all(np.isfinite(img.affine)):
-        raise InputError(f"{path}: the affine has NaN or inf entries; fix the header.")
+        raise InputError(f"{path}: cannot be read as NIfTI ({_reason(exc)}). The file is damaged or not "
+                         "NIfTI; re-export it.") from None
+    if dtype.fields is not None or dtype.kind not in _SCALAR_KINDS:
+        what = "colour (RGB/RGBA)" if dtype.fields is not None else ("complex" if dtype.kind == "c" else "non-numeric")
+        raise InputError(f"{path}: voxels of type {dtype.descr if dtype.fields else dtype} are {what} values, not "
+                         "single numbers. Save the volume as one grey-level channel (e.g. 'Scalar volume' in "
+                         "3D Slicer).")
+    if len(shape) != 3:
+        extra = " (a 4D file: split its channels or time points into 3D files)" if len(shape) == 4 else ""
+        raise InputError(f"{path}: expected a 3D volume, got shape {shape}{extra}.")
+    if min(shape) < 2:
+        raise InputError(f"{path}: shape {shape} has fewer than 2 voxels along an axis (a single slice, or a "
+                         "damaged header), not a 3D volume.")
+    n_voxels = int(np.prod(shape, dtype=np.float64))
+    raw_bytes = n_voxels * dtype.itemsize
+    need = n_voxels * (4 + dtype.itemsize)  # the file's voxels plus their float32 copy
+    ceiling = _memory_ceiling()
+    if need > ceiling:
+        raise InputError(f"{path}: the header claims shape {shape} of {dtype} ({_gib(need)} in memory), more than "
+                         f"the limit of {_gib(ceiling)}. The header is damaged, or the scan must be cropped or "
+                         "resampled first.")
+    size = path.stat().st_size
+    offset = int(img.header.get("vox_offset", 352) or 352)
+    if path.name.endswith(".gz"):
+        if raw_bytes > max(size, 1) * MAX_GZIP_RATIO:
+            raise InputError(f"{path}: the header claims {shape} voxels ({_gib(raw_bytes)}) but the compressed file "
+                             f"has only {size} bytes: it is truncated or its header is damaged. Re-export it.")
+    elif size < offset + raw_bytes:
+        raise InputError(f"{path}: the file is truncated: its header needs {offset + raw_bytes} bytes for {shape} "
+                         f"voxels of {dtype}, the file has {size}. Re-export it.")
+    _check_affine(path, img)
     return img
 
 
+def _check_raw_header(path: Path) -> None:
+    """Checks on the header's own bytes, for what nibabel quietly repairs or drops on load.
+
+    ``sizeof_hdr`` must be 348 (NIfTI-1) or 540 (NIfTI-2), in either byte order: anything else is a damaged
+    file or not NIfTI. ``scl_slope``/``scl_inter`` must not be infinite (nibabel ignores such a scaling, which
+    silently changes the intensities the file claims).
+    """
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+    if len(head) < 4:
+        raise ValueError(f"the file is empty or ends after {len(head)} bytes")
+    size = {e: int.from_bytes(head[:4], "little" if e == "<" else "big") for e in "<>"}
+    endian = next((e for e, n in size.items() if n in (348, 540)), None)
+    if endian is None:
+        raise ValueError(f"sizeof_hdr is {size['<']}, not 348 (NIfTI-1) or 540 (NIfTI-2)")
+    nifti1 = size[endian] == 348
+    dim_fmt, dim_at = ("h", 40) if nifti1 else ("q", 16)
+    if len(head) >= dim_at + 8:
+        ndim = struct.unpack(endian + dim_fmt, head[dim_at:dim_at + struct.calcsize(dim_fmt)])[0]
+        if not 1 <= ndim <= 7:
+            raise ValueError(f"dim[0] (the number of dimensions) is {ndim}, not 1..7")
+    fmt, at = ("f", (112, 116)) if nifti1 else ("d", (176, 184))
+    width = struct.calcsize(fmt)
+    for key, offset in zip(("scl_slope", "scl_inter"), at):
+        if len(head) >= offset + width:
+            value = struct.unpack(endian + fmt, head[offset:offset + width])[0]
+            if math.isinf(value):
+                raise _BadScaling(f"{path}: the header's intensity scaling {key} is {value}; fix the header "
+                                  "(scl_slope/scl_inter) or re-export the file.")
+
+
+class _BadScaling(ValueError):
+    pass
+
+
+def _check_affine(path: Path, img: nib.Nifti1Image) -> None:
+    try:
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - a header nibabel cannot turn into an affine
+        raise InputError(f"{path}: the header's orientation (sform/qform) is unusable ({_reason(exc)}); "
+                         "fix the header.") from None
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: the affine (voxel to world, sform/qform) has NaN or inf entries; fix the header.")
+    sv = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if not sv.max() > 0 or sv.min() <= 1e-6 * sv.max():
+        raise InputError(f"{path}: the affine (voxel to world, sform/qform) is singular: its voxel axes collapse "
+                         f"(singular values {', '.join(f'{v:.3g}' for v in sv)}), so the scan has no usable "
+                         "orientation or spacing. Fix the header.")
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _read_voxels(img: nib.Nifti1Image, path: Path, as_float: bool) -> np.ndarray:
+    """The whole array, read now (nibabel reads lazily: a truncated file fails here, not later)."""
+    try:
+        if as_float:
+            return np.asarray(img.get_fdata(dtype=np.float32))
+        return np.asarray(img.dataobj)
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to read {tuple(img.shape)} voxels; free memory, or crop or "
+                         "resample the scan.") from None
+    except Exception as exc:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError... on damaged files
+        raise InputError(f"{path}: the voxel data cannot be read ({_reason(exc)}); the file is truncated or "
+                         "damaged. Re-export it.") from None
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image:
+    return read_header(path)
+
+
 def _to_volume(img: nib.Nifti1Image, path: Path, data: np.ndarray) -> Volume:
-    canon = nib.as_closest_canonical(img)
-    src = nib.orientations.io_orientation(img.affine)
-    ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
-    fwd = nib.orientations.ornt_transform(src, ras)
-    array = np.ascontiguousarray(nib.orientations.apply_orientation(data, fwd))
+    try:
+        canon = nib.as_closest_canonical(img)
+        src = nib.orientations.io_orientation(img.affine)
+        ras = nib.orientations.axcodes2ornt(("R", "A", "S"))
+        fwd = nib.orientations.ornt_transform(src, ras)
+        array = np.ascontiguousarray(nib.orientations.apply_orientation(data, fwd))
+    except Exception as exc:  # noqa: BLE001 - an orientation nibabel cannot resolve
+        raise InputError(f"{path}: the affine gives no usable orientation ({_reason(exc)}); fix the header.") from None
     return Volume(array, canon.affine.copy(), img.affine.copy(), tuple(img.shape), Path(path))
 
 
 def load_image(path: str | os.PathLike) -> Volume:
     """Load an intensity volume as float32 on the canonical grid; NaN or inf is an error."""
     path = Path(path)
-    img = _load_nifti(path)
-    data = np.asarray(img.get_fdata(dtype=np.float32))
+    img = read_header(path)
+    data = _read_voxels(img, path, as_float=True)
     bad = ~np.isfinite(data)
     if bad.any():
         raise InputError(
@@ -117,14 +256,13 @@ def load_label(
     ``num_classes`` counts foreground classes (1..C). ``allow_unlabelled`` admits 255 (cross-labels).
     """
     path = Path(path)
-    img = _load_nifti(path)
-    data = np.asarray(img.dataobj)
+    img = read_header(path)
+    data = _read_voxels(img, path, as_float=False)
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)):
             raise InputError(f"{path}: label volume holds NaN or inf; labels must be integers.")
         if not np.all(data == np.round(data)):
             raise InputError(f"{path}: label volume holds non-integer values; labels must be integers.")
-    data = np.asarray(data)
     values = np.unique(data)
     allowed = set(range(0, (num_classes if num_classes is not None else 254) + 1))
     if allow_unlabelled:
@@ -160,16 +298,25 @@ def check_pair(image: Volume, label: Volume, atol: float = 1e-3) -> list[str]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync and rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name to write.")
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write here ({exc.strerror or exc}); choose another place or fix the "
+                         "folder's permissions.") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot be written ({exc.strerror or exc}); choose another place.") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -201,6 +348,8 @@ def save_like(
         protected.add(Path(reference.path).resolve())
     if path.resolve() in protected:
         raise InputError(f"{path}: refusing to overwrite an input file; choose another output folder.")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; refusing to write a segmentation over it.")
     if tuple(array.shape[:3]) != tuple(reference.array.shape[:3]):
         raise ValueError(f"array shape {array.shape} does not match reference {reference.array.shape}")
     data = np.asarray(reference.to_source(np.asarray(array))).astype(dtype)
@@ -214,8 +363,48 @@ def save_like(
     return path
 
 
-def list_niftis(folder: str | os.PathLike) -> list[Path]:
+def list_niftis(folder: str | os.PathLike, skipped: list[Path] | None = None) -> list[Path]:
+    """The NIfTI files of a folder (not hidden ones); ``skipped`` receives every other entry."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder.")
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+        raise InputError(f"{folder}: not a folder." + (" It does not exist." if not folder.exists() else ""))
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot be listed ({exc.strerror or exc}).") from None
+    found = [p for p in entries if p.is_file() and is_nifti(p) and not p.name.startswith(".")]
+    if skipped is not None:
+        skipped.extend(p for p in entries if p not in found)
+    return found
+
+
+def check_output_file(path: str | os.PathLike, inputs: tuple[Path, ...] = (), overwrite: bool = False,
+                      option: str = "output") -> Path:
+    """Refuse, before any work, an output file that would land on an input, on a folder, on an existing
+    file (unless ``overwrite``), in a missing folder or in one that cannot be written."""
+    path = Path(path)
+    where = f"{option} {path}"
+    if path.is_dir():
+        raise InputError(f"{where}: is a folder; give the name of a file to write.")
+    if path.exists() or path.is_symlink():
+        target = path.resolve()
+        if any(target == Path(p).resolve() for p in inputs):
+            raise InputError(f"{where}: is one of the input files; refusing to overwrite it. Choose another name.")
+        if not overwrite:
+            raise InputError(f"{where}: exists; refusing to overwrite it. Choose another name, or add --overwrite.")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{where}: the folder {parent} does not exist; create it first or choose another place.")
+    check_writable(parent, where)
+    return path
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Write and remove a hidden probe file in ``folder``: a clear error when the folder is read-only."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fmabs-write-test.", dir=folder)
+    except OSError as exc:
+        raise InputError(f"{what}: cannot write in {folder} ({exc.strerror or exc}); choose another place or fix "
+                         "the folder's permissions.") from None
+    os.close(fd)
+    os.unlink(probe)

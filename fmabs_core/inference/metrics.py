@@ -103,8 +103,8 @@ def evaluate_folders(pred_dir, label_dir, num_classes: int | None = None) -> tup
     from fmabs_core.data import io
     from fmabs_core.errors import InputError
 
-    preds = {io.case_id(p): p for p in io.list_niftis(pred_dir) if not io.case_id(p).endswith("_probs")}
-    labels = {io.case_id(p): p for p in io.list_niftis(label_dir)}
+    preds = _by_case([p for p in io.list_niftis(pred_dir) if not io.case_id(p).endswith("_probs")], "--pred")
+    labels = _by_case(io.list_niftis(label_dir), "--labels")
     common = sorted(set(preds) & set(labels))
     if not common:
         raise InputError(f"no prediction in {pred_dir} has a label of the same name in {label_dir}")
@@ -117,3 +117,17 @@ def evaluate_folders(pred_dir, label_dir, num_classes: int | None = None) -> tup
             raise InputError("; ".join(problems))
         scores.append(score_case(cid, pred.array, gt.array, gt.spacing))
     return scores, summarise(scores)
+
+
+def _by_case(paths: list, option: str) -> dict:
+    """case id -> file; two files of one case (``a.nii`` and ``a.nii.gz``) are an error, never a silent pick."""
+    from fmabs_core.data import io
+    from fmabs_core.errors import InputError
+
+    out: dict = {}
+    for p in paths:
+        cid = io.case_id(p)
+        if cid in out:
+            raise InputError(f"{option}: {out[cid]} and {p} are both case '{cid}'; keep one of them.")
+        out[cid] = p
+    return out

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,40 +87,193 @@ def resolve_model_file(model: str | Path) -> Path:
     return model
 
 
-def load_model(model: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained specialist from a run folder or file; returns (model in eval mode, metadata)."""
-    path = resolve_model_file(model)
+def _model_error(path: Path, what: str) -> InputError:
+    return InputError(f"{path}: {what}. Point --model at a model.pt written by 'fmabs train' (or at its run "
+                      "folder), and keep a model file together with the configuration it was saved with.")
+
+
+def read_model_file(path: Path) -> dict:
+    """The checked contents of a model file: ``state_dict``, ``net`` (a NetConfig), ``patch_size``, ``classes``.
+
+    A training checkpoint (``checkpoints/*.pt``) takes its network from the run's ``config.json``.
+    Anything else (a bare tensor, another architecture's description, a missing or damaged part) is an
+    InputError naming the file and the part.
+    """
+    from dataclasses import asdict
+
+    from fmabs_core.contract import CONFIG_FILE
+    from fmabs_core.training.config import TrainConfig, from_dict
+
     try:
         state = load_checkpoint(path, map_location="cpu")
     except RuntimeError as exc:
-        raise InputError(str(exc)) from exc
-    if "net" not in state:  # a training checkpoint: the net config lives in the run's config.json
-        cfg_path = path.parent.parent / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        state = {"state_dict": state["eval_model"], "net": cfg["net"], "patch_size": cfg["patch_size"],
-                 "classes": cfg.get("classes", {"1": "foreground"})}
-    net = build_network(NetConfig(**state["net"]))
-    net.load_state_dict(state["state_dict"])
+        cause = exc.__cause__ or exc
+        summary = " ".join(str(cause).split())[:160]
+        raise _model_error(path, "not a readable model file: it is damaged, not a PyTorch file, or holds Python "
+                                 "objects besides weights (never loaded, for safety) "
+                                 f"({type(cause).__name__}: {summary})") from None
+    if not isinstance(state, dict):
+        raise _model_error(path, f"holds a {type(state).__name__}, not an FM-ABS model (a dict with 'state_dict', "
+                                 "'net', 'patch_size')")
+    where = str(path)
+    if "net" not in state:
+        if "eval_model" not in state:
+            raise _model_error(path, f"not an FM-ABS model: it has no 'net' configuration (keys: "
+                                     f"{', '.join(map(str, list(state)[:8])) or 'none'})")
+        cfg_path = path.parent.parent / CONFIG_FILE  # a training checkpoint: runs/<run>/checkpoints/iter_*.pt
+        if not cfg_path.is_file():
+            raise _model_error(path, f"a training checkpoint without its run's configuration ({cfg_path} is "
+                                     "missing): use the run's model.pt, or restore config.json")
+        cfg = TrainConfig.load(cfg_path)  # refuses a damaged config.json by key
+        state = {"state_dict": state["eval_model"], "net": asdict(cfg.net), "patch_size": list(cfg.patch_size),
+                 "classes": {"1": "foreground"}}
+        where = f"{path} (with {cfg_path})"
+    for key in ("state_dict", "patch_size"):
+        if key not in state:
+            raise _model_error(path, f"has no '{key}'")
+    weights = state["state_dict"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise _model_error(path, "'state_dict' is not a dict of tensors")
+    net = from_dict(NetConfig, state["net"], f"{where}: 'net'")
+    checks = [(net.width >= 1, f"width {net.width} (must be >= 1)"),
+              (net.in_channels >= 1, f"in_channels {net.in_channels} (must be >= 1)"),
+              (net.out_channels >= 2, f"out_channels {net.out_channels} (must be >= 2)"),
+              (0 <= net.dropout < 1, f"dropout {net.dropout} (must be in [0, 1))"),
+              (net.norm in ("batch", "instance", "none"), f"norm {net.norm!r} (batch, instance or none)")]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise _model_error(path, f"its 'net' configuration is unusable: {'; '.join(problems)}")
+    patch = state["patch_size"]
+    if (not isinstance(patch, (list, tuple)) or len(patch) != 3
+            or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch)):
+        raise _model_error(path, f"'patch_size' must be three positive integers, found {patch!r}")
+    classes = state.get("classes", {"1": "foreground"})
+    if not isinstance(classes, dict):
+        raise _model_error(path, f"'classes' must be an object, found {type(classes).__name__}")
+    return {"state_dict": weights, "net": net, "patch_size": tuple(patch), "classes": classes}
+
+
+def load_model(model: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained specialist from a run folder or file; returns (model in eval mode, metadata).
+
+    A file that does not describe a network matching its weights is an InputError naming the file.
+    """
+    from fmabs_core.training.nets import size_divisor
+
+    path = resolve_model_file(model)
+    state = read_model_file(path)
+    cfg = state["net"]
+    try:
+        net = build_network(cfg)
+    except Exception as exc:  # noqa: BLE001 - unknown name, impossible sizes
+        raise _model_error(path, f"its 'net' configuration ({cfg.name}, width {cfg.width}) cannot be built "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    try:
+        net.load_state_dict(state["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - missing/unexpected keys, size mismatches
+        first = " ".join(str(exc).split())[:300].rstrip(".")
+        raise _model_error(path, f"its weights do not match the network it describes ({cfg.name}, width "
+                                 f"{cfg.width}, {cfg.in_channels} in / {cfg.out_channels} out channels): {first}") from None
     net.to(device).eval()
-    meta = {"patch_size": tuple(state["patch_size"]), "classes": state["classes"], "path": str(path)}
+    meta = {"patch_size": tuple(state["patch_size"]), "classes": state["classes"], "path": str(path),
+            "divisor": size_divisor(cfg), "network": cfg.name}
     return net, meta
+
+
+def check_patch(patch: tuple[int, ...], divisor: int, network: str, option: str = "--patch-size") -> tuple[int, int, int]:
+    """Sliding windows the network can take: three positive multiples of its size divisor."""
+    patch = tuple(patch)
+    if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 or p % divisor for p in patch):
+        good = " ".join(str(max(divisor, (int(p) + divisor - 1) // divisor * divisor) if isinstance(p, int) else divisor)
+                        for p in patch[:3])
+        raise InputError(f"{option} {' '.join(map(str, patch))}: the {network} network needs three positive multiples "
+                         f"of {divisor} (e.g. {good})")
+    return patch  # type: ignore[return-value]
+
+
+def check_inference_config(cfg: InferenceConfig) -> InferenceConfig:
+    if not (isinstance(cfg.overlap, (int, float)) and math.isfinite(cfg.overlap) and 0 <= cfg.overlap < 1):
+        raise InputError(f"--overlap must be a number in [0, 1) (got {cfg.overlap})")
+    if isinstance(cfg.sw_batch_size, bool) or not isinstance(cfg.sw_batch_size, int) or cfg.sw_batch_size < 1:
+        raise InputError(f"--sw-batch-size must be at least 1 (got {cfg.sw_batch_size})")
+    return cfg
+
+
+def plan_outputs(inputs: list[Path], output: Path, save_probabilities: bool, overwrite: bool) -> list[Path]:
+    """The files ``predict_files`` will write, checked before any work: refuses a file ``--output``, one
+    that is a folder of the inputs, two inputs with one case id, outputs landing on an input, and
+    outputs that exist (unless ``overwrite``); a missing parent folder or a read-only one."""
+    from fmabs_core.data import io
+
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        same = any(output.resolve() == Path(p).resolve() for p in inputs)
+        raise InputError(f"--output {output}: is {'an input ' if same else 'a '}file; give a folder for the "
+                         "segmentations.")
+    if any(output.resolve() == Path(p).parent.resolve() for p in inputs):
+        raise InputError(f"--output {output}: is the folder of the input scans; choose another folder, so that "
+                         "nothing is written among your scans.")
+    if not output.exists() and not output.parent.is_dir():
+        raise InputError(f"--output {output}: its parent folder {output.parent} does not exist; create it or choose "
+                         "another --output.")
+    seen: dict[str, Path] = {}
+    planned: list[Path] = []
+    for path in inputs:
+        cid = io.case_id(path)
+        if cid in seen:
+            raise InputError(f"--input: {seen[cid]} and {path} are the same case '{cid}' and would be written to one "
+                             "output; keep one of them.")
+        seen[cid] = Path(path)
+        planned.append(output / f"{cid}.nii.gz")
+        if save_probabilities:
+            planned.append(output / f"{cid}_probs.nii.gz")
+    inputs_resolved = {Path(p).resolve() for p in inputs}
+    onto = [p for p in planned if p.resolve() in inputs_resolved]
+    if onto:
+        raise InputError(f"--output {output}: would overwrite the input(s) {', '.join(map(str, onto))}; choose "
+                         "another folder.")
+    if len(set(planned)) != len(planned):
+        dup = sorted({str(p) for p in planned if planned.count(p) > 1})
+        raise InputError(f"--input: two outputs would be written to {', '.join(dup)}; rename a scan.")
+    exist = [p for p in planned if p.exists() or p.is_symlink()]
+    if exist and not overwrite:
+        names = ", ".join(p.name for p in exist[:10]) + (f" and {len(exist) - 10} more" if len(exist) > 10 else "")
+        raise InputError(f"--output {output}: {names} exist(s) already; refusing to overwrite. Choose another "
+                         "--output, or add --overwrite.")
+    folders = [p for p in exist if p.is_dir()]
+    if folders:
+        raise InputError(f"--output {output}: {', '.join(map(str, folders))} is a folder; remove it or choose another "
+                         "--output.")
+    return planned
 
 
 def predict_files(model: str | Path, inputs: list[Path], output: Path, cfg: InferenceConfig | None = None,
                   device: str | torch.device = "cpu", save_probabilities: bool = False,
-                  progress=lambda items, **kw: items) -> list[Path]:
+                  progress=lambda items, **kw: items, overwrite: bool = False) -> list[Path]:
     """Segment scans with a trained model; each output has its input's shape and affine.
 
     Outputs go to ``output/<case>.nii.gz`` (and ``<case>_probs.nii.gz``, float32 foreground
-    probabilities per class, when asked). Input files are never overwritten.
+    probabilities per class, when asked). Everything is checked before the first scan is segmented
+    (see :func:`plan_outputs`): input files are never overwritten, and existing outputs only with
+    ``overwrite``. The output folder is created when its parent exists.
     """
     from fmabs_core.data import io
 
-    net, meta = load_model(model, device)
-    cfg = cfg or InferenceConfig()
-    patch = tuple(cfg.patch_size or meta["patch_size"])
+    cfg = check_inference_config(cfg or InferenceConfig())
+    inputs = [Path(p) for p in inputs]
+    for path in inputs:
+        io.read_header(path)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    plan_outputs(inputs, output, save_probabilities, overwrite)
+    net, meta = load_model(model, device)
+    patch = check_patch(tuple(cfg.patch_size or meta["patch_size"]), meta["divisor"], meta["network"],
+                        "--patch-size" if cfg.patch_size else f"{meta['path']}: 'patch_size'")
+    try:
+        output.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--output {output}: cannot create this folder ({exc.strerror or exc}); choose another "
+                         "place.") from None
+    io.check_writable(output, f"--output {output}")
     written = []
     for path in progress(inputs, desc="segmenting"):
         vol = io.load_image(path)
