@@ -35,7 +35,7 @@ from fmabs_core.contract import GENERALIST_LAYER, PSEUDO_DIR
 from fmabs_core.errors import InputError
 from fmabs_core.methods import losses, register
 from fmabs_core.methods.base import Method, option
-from fmabs_core.methods.mean_teacher import MeanTeacher, perturb_noise
+from fmabs_core.methods.mean_teacher import MeanTeacher, TeacherConfig, perturb_noise
 from fmabs_core.training.api import TrainContext
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ ACMT_THRESHOLD = (0.75, 0.95)
 
 
 @dataclass
-class CFRConfig:
+class CFRConfig(TeacherConfig):
     labels: str = option("dense", "labels of the labelled pool, for fine-tuning and re-training: dense (labels/) "
                                   "or cross (cross-labels, 255 ignored)")
     generalist: str = option("litemedsam", "SAM-family model: litemedsam (embedded), mobilesam, sam_vit_b, medsam")
@@ -58,12 +58,6 @@ class CFRConfig:
     finetune_lr: float = option(0.001, "CFR: AdamW learning rate of the fine-tuning stage")
     finetune_batch: int = option(2, "CFR: crops per batch of the fine-tuning stage")
     pl_weight: float = option(1.0, "CFR: weight of the pseudo-label loss on the unlabelled crops")
-    # The same names, defaults and help as the mean teacher's (one shared ``fmabs train`` option each);
-    # MT's contrast perturbation (log_gamma) is not part of CFR_MT, hence no subclass of MeanTeacherConfig.
-    ema: float = option(0.99, "EMA rate of the teacher (after UA-MT's ramp)")
-    consistency: float = option(0.1, "weight of the consistency loss at the end of its ramp")
-    noise_std: float = option(0.1, "std of the Gaussian noise added to the teacher's input")
-    noise_clip: float = option(0.2, "clip of that noise")
     st_rounds: int = option(1, "cfr-st: self-training rounds; after the first (the generalist's labels) the "
                                "network's own predictions replace the unlabelled scans' pseudo-labels")
 

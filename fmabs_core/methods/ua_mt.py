@@ -21,20 +21,15 @@ import torch
 
 from fmabs_core.methods import losses, register
 from fmabs_core.methods.base import Method, option
-from fmabs_core.methods.mean_teacher import MeanTeacher, perturb_noise
+from fmabs_core.methods.mean_teacher import MeanTeacher, TeacherConfig, perturb_noise
 from fmabs_core.training.api import TrainContext
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class UAMTConfig:
-    # The same names, defaults and meaning as the mean teacher's (one shared ``fmabs train`` option each);
-    # MT's contrast perturbation (log_gamma) is not part of UA-MT, hence no subclass of MeanTeacherConfig.
-    ema: float = option(0.99, "EMA rate of the teacher (after UA-MT's ramp)")
-    consistency: float = option(0.1, "weight of the consistency loss at the end of its ramp")
-    noise_std: float = option(0.1, "std of the Gaussian noise added to the teacher's input")
-    noise_clip: float = option(0.2, "clip of that noise")
+class UAMTConfig(TeacherConfig):
+    # MT's contrast perturbation (log_gamma) is not part of UA-MT, hence TeacherConfig, not MeanTeacherConfig
     mc_passes: int = option(8, "UA-MT: stochastic teacher passes (T) for the uncertainty")
     rampup: float = option(1.0, "length of the consistency weight's sigmoid ramp, as a fraction of the iterations")
 
