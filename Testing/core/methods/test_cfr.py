@@ -23,8 +23,9 @@ from fmabs_core.methods import cfr, losses
 from fmabs_core.methods.mean_teacher import MeanTeacherConfig
 from fmabs_core.runs.events import read_events, read_status
 from fmabs_core.training.config import TrainConfig
-from fmabs_core.training.engine import Hook, Trainer
+from fmabs_core.training.engine import Trainer
 from fmabs_core.training.nets import NetConfig
+from killing import Killed, KillAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,19 +240,6 @@ def test_missing_pseudolabel_of_an_unlabelled_scan_is_a_clear_error(project):
     assert outcome.exit_code == 2 and read_status(project.run_dir("miss"))["state"] == "failed"
 
 
-class _Killed(BaseException):
-    """Stands in for kill -9: nothing after it runs (no checkpoint, no cancelled event)."""
-
-
-class KillAt(Hook):
-    def __init__(self, iteration: int):
-        self.iteration = iteration
-
-    def before_step(self, tr, it):
-        if it == self.iteration:
-            raise _Killed()
-
-
 def _differ(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
@@ -268,7 +256,7 @@ def test_kill_then_resume_equals_uninterrupted(project, name):
     ref = Trainer(project, "ref", cfg).train().raise_for_failure().model
     killed = Trainer(project, "crash", cfg)
     killed.hooks.append(KillAt(5))
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         killed.train()
     assert killed.ckpts.iteration_files()[-1][0] == 4
     out = Trainer(project, "crash", cfg).train().raise_for_failure().model

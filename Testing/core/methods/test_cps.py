@@ -15,10 +15,10 @@ from fmabs_core import methods
 from fmabs_core.cli import build_parser, main
 from fmabs_core.methods import cps
 from fmabs_core.runs.events import read_events, read_status
-from fmabs_core.training.api import Hook
 from fmabs_core.training.config import TrainConfig
 from fmabs_core.training.engine import Trainer
 from fmabs_core.training.nets import NetConfig, build_network
+from killing import Killed, KillAt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,19 +142,6 @@ def test_tiny_cli_run(project):
     assert progress[-1]["losses"]["lambda_cps"] > progress[0]["losses"]["lambda_cps"]
 
 
-class _Killed(BaseException):
-    """Stands in for kill -9: nothing after it runs (no checkpoint, no cancelled event)."""
-
-
-class KillAt(Hook):
-    def __init__(self, iteration: int):
-        self.iteration = iteration
-
-    def before_step(self, tr, it):
-        if it == self.iteration:
-            raise _Killed()
-
-
 def _equal(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -168,7 +155,7 @@ def test_kill_then_resume_equals_uninterrupted(project):
 
     killed = Trainer(project, "crash", cfg)
     killed.hooks.append(KillAt(5))  # last checkpoint: 4
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         killed.train()
     assert read_status(project.run_dir("crash"))["state"] == "failed"
     assert killed.ckpts.iteration_files()[-1][0] == 4

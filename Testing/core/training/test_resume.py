@@ -21,25 +21,13 @@ import torch
 
 from fmabs_core.training.config import TrainConfig
 from fmabs_core.data.project import Project
-from fmabs_core.training.engine import Hook, Trainer
+from fmabs_core.training.engine import Trainer
 from fmabs_core.runs.events import read_events, read_status
 from fmabs_core.training.nets import NetConfig
+from killing import Killed, KillAt
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
-class _Killed(BaseException):
-    """Stands in for kill -9: nothing after it runs (no checkpoint, no cancelled event)."""
-
-
-class KillAt(Hook):
-    def __init__(self, iteration: int):
-        self.iteration = iteration
-
-    def before_step(self, tr, it):
-        if it == self.iteration:
-            raise _Killed()
 
 
 def mt_config(**kw) -> TrainConfig:
@@ -60,7 +48,7 @@ def test_kill_then_resume_equals_uninterrupted(project):
 
     killed = Trainer(project, "crash", cfg)
     killed.hooks.append(KillAt(5))  # after the step that made iteration 5; last checkpoint: 4
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         killed.train()
     assert read_status(project.run_dir("crash"))["state"] == "failed"
     assert killed.ckpts.iteration_files()[-1][0] == 4
@@ -92,7 +80,7 @@ def test_truncated_checkpoint_resumes_from_previous(project, caplog):
     ref_model = Trainer(project, "ref", cfg).train().model
     killed = Trainer(project, "trunc", cfg)
     killed.hooks.append(KillAt(5))
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         killed.train()
     newest = killed.ckpts.path_for(4)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])  # a torn write
