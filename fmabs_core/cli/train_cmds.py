@@ -16,7 +16,7 @@ from fmabs_core.data import io
 from fmabs_core.data.project import Project
 from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.training.api import Outcome
-from fmabs_core.training.config import MUTABLE_ON_RESUME, NetConfig, TrainConfig
+from fmabs_core.training.config import MUTABLE_ON_RESUME, NetConfig, TrainConfig, default_iterations
 
 # torch/MONAI are imported inside the commands (the method registry imports torch for `fmabs train` only)
 
@@ -42,7 +42,7 @@ def config_from_args(args: argparse.Namespace, project: Project) -> TrainConfig:
     saved = TrainConfig.load(saved_path) if saved_path.exists() else None
     method = given.get("method") or (saved.method if saved else "sup")
     if saved is None:
-        iterations = given.get("iterations", TrainConfig.iterations)
+        iterations = given["iterations"] if "iterations" in given else default_iterations(method)
         base = TrainConfig(method=method, net=NetConfig(out_channels=project.num_classes + 1),
                            val_every=max(1, iterations // 10), ckpt_every=max(1, iterations // 10))
     else:
@@ -200,7 +200,7 @@ def add_train_arguments(p: argparse.ArgumentParser, light: bool = False) -> None
                    help="run name (folder under runs/); an existing run resumes")
     p.add_argument("--method", choices=None if light else list(methods.available()), default=S,
                    help=f"training method (default: {d.method}; see 'fmabs methods')")
-    p.add_argument("--iterations", type=int, default=S, help=f"default: {d.iterations}")
+    p.add_argument("--iterations", type=int, default=S, help="default: the method's paper's count (fmabs, mt, sup, ua-mt, cps: 20000; cfr-*: 6000)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=S,
                    help=f"default: {' '.join(map(str, d.patch_size))}")
     p.add_argument("--batch-size", type=int, default=S, help=f"default: {d.batch_size}")

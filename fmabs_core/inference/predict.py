@@ -22,25 +22,61 @@ log = logging.getLogger(__name__)
 
 
 
+Overlap = float | tuple[float, float, float]
+
+#: the references' sliding-window stride on LA (UA-MT, FM-ABS, CFR: 18 x 18 x 4 voxels with 112x112x80 windows)
+REFERENCE_STRIDE_LA = (18, 18, 4)
+BLEND_MODES = ("constant", "gaussian")
+
+
 @dataclass
 class InferenceConfig:
     patch_size: tuple[int, int, int] | None = None  # None: the patch the model was trained with
-    overlap: float = 0.5
+    overlap: Overlap = 0.5  # one fraction, or one per axis
+    #: windows this many voxels apart per axis (the references: 18 18 4); overrides ``overlap``
+    stride: tuple[int, int, int] | None = None
+    #: how overlapping windows are combined: ``constant`` (plain averaging, as the references) or ``gaussian``
+    mode: str = "constant"
     sw_batch_size: int = 2
     largest_component: bool = False
 
 
+def overlap_for_stride(patch_size: tuple[int, ...], stride: tuple[int, ...]) -> tuple[float, ...]:
+    """Per-axis overlap that makes MONAI's sliding windows ``stride`` voxels apart.
+
+    MONAI steps by ``int(roi * (1 - overlap))``; the exact fraction can land a hair below the integer
+    (``int(17.999...) = 17``), so the overlap is nudged down by 1e-9 so that the step is ``stride`` itself.
+    """
+    if len(stride) != len(patch_size) or any(s < 1 or s > p for s, p in zip(stride, patch_size)):
+        raise InputError(f"--stride {' '.join(map(str, stride))}: give {len(patch_size)} steps between 1 and the "
+                         f"window size {' '.join(map(str, patch_size))}")
+    return tuple(max(0.0, (p - s) / p - 1e-9) for p, s in zip(patch_size, stride))
+
+
+def window_overlap(cfg: InferenceConfig, patch_size: tuple[int, int, int]) -> Overlap:
+    """The overlap ``predict_proba`` gets from a config: from ``stride`` when given, else ``overlap``."""
+    return overlap_for_stride(patch_size, cfg.stride) if cfg.stride else cfg.overlap
+
+
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[int, int, int], overlap: float = 0.5,
-                  device: str | torch.device = "cpu", sw_batch_size: int = 2, normalise: bool = True) -> np.ndarray:
-    """Class probabilities (C+1, X, Y, Z) for a canonical-grid scan, by Gaussian-weighted sliding windows."""
+def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[int, int, int], overlap: Overlap = 0.5,
+                  device: str | torch.device = "cpu", sw_batch_size: int = 2, normalise: bool = True,
+                  mode: str = "constant") -> np.ndarray:
+    """Class probabilities (C+1, X, Y, Z) for a canonical-grid scan, by sliding windows.
+
+    ``overlap``: one fraction or one per axis. ``mode``: ``constant`` averages overlapping windows
+    plainly (as the references do), ``gaussian`` weights each window's centre more.
+    """
+    if mode not in BLEND_MODES:
+        raise InputError(f"sliding-window mode '{mode}': choose {' or '.join(BLEND_MODES)}")
     was_training = model.training
     model.eval()
     x = torch.from_numpy(zscore(image) if normalise else image.astype(np.float32))[None, None].to(device)
     use_amp = torch.device(device).type == "cuda"
+    ov = tuple(float(o) for o in overlap) if isinstance(overlap, (tuple, list)) else float(overlap)
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
         logits = sliding_window_inference(x, roi_size=tuple(patch_size), sw_batch_size=sw_batch_size,
-                                          predictor=model, overlap=overlap, mode="gaussian")
+                                          predictor=model, overlap=ov, mode=mode)
     probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
     model.train(was_training)
     return probs
@@ -192,8 +228,15 @@ def check_patch(patch: tuple[int, ...], divisor: int, network: str, option: str 
 
 
 def check_inference_config(cfg: InferenceConfig) -> InferenceConfig:
-    if not (isinstance(cfg.overlap, (int, float)) and math.isfinite(cfg.overlap) and 0 <= cfg.overlap < 1):
-        raise InputError(f"--overlap must be a number in [0, 1) (got {cfg.overlap})")
+    overlaps = cfg.overlap if isinstance(cfg.overlap, (tuple, list)) else (cfg.overlap,)
+    if (len(overlaps) not in (1, 3) or not all(isinstance(o, (int, float)) and not isinstance(o, bool)
+                                               and math.isfinite(o) and 0 <= o < 1 for o in overlaps)):
+        raise InputError(f"--overlap must be one number or three numbers in [0, 1) (got {cfg.overlap})")
+    if cfg.mode not in BLEND_MODES:
+        raise InputError(f"--blend {cfg.mode}: choose {' or '.join(BLEND_MODES)}")
+    if cfg.stride is not None and (len(cfg.stride) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and v >= 1 for v in cfg.stride)):
+        raise InputError(f"--stride must be three positive integers (got {cfg.stride})")
     if isinstance(cfg.sw_batch_size, bool) or not isinstance(cfg.sw_batch_size, int) or cfg.sw_batch_size < 1:
         raise InputError(f"--sw-batch-size must be at least 1 (got {cfg.sw_batch_size})")
     return cfg
@@ -274,10 +317,11 @@ def predict_files(model: str | Path, inputs: list[Path], output: Path, cfg: Infe
         raise InputError(f"--output {output}: cannot create this folder ({exc.strerror or exc}); choose another "
                          "place.") from None
     io.check_writable(output, f"--output {output}")
+    overlap = window_overlap(cfg, patch)
     written = []
     for path in progress(inputs, desc="segmenting"):
         vol = io.load_image(path)
-        probs = predict_proba(net, vol.array, patch, cfg.overlap, device, cfg.sw_batch_size)
+        probs = predict_proba(net, vol.array, patch, overlap, device, cfg.sw_batch_size, mode=cfg.mode)
         mask = probs.argmax(0).astype(np.uint8)
         if cfg.largest_component:
             mask = largest_component(mask)

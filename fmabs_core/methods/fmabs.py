@@ -37,6 +37,8 @@ class FMABSConfig(MeanTeacherConfig):
     pseudo_max_cases: int | None = option(None, "scans pseudo-labelled per round (CPU runs; default: all)")
     box_jitter: int = option(10, "random enlargement of each box prompt, pixels per side")
     n_points: int | None = option(None, "positive points per box (default: the generalist's)")
+    crosslabel_overrides: bool = option(True, "on a cross-labelled scan's labelled planes the pseudo-label loss "
+                                        "uses the expert's label, not the fused pseudo-label")
 
 
 @register
@@ -118,6 +120,9 @@ class FMABS(MeanTeacher):
     def loss(self, tr, batch, logits, it):
         total, logs = super().loss(tr, batch, logits, it)
         pseudo = batch["pseudo"]
+        if self.config.crosslabel_overrides:  # the expert's planes are truth: never pull against them
+            drawn = (batch["target"] != UNLABELLED) & (pseudo != UNLABELLED)
+            pseudo = torch.where(drawn, batch["target"], pseudo)
         valid = pseudo != UNLABELLED
         if valid.any():
             probs = torch.softmax(logits.float(), 1)

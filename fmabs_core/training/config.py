@@ -23,6 +23,23 @@ C = TypeVar("C")
 #: options a resumed run may change; any other difference from the saved config is refused
 MUTABLE_ON_RESUME = ("device", "val_every", "ckpt_every", "keep_last", "max_val_cases", "val_overlap")
 
+#: A method's default number of iterations, as its paper trains it. Where paper and code disagree the paper
+#: wins (docs: methods.md): FM-ABS's paper sets t_max = 20 000 (its authors' code runs 10 000), and the rows
+#: of its table (sup, sup-dense, mt, ua-mt, cps) are trained under the same protocol; CFR's re-training runs
+#: 6000 iterations (paper and code agree). A method not listed here gets ``FALLBACK_ITERATIONS``.
+METHOD_ITERATIONS: dict[str, int] = {
+    "sup": 20000, "sup-dense": 20000, "mt": 20000, "fmabs": 20000, "ua-mt": 20000, "cps": 20000,
+    "cfr-mt": 6000, "cfr-acmt": 6000, "cfr-st": 6000, "sam-lora": 6000,
+}
+FALLBACK_ITERATIONS = 6000
+CROP_MODES = ("uniform", "anchored")
+EXPERT_SLICES = ("truth", "suggested")
+
+
+def default_iterations(method: str) -> int:
+    """Iterations a run of ``method`` gets when none are given (see ``METHOD_ITERATIONS``)."""
+    return METHOD_ITERATIONS.get(method, FALLBACK_ITERATIONS)
+
 
 @dataclass
 class NetConfig:
@@ -32,7 +49,9 @@ class NetConfig:
     in_channels: int = 1
     out_channels: int = 2
     width: int = 16
-    dropout: float = 0.0
+    #: Dropout3d at the bottleneck and before the head, as in UA-MT, GM-ABS and CFR's V-Net (0.5); the
+    #: mean teacher runs its teacher in train mode, so this is also one of its perturbations
+    dropout: float = 0.5
     norm: str = "batch"
 
 
@@ -40,7 +59,7 @@ class NetConfig:
 class TrainConfig:
     method: str = "sup"
     method_options: dict[str, Any] = field(default_factory=dict)  # checked by the method's Config
-    iterations: int = 6000
+    iterations: int | None = None  # None: the method's paper's count (default_iterations), set on creation
     seed: int = 1337
     device: str = "auto"
     # data
@@ -48,6 +67,12 @@ class TrainConfig:
     batch_size: int = 4
     labelled_bs: int = 2  # of batch_size, from cross-labelled scans (semi-supervised methods)
     augment: bool = True
+    #: axes (canonical RAS: 0 = R-L, 1 = A-P, 2 = S-I) a patch may be flipped on; the references flip in-plane
+    #: only (UA-MT's RandomRotFlip: rot90 and a flip in the axial plane), never superior-inferior
+    flip_axes: tuple[int, ...] = (0, 1)
+    #: how labelled crops are placed: ``uniform`` (the references: uniform starts, redrawn until the crop holds
+    #: a labelled voxel) or ``anchored`` (on a random labelled voxel: starts pile up at the borders)
+    crop: str = "uniform"
     labelled_cases: tuple[str, ...] | None = None  # train on these scans' labels only (None: every labelled scan)
     # optimiser: SGD with poly decay, as in UA-MT / FM-ABS
     lr: float = 0.01
@@ -72,6 +97,13 @@ class TrainConfig:
     active_k: int = 2
     active_every: int | None = None
     expert: str = "simulated"
+    #: where the simulated expert draws its three slices: ``truth`` (the ground truth's bounding-box centre, as
+    #: the reference code does) or ``suggested`` (the slices suggested from the model's prediction)
+    expert_slices: str = "truth"
+
+    def __post_init__(self) -> None:
+        if self.iterations is None:
+            self.iterations = default_iterations(self.method)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -108,6 +140,12 @@ class TrainConfig:
             raise InputError(f"--lr must be a positive number (got {self.lr})")
         if not 0 <= self.net.dropout < 1:
             raise InputError(f"--dropout must be in [0, 1) (got {self.net.dropout})")
+        if self.crop not in CROP_MODES:
+            raise InputError(f"crop '{self.crop}': choose {' or '.join(CROP_MODES)}")
+        if not self.flip_axes == tuple(sorted(set(self.flip_axes))) or not set(self.flip_axes) <= {0, 1, 2}:
+            raise InputError(f"flip_axes {list(self.flip_axes)}: give distinct axes among 0, 1, 2 in increasing order")
+        if self.expert_slices not in EXPERT_SLICES:
+            raise InputError(f"expert_slices '{self.expert_slices}': choose {' or '.join(EXPERT_SLICES)}")
         if not 0 <= self.val_overlap < 1:
             raise InputError(f"--val-overlap must be in [0, 1) (got {self.val_overlap})")
         if self.max_val_cases is not None and self.max_val_cases < 0:

@@ -230,7 +230,8 @@ class Trainer:
                                      size_divisor(cfg.net))
         # One generator seed on every rank: each rank plans the same global batch and keeps its share.
         self.sampler = PatchSampler(labelled, unlabelled if self.method.uses_unlabelled else [], self.patch,
-                                    cfg.batch_size, cfg.labelled_bs, cfg.seed, cfg.augment)
+                                    cfg.batch_size, cfg.labelled_bs, cfg.seed, cfg.augment,
+                                    flip_axes=cfg.flip_axes, crop=cfg.crop)
         self._split_batch()
         self.val_cases = [c for c in project.split("val") if project.has_label(c)][: cfg.max_val_cases]
         log.info("%d labelled and %d unlabelled training scans, %d validation scans, patch %s",

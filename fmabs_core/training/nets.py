@@ -48,7 +48,7 @@ class VNet(nn.Module):
     divisor = 16
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, base: int = 16, norm: str = "batch",
-                 dropout: float = 0.0):
+                 dropout: float = 0.5):
         super().__init__()
         n = base
         self.enc1 = _ConvStack(1, in_channels, n, norm)

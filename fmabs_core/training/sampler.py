@@ -51,8 +51,13 @@ def effective_patch(patch: tuple[int, int, int], shapes: list[tuple[int, ...]], 
 class PatchSampler:
     """Draws batches of patches: ``labelled_bs`` from supervised cases, the rest from unlabelled ones."""
 
+    #: uniform draws tried before falling back to a crop anchored on a labelled voxel (a scan whose labels
+    #: are a tiny part of it would otherwise loop for long)
+    MAX_REDRAWS = 200
+
     def __init__(self, labelled: list[Case], unlabelled: list[Case], patch: tuple[int, int, int],
-                 batch_size: int, labelled_bs: int, seed: int, augment: bool = True):
+                 batch_size: int, labelled_bs: int, seed: int, augment: bool = True,
+                 flip_axes: tuple[int, ...] = (0, 1), crop: str = "uniform"):
         if not labelled:
             raise ValueError("no labelled scan to train on: make cross-labels first (fmabs crosslabel simulate)")
         self.labelled = labelled
@@ -61,6 +66,10 @@ class PatchSampler:
         self.batch_size = batch_size
         self.labelled_bs = labelled_bs if unlabelled else batch_size
         self.augment = augment
+        self.flip_axes = tuple(flip_axes)
+        if crop not in ("uniform", "anchored"):
+            raise ValueError(f"crop '{crop}': choose uniform or anchored")
+        self.crop = crop
         self.rng = np.random.default_rng(seed)
         #: indices of the global batch this process trains on (None: all); set by distributed runs,
         #: which share one generator seed so that every rank plans the same global batch
@@ -102,21 +111,44 @@ class PatchSampler:
         """
         shape = tuple(max(s, p) for s, p in zip(case.image.shape, self.patch))
         offset = [(p - s) // 2 for s, p in zip(case.image.shape, shape)]  # SpatialPad's symmetric padding
-        anchor = None
         target = case.target if supervised else None
-        if target is not None:
-            # Crops must see labelled voxels: anchor on a random labelled voxel (cross-labels are sparse).
-            # Padding only adds unlabelled voxels, so the unpadded order of labelled voxels is the same.
-            labelled = np.flatnonzero(target != UNLABELLED)
-            if len(labelled):
-                anchor = np.array(np.unravel_index(int(self.rng.choice(labelled)), target.shape)) + offset
-        start = self._crop_start(shape, anchor)
+        start = self._crop_start(shape, None)
+        if target is not None and (self.crop == "anchored" or not self._holds_label(target, start, offset)):
+            start = self._labelled_start(target, shape, offset, start)
         plan: dict = {"case": case, "supervised": supervised, "start": start}
         if self.augment:
             square = self.patch[0] == self.patch[1]
             plan["k"] = int(self.rng.integers(0, 4)) if square else 2 * int(self.rng.integers(0, 2))
-            plan["axis"] = int(self.rng.integers(0, 3))
+            # None: no flip (only reachable with flip_axes=()), else one of the allowed axes
+            plan["axis"] = int(self.flip_axes[int(self.rng.integers(0, len(self.flip_axes)))]) if self.flip_axes else None
         return plan
+
+    def _holds_label(self, target: np.ndarray, start: list[int], offset: list[int]) -> bool:
+        """Whether the crop at ``start`` (padded coordinates) covers a labelled voxel of ``target``."""
+        window = tuple(slice(max(0, s - o), max(0, s - o + p)) for s, o, p in zip(start, offset, self.patch))
+        return bool((target[window] != UNLABELLED).any())
+
+    def _labelled_start(self, target: np.ndarray, shape: tuple[int, ...], offset: list[int],
+                        first: list[int]) -> list[int]:
+        """A crop start whose crop holds a labelled voxel.
+
+        ``uniform`` (the references): uniform starts redrawn until the crop holds a label, so every
+        admissible crop is equally likely. ``anchored``: the crop contains a random labelled voxel, which
+        favours crops near the volume's borders (a voxel near a border has fewer crops containing it, each
+        of them drawn more often). Padding only adds unlabelled voxels.
+        """
+        if self.crop == "uniform":
+            for _ in range(self.MAX_REDRAWS):
+                start = self._crop_start(shape, None)
+                if self._holds_label(target, start, offset):
+                    return start
+            log.debug("no labelled voxel in %d uniform crops: anchoring this one on a labelled voxel",
+                      self.MAX_REDRAWS)
+        labelled = np.flatnonzero(target != UNLABELLED)
+        if not len(labelled):
+            return first
+        anchor = np.array(np.unravel_index(int(self.rng.choice(labelled)), target.shape)) + offset
+        return self._crop_start(shape, anchor)
 
     def _materialise(self, plan: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         case, start = plan["case"], plan["start"]
@@ -147,11 +179,12 @@ class PatchSampler:
         return self._materialise(self._plan(case, supervised))
 
     @staticmethod
-    def _augment(k: int, axis: int, *arrays: np.ndarray) -> list[np.ndarray]:
+    def _augment(k: int, axis: int | None, *arrays: np.ndarray) -> list[np.ndarray]:
         """Rot90 (``k`` quarter turns) in the axial plane then a flip on ``axis`` (UA-MT's RandomRotFlip)."""
         # numpy views, one copy: MONAI's Rotate90/Flip give the same arrays but cost ~60 ms a patch in
         # MetaTensor bookkeeping, which would dominate a GPU step (checked equal in the tests)
-        return [np.ascontiguousarray(np.flip(np.rot90(a, k, axes=(1, 2)), axis=axis + 1)) for a in arrays]
+        rotated = [np.rot90(a, k, axes=(1, 2)) for a in arrays]
+        return [np.ascontiguousarray(a if axis is None else np.flip(a, axis=axis + 1)) for a in rotated]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next batch; with ``keep`` set (distributed runs) only those indices of the global batch."""
