@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "jobs_cmds",  # jobs start|status|cancel|list
     "active_cmds",  # suggest
     "generalist_cmds",  # weights, pseudo-label, bench
+    "tiling_cmds",  # tile-grid
     "demo_cmd",  # demo
 ]
 
