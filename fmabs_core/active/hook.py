@@ -5,7 +5,9 @@
   label at the object's centre (as the reference code does); a human is asked and the run stops.
 - ``before_step``: every ``active_every`` iterations a round scores the scans that have no
   cross-label with the in-training model, picks the top K and has them cross-labelled at the slices
-  suggested from the *prediction* (a real expert has no ground truth to centre on).
+  suggested from the *prediction* (a real expert has no ground truth to centre on); the simulated
+  expert draws at the ground truth's centre (``expert_slices='truth'``, the reference code) or at
+  those suggested slices (``'suggested'``).
 - With ``--expert human`` a round checkpoints, records the request and asks the engine to stop with
   the outcome ``waiting_for_labels`` (exit code 3 from ``fmabs train``); re-running the same command
   resumes: a round whose cross-labels now exist continues.
@@ -29,6 +31,7 @@ from fmabs_core.errors import InputError
 from fmabs_core.contract import EXPERTS, UNLABELLED
 from fmabs_core.active import budget as B
 from fmabs_core.active.strategies import STRATEGIES, get_strategy
+from fmabs_core.active.expert import simulated_crosslabel
 from fmabs_core.active.suggest import Selection, describe, format_request, select, slice_point, suggest_slices
 
 if TYPE_CHECKING:
@@ -233,8 +236,10 @@ class ActiveLearningHook(Hook):
         if not human:
             for cid in sel.cases:
                 dense = self._dense(tr, cid)
-                picks = {view: s["index"] for view, s in slices[cid].items()}
-                io.save_like(make_crosslabel(dense.array, picks), dense, project.crosslabel_path(cid))
+                cross, picks = simulated_crosslabel(dense.array, {v: s["index"] for v, s in slices[cid].items()},
+                                                    cfg.expert_slices)
+                io.save_like(cross, dense, project.crosslabel_path(cid))
+                slices[cid] = {view: slice_point(dense, view, idx) for view, idx in picks.items()}  # as drawn
         spent = B.budget_state(project, cfg.budget, sel.cases if human else []).spent
         record = {"run": tr.run_name, "round": number, "kind": "active", "strategy": cfg.active, "iteration": it,
                   "progress": progress, "cases": sel.cases, "scores": sel.scores, "slices": slices,

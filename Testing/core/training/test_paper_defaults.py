@@ -1,0 +1,129 @@
+"""The papers' defaults (issue 11, item 1): each one a named option, recorded in config.json, and doing what it says."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fmabs_core.contract import UNLABELLED
+from fmabs_core.errors import InputError
+from fmabs_core.training.config import NetConfig, TrainConfig, default_iterations
+from fmabs_core.training.nets import build_network
+from fmabs_core.training.sampler import Case, PatchSampler
+
+
+def test_defaults_are_the_papers_and_are_saved():
+    cfg = TrainConfig(method="fmabs")
+    assert cfg.net.dropout == 0.5
+    assert cfg.iterations == 20000  # FM-ABS paper's t_max (its code: 10000)
+    assert TrainConfig(method="cfr-mt").iterations == 6000 and default_iterations("cfr-acmt") == 6000
+    assert TrainConfig(method="mt", iterations=12).iterations == 12  # an explicit count wins
+    assert cfg.flip_axes == (0, 1) and cfg.crop == "uniform" and cfg.expert_slices == "truth"
+    saved = json.loads(cfg.to_json())
+    for key in ("iterations", "flip_axes", "crop", "expert_slices"):
+        assert key in saved
+    assert saved["net"]["dropout"] == 0.5
+    back = TrainConfig.from_dict(saved)
+    assert back == cfg and not back.differences(cfg)
+
+
+@pytest.mark.parametrize("change, word", [({"crop": "corner"}, "crop"), ({"flip_axes": (0, 3)}, "flip_axes"),
+                                          ({"flip_axes": (1, 0)}, "flip_axes"), ({"expert_slices": "gt"}, "expert_slices")])
+def test_bad_options_are_refused_by_name(change, word):
+    with pytest.raises(InputError, match=word):
+        TrainConfig(**change).check()
+
+
+def test_vnet_has_dropout_in_student_and_teacher():
+    import copy
+
+    torch.manual_seed(0)
+    net = build_network(NetConfig(width=4))
+    drops = [m for m in net.modules() if isinstance(m, nn.Dropout3d)]
+    assert drops and all(m.p == 0.5 for m in drops)
+    teacher = copy.deepcopy(net).train()  # the mean teacher is a copy, run in train mode
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(teacher(x), teacher(x))  # dropout perturbs the teacher
+        teacher.eval()
+        assert torch.allclose(teacher(x), teacher(x))
+
+
+def _sampler(target: np.ndarray, crop: str, seed: int = 0, flip_axes=(0, 1), patch=(16, 16, 16)) -> PatchSampler:
+    case = Case("a", np.zeros(target.shape, np.float32), target=target)
+    return PatchSampler([case], [], patch, 2, 2, seed, augment=True, flip_axes=flip_axes, crop=crop)
+
+
+def test_flips_are_in_plane_only():
+    s = _sampler(np.zeros((32, 32, 32), np.uint8), "uniform")
+    axes = {s._plan(s.labelled[0], True)["axis"] for _ in range(300)}
+    assert axes == {0, 1}  # never the superior-inferior axis 2
+    s3 = _sampler(np.zeros((32, 32, 32), np.uint8), "uniform", flip_axes=(0, 1, 2))
+    assert {s3._plan(s3.labelled[0], True)["axis"] for _ in range(300)} == {0, 1, 2}
+    none = _sampler(np.zeros((32, 32, 32), np.uint8), "uniform", flip_axes=())
+    plan = none._plan(none.labelled[0], True)
+    assert plan["axis"] is None
+    a = np.arange(2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)
+    np.testing.assert_array_equal(PatchSampler._augment(0, None, a)[0], a)
+
+
+def test_uniform_crops_always_hold_a_label():
+    target = np.full((40, 40, 40), UNLABELLED, np.uint8)
+    target[:, :, 3] = 0  # one axial plane near the border is labelled
+    s = _sampler(target, "uniform")
+    for _ in range(200):
+        plan = s._plan(s.labelled[0], True)
+        _, tgt, _ = s._materialise(plan)
+        assert (tgt != UNLABELLED).any()
+
+
+def test_uniform_crops_do_not_pile_up_at_the_borders():
+    """With every voxel labelled, uniform starts are uniform; anchored ones favour the borders."""
+    target = np.zeros((40, 40, 40), np.uint8)
+    n = 3000
+    freq = {}
+    for crop in ("uniform", "anchored"):
+        s = _sampler(target, crop, seed=1)
+        starts = np.array([s._plan(s.labelled[0], True)["start"][0] for _ in range(n)])
+        freq[crop] = float(np.mean(starts == 0))
+    expected = 1 / 25  # 25 possible starts on a 40-voxel axis with a 16-voxel patch
+    assert abs(freq["uniform"] - expected) < 0.015
+    assert freq["anchored"] > 2 * expected
+
+
+class _Fixed(nn.Module):
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+@pytest.mark.parametrize("override", [True, False])
+def test_crosslabel_overrides_the_pseudo_label_on_its_planes(override):
+    from fmabs_core.methods import get_method
+
+    shape = (1, 8, 8, 8)
+    target = torch.full(shape, UNLABELLED, dtype=torch.int64)
+    target[..., 0] = 1  # the expert says: foreground on this plane
+    pseudo = torch.zeros(shape, dtype=torch.int64)  # the fused pseudo-label says: background everywhere
+    logits = torch.zeros(1, 2, 8, 8, 8)
+    logits[:, 1, ..., 0] = 20.0  # the student agrees with the expert on the plane
+    logits[:, 0, ..., 1:] = 20.0  # and with the pseudo-label elsewhere
+    method = get_method("fmabs", {"crosslabel_overrides": override})
+    method.teacher = _Fixed(logits)
+    tr = SimpleNamespace(cfg=SimpleNamespace(iterations=10), autocast=contextlib.nullcontext)
+    batch = {"image": torch.zeros(1, 1, 8, 8, 8), "target": target, "pseudo": pseudo,
+             "labelled": torch.tensor([True])}
+    _, logs = method.loss(tr, batch, logits, 0)
+    if override:
+        assert logs["loss_sam"] < 1e-3  # nothing to learn: the plane's truth replaced the pseudo-label
+    else:
+        assert logs["loss_sam"] > 0.05  # the pseudo-label pulls against the expert's plane
