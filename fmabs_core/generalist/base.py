@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fmabs_core.errors import InputError
+from fmabs_core.generalist import precision
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,13 @@ class Generalist:
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.amp_dtype = _amp_dtype(self.device, dtype)
+        self.amp_dtype = precision.amp_dtype(self.device, dtype)
+        self.channels_last = precision.use_channels_last(self.device, self.amp_dtype)
+        if self.channels_last:
+            self.model.image_encoder.to(memory_format=torch.channels_last)
+        self.precision = precision.describe(self.device, self.amp_dtype, self.channels_last)
+        #: what changes the embeddings besides the input (cache keys): set by get_generalist
+        self.identity = f"{self.name}|{self.precision}"
         self.decoder_calls = 0  # number of prompts decoded (tests check no call on empty slices)
         self.encoded_slices = 0
         if self.normalization == "sam":
@@ -178,8 +185,7 @@ class Generalist:
             self._std = torch.tensor([58.395, 57.12, 57.375], device=self.device).view(1, 3, 1, 1)
 
     def __repr__(self) -> str:
-        amp = f", amp={self.amp_dtype}" if self.amp_dtype is not None else ""
-        return f"{type(self).__name__}(name={self.name!r}, device={self.device}{amp})"
+        return f"{type(self).__name__}(name={self.name!r}, {self.precision})"
 
     # ------------------------------------------------------------------ helpers
     def batch_size(self, requested: int | None = None) -> int:
@@ -250,9 +256,11 @@ class Generalist:
         geom = None
         for start in range(0, t.shape[0], bs):
             x, geom = self.preprocess(t[start : start + bs], intensity_window)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 f = self.model.image_encoder(x)
-            feats.append(f.float())
+            feats.append(f.float().contiguous())
         self.encoded_slices += int(t.shape[0])
         assert geom is not None
         return Embeddings(torch.cat(feats, 0), geom)
@@ -325,26 +333,6 @@ class Generalist:
         """Encode and decode in one go: one box (and optional points) per slice."""
         emb = self.encode(slices, intensity_window=intensity_window, batch_size=batch_size)
         return self.decode(emb, boxes, points, return_probs=return_probs)
-
-
-def _amp_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
-    """Autocast dtype: bf16 (or fp16 on GPUs without bf16) on CUDA; fp32 on CPU.
-
-    On this project's CPUs bf16 autocast measured ~2-3x *slower* for the LiteMedSAM encoder, so CPU
-    stays fp32 unless asked.
-    """
-    dtype = (dtype or "auto").lower()
-    table = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    if dtype not in table:
-        raise InputError(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16.")
-    if table[dtype] is torch.float16 and device.type == "cpu":
-        raise InputError("float16 autocast is not supported on CPU; use float32 or bfloat16.")
-    return table[dtype]
 
 
 def _pack_points(points: PointsArg, n: int, geom: SliceGeometry) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -181,27 +181,51 @@ def get_generalist(
     checkpoint: str | None = None,
     dtype: str = "auto",
     check: bool = True,
+    adapter: str | None = None,
 ) -> Generalist:
     """The generalist ``name`` on ``device``, built on first use and cached for the process.
 
     ``checkpoint``: a local weights file (offline use); default: bundled (LiteMedSAM) or the cache
     folder (see :mod:`fmabs_core.generalist.weights`). ``check=False`` accepts a checkpoint that is not
     the published file (e.g. fine-tuned); it is still loaded with ``weights_only=True``.
+    ``adapter``: a LoRA adapter of a ``sam-lora`` run merged into the encoder (prompted mode; see
+    :mod:`fmabs_core.generalist.adapted`). ``g.identity`` names everything that shapes the embeddings.
     """
+    from fmabs_core.generalist.adapted import adapter_sha256, apply_prompted_adapter
+
     key_name = canonical_name(name)
     dev = resolve_device(device)
     ck = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
-    key = (key_name, str(dev), ck, dtype, check)
+    ad_path = str(Path(adapter).expanduser().resolve()) if adapter else None
+    ad_sha = adapter_sha256(ad_path) if ad_path else None
+    key = (key_name, str(dev), ck, dtype, check, ad_sha)
     with _LOCK:
         g = _CACHE.get(key)
         if g is None:
             cls, build = GENERALISTS[key_name]
             log.info("building generalist %s on %s", key_name, dev)
             model = build(ck, check)
+            if ad_path:
+                from fmabs_core.generalist.lora import base_sha256
+
+                apply_prompted_adapter(model, ad_path, key_name, base_sha256(key_name, ck))
             g = cls(model, device=dev, dtype=dtype)
             g.name = key_name
+            g.identity = "|".join([key_name, g.precision, f"weights={_weights_id(key_name, ck, check)}",
+                                   f"adapter={ad_sha or 'none'}"])
             _CACHE[key] = g
         return g
+
+
+def _weights_id(name: str, checkpoint: str | None, check: bool) -> str:
+    """The published sha256 when the file is checked against it, else path, size and mtime (cheap)."""
+    entry = W.get_entry(name)
+    if (checkpoint is None or check) and entry.sha256:
+        return entry.sha256.lower()
+    if checkpoint is None:
+        return "default"
+    st = Path(checkpoint).stat()
+    return f"{checkpoint}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def clear_cache() -> None:

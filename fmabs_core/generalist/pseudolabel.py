@@ -30,7 +30,8 @@ import numpy as np
 
 from fmabs_core.contract import UNLABELLED
 from fmabs_core.errors import InputError
-from fmabs_core.generalist.base import Generalist, intensity_range
+from fmabs_core.generalist.base import Embeddings, Generalist, SliceGeometry, intensity_range
+from fmabs_core.generalist.embcache import EmbeddingCache, encode_cached, scan_digest, slice_key
 from fmabs_core.generalist.prompts import Mode, slice_prompts
 from fmabs_core.data.io import VIEW_AXIS, VIEWS, Volume, save_like
 
@@ -108,8 +109,13 @@ def view_pseudolabel(
     prompt_mode: Mode = "component",
     min_component_px: int = 10,
     orientation: Orientation = "radiological",
+    cache: EmbeddingCache | None = None,
+    scan_id: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """One view's 3D pseudo-label (XYZ uint8), the prompted slice indices and the number of prompts."""
+    """One view's 3D pseudo-label (XYZ uint8), the prompted slice indices and the number of prompts.
+
+    With ``cache`` (and ``scan_id``, the scan's content hash) slices encoded before are only decoded.
+    """
     img_v = view_slices(image, view, orientation)
     pm_v = view_slices(prompt_mask, view, orientation)
     fg = (pm_v > 0) & (pm_v != UNLABELLED)
@@ -129,7 +135,13 @@ def view_pseudolabel(
                     owners.append((j, int(c)))
                     boxes.append(p.box)
                     points.append(p.points)
-        emb = generalist.encode(np.ascontiguousarray(img_v[chunk]), intensity_window, batch_size=bs)
+        if cache is None:
+            emb = generalist.encode(np.ascontiguousarray(img_v[chunk]), intensity_window, batch_size=bs)
+        else:
+            keys = [slice_key(generalist.identity, scan_id or "", view, orientation, intensity_window, k) for k in chunk]
+            feats = encode_cached(cache, lambda s: generalist.encode(s, intensity_window, batch_size=bs).features,
+                                  img_v, chunk, keys)
+            emb = Embeddings(feats, SliceGeometry.for_shape(img_v.shape[1], img_v.shape[2], generalist.image_size))
         probs = generalist.decode(emb.select([o[0] for o in owners]), np.stack(boxes), points, return_probs=True)
         n_prompts += len(owners)
         for j, k in enumerate(chunk):
@@ -158,6 +170,8 @@ def multiview_pseudolabel(
     min_component_px: int = 10,
     orientation: Orientation = "radiological",
     intensity_window: tuple[float, float] | None = None,
+    cache: EmbeddingCache | None = None,
+    scan_id: str | None = None,
 ) -> PseudoLabels:
     """Axial, coronal and sagittal generalist pseudo-labels of one scan, and their fusion.
 
@@ -166,7 +180,8 @@ def multiview_pseudolabel(
     0 for LiteMedSAM which was trained with boxes only). ``max_slices_per_view``: prompt only that
     many foreground slices per view, evenly spaced (a CPU-time knob for checks: the others stay
     background, so the result under-segments). ``batch_size``: slices per encoder call (None: the
-    generalist's default, 1 on CPU where batching measured slower, larger on CUDA).
+    generalist's default, 1 on CPU where batching measured slower, larger on CUDA). ``cache``:
+    embeddings kept across calls (rounds) under ``scan_id`` (default: the image's content hash).
     """
     image = np.asarray(image)
     prompt_mask = np.asarray(prompt_mask)
@@ -177,6 +192,8 @@ def multiview_pseudolabel(
     if fusion not in ("mv", "ua"):
         raise InputError(f"fusion must be 'mv' or 'ua', got {fusion!r}.")
     window = intensity_window or intensity_range(image)
+    if cache is not None and scan_id is None:
+        scan_id = scan_digest(image)
     t0 = time.perf_counter()
     result = PseudoLabels()
     result.slices, result.prompts, result.fusion = {}, 0, fusion
@@ -184,7 +201,7 @@ def multiview_pseudolabel(
         tv = time.perf_counter()
         vol, idx, n = view_pseudolabel(
             generalist, image, prompt_mask, view, rng, window, box_jitter, n_points, max_slices_per_view,
-            batch_size, prompt_mode, min_component_px, orientation,
+            batch_size, prompt_mode, min_component_px, orientation, cache, scan_id,
         )
         result[view], result.slices[view] = vol, idx
         result.prompts += n

@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 class FMABSConfig(MeanTeacherConfig):
     generalist: str = option("litemedsam", "SAM-family model: litemedsam (embedded), mobilesam, sam_vit_b, medsam")
     generalist_checkpoint: str | None = option(None, "weights file of the generalist (default: the cache)")
+    adapter: str | None = option(None, "LoRA adapter of a sam-lora run (its model.pt) merged into the generalist's "
+                                       "encoder; the prompts stay boxes")
+    generalist_dtype: str = option("auto", "encoder precision: auto (bf16 on GPUs and on CPUs with bf16 units, "
+                                           "else float32), float32, bfloat16")
+    embedding_cache: str = option("auto", "where slice embeddings are kept between rounds so that each slice is "
+                                          "encoded once: auto (by size), device, host, disk (run folder), off")
+    embedding_cache_gb: float | None = option(None, "bound of the embedding cache in GB, least recently used "
+                                                    "slices evicted (default: half the free memory of its tier)")
+    embedding_dtype: str = option("auto", "stored embeddings: auto (bf16 if the encoder runs in bf16, else "
+                                          "float16), bfloat16, float16, float32")
     fusion: str = option("mv", f"how the three views' pseudo-labels are fused: {', '.join(FUSIONS)}")
     sam_weight: float = option(0.5, "weight of the pseudo-label loss at the start (it decays to 0)")
     nt_gamma: float = option(1.5, "exponent of the noise-tolerant Dice (2 = plain Dice)")
@@ -60,9 +70,14 @@ class FMABS(MeanTeacher):
         self.every = max(1, int(round(cfg.pseudo_every * n)))
         self.stop = int(round(cfg.pseudo_stop * n))
         self.rounds_done = getattr(self, "rounds_done", 0)
+        #: the round under way when a cancel stopped it: {"iteration", "cases", "done": {case: scores}}
+        self.partial = getattr(self, "partial", None)
         self._generalist = None
+        self._cache = None
+        self._digests: dict[str, tuple[np.ndarray, str]] = {}
         self.generalist(tr)  # fail at start, not at the first round, when weights are missing
-        if self.rounds_done:
+        self._cache = self._build_cache(tr)
+        if self.rounds_done or self.partial:
             tr.restore_pseudolabels()
 
     def round_due(self, it: int) -> bool:
@@ -73,49 +88,125 @@ class FMABS(MeanTeacher):
             from fmabs_core.generalist import get_generalist
             from fmabs_core.generalist import pseudolabel  # noqa: F401  (a round must not fail on import)
 
-            self._generalist = get_generalist(self.config.generalist, device=tr.device,
-                                              checkpoint=self.config.generalist_checkpoint)
+            cfg = self.config
+            self._generalist = get_generalist(cfg.generalist, device=tr.device, checkpoint=cfg.generalist_checkpoint,
+                                              dtype=cfg.generalist_dtype, adapter=cfg.adapter)
+            log.info("generalist for pseudo-labels: %r", self._generalist)
         return self._generalist
+
+    def _build_cache(self, tr: TrainContext):
+        """The run's embedding cache (None with ``embedding_cache='off'``), sized for every slice a round may prompt."""
+        cfg = self.config
+        if cfg.embedding_cache == "off":
+            return None
+        from fmabs_core.generalist.embcache import EmbeddingCache, default_folder, file_name
+
+        g = self.generalist(tr)
+        cache = EmbeddingCache(g.device, cfg.embedding_cache_gb, cfg.embedding_cache, cfg.embedding_dtype,
+                               folder=default_folder(tr.run_dir), name=file_name(g.identity, tr.dist.rank),
+                               compute_dtype=g.amp_dtype)
+        per_scan = [sum(min(s, cfg.pseudo_max_slices or s) for s in c.image.shape) for c in tr.train_cases]
+        cache.expect(sum(per_scan))
+        return cache
+
+    def _scan_id(self, case) -> str:
+        """Content hash of a training scan, computed once per run (the array is kept, so its id stays unique)."""
+        from fmabs_core.generalist.embcache import scan_digest
+
+        known = self._digests.get(case.id)
+        if known is None or known[0] is not case.image:
+            known = (case.image, scan_digest(case.image))
+            self._digests[case.id] = known
+        return known[1]
+
+    def _round_cases(self, tr, it: int) -> list:
+        """The scans of this round: all, or ``pseudo_max_cases`` drawn from the sampler's generator (a
+        round resumed after a cancel keeps the ones it had drawn, without drawing again)."""
+        cfg = self.config
+        cases = tr.train_cases
+        if self.partial is not None and self.partial["iteration"] == it:
+            by_id = {c.id: c for c in cases}
+            return [by_id[cid] for cid in self.partial["cases"]]
+        if cfg.pseudo_max_cases is not None and len(cases) > cfg.pseudo_max_cases:
+            # drawn before sharding: every rank's sampler has the same seed, so all pick the same scans
+            idx = tr.sampler.rng.choice(len(cases), cfg.pseudo_max_cases, replace=False)
+            cases = [cases[i] for i in sorted(idx)]
+        self.partial = {"iteration": it, "cases": [c.id for c in cases], "done": {}}
+        return cases
+
+    def _label_case(self, tr, it: int, i: int, case) -> tuple[np.ndarray, tuple[float, float] | None]:
+        """One scan of a round: teacher prompt -> three views -> fused pseudo-label (written to the run folder)."""
+        from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
+        from fmabs_core.inference.metrics import dice_jaccard
+
+        cfg = self.config
+        rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
+        prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
+        cache = self._cache
+        result = multiview_pseudolabel(
+            self.generalist(tr), case.image, prompt, rng, fusion=cfg.fusion, box_jitter=cfg.box_jitter,
+            n_points=cfg.n_points, max_slices_per_view=cfg.pseudo_max_slices, cache=cache,
+            scan_id=self._scan_id(case) if cache is not None else None)
+        if cfg.pseudo_max_slices is not None:
+            fill_unprompted(result, prompt, cfg.fusion)
+        tr.save_pseudolabels(case, result)  # each rank writes the scans it labelled (distinct files)
+        label = case.extra.get("label")
+        scores = None if label is None else (dice_jaccard(prompt, label)[0], dice_jaccard(result["fused"], label)[0])
+        return result["fused"].astype(np.uint8), scores
 
     def before_step(self, tr, it):
         if not self.round_due(it):
             return
         from fmabs_core.training import distributed
-        from fmabs_core.inference.metrics import dice_jaccard
-        from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
 
-        cfg = self.config
-        cases = tr.train_cases
-        if cfg.pseudo_max_cases is not None and len(cases) > cfg.pseudo_max_cases:
-            # drawn before sharding: every rank's sampler has the same seed, so all pick the same scans
-            idx = tr.sampler.rng.choice(len(cases), cfg.pseudo_max_cases, replace=False)
-            cases = [cases[i] for i in sorted(idx)]
+        cases = self._round_cases(tr, it)
+        resumed = len(self.partial["done"])
         distributed.broadcast_module(self.teacher)  # BN statistics drift per rank: prompt from rank 0's teacher
         start = time.time()
         mine: dict[str, tuple[np.ndarray, tuple[float, float] | None]] = {}
         shard = distributed.shard(list(enumerate(cases)))
-        for i, case in tr.progress(shard, desc=f"pseudo-labels (round {self.rounds_done + 1})"):
-            rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
-            prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
-            result = multiview_pseudolabel(
-                self.generalist(tr), case.image, prompt, rng, fusion=cfg.fusion, box_jitter=cfg.box_jitter,
-                n_points=cfg.n_points, max_slices_per_view=cfg.pseudo_max_slices)
-            if cfg.pseudo_max_slices is not None:
-                fill_unprompted(result, prompt, cfg.fusion)
-            tr.save_pseudolabels(case, result)  # each rank writes the scans it labelled (distinct files)
-            label = case.extra.get("label")
-            scores = None if label is None else (dice_jaccard(prompt, label)[0], dice_jaccard(result["fused"], label)[0])
-            mine[case.id] = (result["fused"].astype(np.uint8), scores)
+        for n, (i, case) in enumerate(tr.progress(shard, desc=f"pseudo-labels (round {self.rounds_done + 1})")):
+            done = self.partial["done"]
+            if case.id in done:  # labelled before a cancel: its fused label is in the run folder (uint8, lossless)
+                mine[case.id] = (tr.load_pseudolabel(case), done[case.id])
+                continue
+            mine[case.id] = self._label_case(tr, it, i, case)
+            done[case.id] = mine[case.id][1]
+            if n + 1 < len(shard) and not tr.dist.enabled and tr.cancel_requested():
+                self._stop_mid_round(tr, it, len(done), len(cases))
+                return
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         for case in cases:
             case.pseudo = merged[case.id][0]
         self.rounds_done += 1
+        self.partial = None
         info = {"round": self.rounds_done, "iteration": it, "cases": len(cases), "seconds": time.time() - start}
+        if resumed:
+            info["resumed_after"] = resumed
         dices = np.array([v[1] for v in merged.values() if v[1] is not None])
         if len(dices):
             info.update(teacher_dice=float(dices[:, 0].mean()), pseudo_dice=float(dices[:, 1].mean()))
+        if self._cache is not None:
+            self._cache.flush()
+            info["embedding_cache"] = self._cache.stats()
         tr.runlog.event("pseudo_label", **info)
         log.info("pseudo-label round %d: %s", self.rounds_done, info)
+
+    def _stop_mid_round(self, tr, it: int, done: int, total: int) -> None:
+        """A cancel during a round: checkpoint what is done (the next start finishes the round) and stop."""
+        from fmabs_core.training.api import Outcome
+
+        log.warning("cancel during pseudo-label round %d: %d of %d scans done; checkpointing", self.rounds_done + 1,
+                    done, total)
+        if self._cache is not None:
+            self._cache.flush()
+        tr.checkpoint(it)
+        tr.request_stop(Outcome.cancelled(it))
+
+    def export(self, tr, path) -> None:
+        super().export(tr, path)
+        if self._cache is not None:  # the run is over: its embeddings are of no further use
+            self._cache.close(remove=True)
 
     def loss(self, tr, batch, logits, it):
         total, logs = super().loss(tr, batch, logits, it)
@@ -135,11 +226,16 @@ class FMABS(MeanTeacher):
         return total, logs
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "rounds_done": self.rounds_done}
+        partial = None
+        if self.partial is not None:
+            partial = {**self.partial, "done": {k: None if v is None else [float(x) for x in v]
+                                                for k, v in self.partial["done"].items()}}
+        return {**super().state_dict(), "rounds_done": self.rounds_done, "partial_round": partial}
 
     def load_state_dict(self, state: dict, tr) -> None:
         super().load_state_dict(state, tr)
         self.rounds_done = int(state.get("rounds_done", 0))
+        self.partial = state.get("partial_round")
 
 
 def fill_unprompted(result: dict, prompt: np.ndarray, fusion: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
 import time
@@ -33,6 +34,7 @@ from fmabs_core.training import distributed
 from fmabs_core.training.api import Hook, Outcome, Progress
 from fmabs_core.training.config import TrainConfig
 from fmabs_core.training.nets import size_divisor
+from fmabs_core.training.prefetch import BatchPrefetcher
 from fmabs_core.training.sampler import Case, PatchSampler, effective_patch, zscore
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,9 @@ class Trainer:
         self._stop: Outcome | None = None
         self._cancel_agreed = False
         self.hooks: list[Hook] = default_hooks(cfg)
+        #: prepare the next batch on a background thread during the step (FMABS_PREFETCH=0: off)
+        self.prefetch = os.environ.get("FMABS_PREFETCH", "1") != "0"
+        self._batches: BatchPrefetcher | None = None
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._request_cancel)
@@ -163,6 +168,10 @@ class Trainer:
     def request_cancel(self) -> None:
         """Ask the loop to checkpoint and stop after the current step (thread-safe: sets a flag)."""
         self._cancel = True
+
+    def cancel_requested(self) -> bool:
+        """Whether a cancel is pending (a long hook, e.g. a pseudo-label round, checks it between scans)."""
+        return self._cancel
 
     def request_stop(self, outcome: Outcome) -> None:
         """End the run before the next step with ``outcome`` (a hook waiting for the expert's labels)."""
@@ -189,6 +198,10 @@ class Trainer:
         out = self.run_dir / PSEUDO_DIR
         for key, arr in result.items():
             io.save_like(arr.astype(np.uint8), ref, out / f"{case.id}_{key}.nii.gz")
+
+    def load_pseudolabel(self, case: Case, key: str = "fused") -> np.ndarray:
+        """A pseudo-label this run wrote for ``case`` (uint8, as written)."""
+        return io.load_label(self.run_dir / PSEUDO_DIR / f"{case.id}_{key}.nii.gz", self.project.num_classes).array
 
     def restore_pseudolabels(self) -> None:
         """After a resume: the fused pseudo-labels of the last round, as written (uint8, lossless)."""
@@ -445,6 +458,8 @@ class Trainer:
             outcome = self._train()
             return outcome
         finally:
+            if self._batches is not None:
+                self._batches.close()
             if self._owns_lock:
                 self.lock.release()
             # a pipeline's later stages train in the same process group
@@ -454,7 +469,9 @@ class Trainer:
 
     def _step(self, it: int) -> dict[str, float]:
         """One optimisation step of the method; returns its logged losses (averaged over ranks)."""
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.sampler.next_batch().items()}
+        if self._batches is None:
+            self._batches = BatchPrefetcher(pin_memory=self.device.type == "cuda", enabled=self.prefetch)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self._batches.next(self.sampler).items()}
         lr = self.lr_at(it)
         optimizers = [self.optimizer, *self.method.optimizers()]
         for opt in optimizers:
@@ -509,6 +526,8 @@ class Trainer:
                 if self._stop is not None:
                     raise _Stop(self._stop)
                 self.method.before_step(self, it)
+                if self._stop is not None:  # e.g. a cancel honoured inside a pseudo-label round (checkpointed)
+                    raise _Stop(self._stop)
                 logs = self._step(it)
                 done = it + 1
                 step_times.append(time.time() - t0)
