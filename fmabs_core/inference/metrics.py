@@ -1,5 +1,14 @@
-"""Dice, Jaccard, 95 % Hausdorff and average surface distance, in voxels and in mm.
+"""Dice, Jaccard, 95 % Hausdorff and average surface distance, in voxels and in mm, by two definitions.
 
+- ``hd95_vox``/``asd_vox`` (and ``_mm``): MONAI's, the larger of the two directional 95th percentiles
+  and the symmetric mean surface distance.
+- ``hd95_pooled_vox``/``asd_pred_vox`` (and ``_mm``): medpy's, which the papers' tables report (UA-MT's
+  ``test_util.py``): the 95th percentile of the surface distances of *both* directions pooled together,
+  and the mean distance from the prediction's surface to the truth's (one direction). Surfaces are the
+  mask minus its erosion by the 6-connected structuring element; computed here with scipy, as medpy
+  does, so that medpy is not needed.
+
+Dice and Jaccard are medpy's ``dc``/``jc`` except for two empty masks, scored 1 here (medpy: 0).
 An empty prediction (or empty ground truth) has no surface: its distances are reported as NaN with
 ``failed=True`` and counted separately, never as 0 (the reference code's HD = 0 flatters failures).
 """
@@ -12,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 
 
@@ -25,6 +35,11 @@ class CaseScores:
     hd95_mm: float
     asd_mm: float
     failed: bool
+    # medpy's definitions (the papers' tables): both directions pooled; prediction -> truth
+    hd95_pooled_vox: float = math.nan
+    asd_pred_vox: float = math.nan
+    hd95_pooled_mm: float = math.nan
+    asd_pred_mm: float = math.nan
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,10 +75,51 @@ def score_case(case: str, pred: np.ndarray, gt: np.ndarray, spacing: tuple[float
         return CaseScores(case, dice, jac, math.nan, math.nan, math.nan, math.nan, failed=True)
     hd_v, asd_v = _surface_distances(pred, gt, None)
     hd_mm, asd_mm = _surface_distances(pred, gt, spacing)
-    return CaseScores(case, dice, jac, hd_v, asd_v, hd_mm, asd_mm, failed=False)
+    medpy_v = medpy_distances(pred, gt, None)
+    medpy_mm = medpy_distances(pred, gt, spacing)
+    return CaseScores(case, dice, jac, hd_v, asd_v, hd_mm, asd_mm, failed=False,
+                      hd95_pooled_vox=medpy_v[0], asd_pred_vox=medpy_v[1],
+                      hd95_pooled_mm=medpy_mm[0], asd_pred_mm=medpy_mm[1])
 
 
-METRIC_KEYS = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm")
+def surface(mask: np.ndarray) -> np.ndarray:
+    """medpy's surface: the mask minus its erosion by the 6-connected element (voxels on the array's edge count)."""
+    mask = mask.astype(bool)
+    return mask ^ ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1), iterations=1)
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...] | None = None) -> np.ndarray:
+    """Distance from each surface voxel of ``a`` to the nearest surface voxel of ``b`` (medpy's ``__surface_distances``)."""
+    sa, sb = surface(a), surface(b)
+    if not sa.any() or not sb.any():
+        raise ValueError("a mask without foreground has no surface")
+    return ndimage.distance_transform_edt(~sb, sampling=spacing)[sa]
+
+
+def medpy_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | None = None
+                    ) -> tuple[float, float]:
+    """(95HD with both directions pooled, ASD from prediction to truth): medpy's ``hd95`` and ``asd``."""
+    forward = surface_distances(pred, gt, spacing)
+    backward = surface_distances(gt, pred, spacing)
+    return float(np.percentile(np.hstack((forward, backward)), 95)), float(forward.mean())
+
+
+METRIC_KEYS = ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm",
+               "hd95_pooled_vox", "asd_pred_vox", "hd95_pooled_mm", "asd_pred_mm")
+
+#: what each key means, for tables and reports
+METRIC_DEFINITIONS = {
+    "dice": "Dice (medpy dc)",
+    "jaccard": "Jaccard (medpy jc)",
+    "hd95_vox": "95HD, voxels: max of the two directional 95th percentiles (MONAI)",
+    "asd_vox": "ASD, voxels: symmetric mean surface distance (MONAI)",
+    "hd95_mm": "95HD, mm: max of the two directional 95th percentiles (MONAI)",
+    "asd_mm": "ASD, mm: symmetric mean surface distance (MONAI)",
+    "hd95_pooled_vox": "95HD, voxels: 95th percentile of both directions pooled (medpy hd95, the papers')",
+    "asd_pred_vox": "ASD, voxels: mean distance prediction -> truth surface (medpy asd, the papers')",
+    "hd95_pooled_mm": "95HD, mm: 95th percentile of both directions pooled (medpy hd95)",
+    "asd_pred_mm": "ASD, mm: mean distance prediction -> truth surface (medpy asd)",
+}
 
 
 def summarise(scores: list[CaseScores]) -> dict:
@@ -78,7 +134,8 @@ def summarise(scores: list[CaseScores]) -> dict:
 
 
 def format_table(scores: list[CaseScores], summary: dict) -> str:
-    head = f"{'case':<28}{'Dice':>8}{'Jacc':>8}{'95HD vx':>9}{'ASD vx':>8}{'95HD mm':>9}{'ASD mm':>8}"
+    head = (f"{'case':<28}{'Dice':>8}{'Jacc':>8}{'95HD vx':>9}{'ASD vx':>8}{'95HD mm':>9}{'ASD mm':>8}"
+            f"{'95HDp vx':>10}{'ASDp vx':>9}{'95HDp mm':>10}{'ASDp mm':>9}")
     lines = [head, "-" * len(head)]
 
     def fmt(v: float, w: int) -> str:
@@ -86,15 +143,19 @@ def format_table(scores: list[CaseScores], summary: dict) -> str:
 
     for s in scores:
         lines.append(f"{s.case[:27]:<28}" + fmt(s.dice, 8) + fmt(s.jaccard, 8) + fmt(s.hd95_vox, 9)
-                     + fmt(s.asd_vox, 8) + fmt(s.hd95_mm, 9) + fmt(s.asd_mm, 8) + ("  FAILED (empty)" if s.failed else ""))
+                     + fmt(s.asd_vox, 8) + fmt(s.hd95_mm, 9) + fmt(s.asd_mm, 8) + fmt(s.hd95_pooled_vox, 10)
+                     + fmt(s.asd_pred_vox, 9) + fmt(s.hd95_pooled_mm, 10) + fmt(s.asd_pred_mm, 9)
+                     + ("  FAILED (empty)" if s.failed else ""))
     lines.append("-" * len(head))
     means = [summary[k]["mean"] for k in METRIC_KEYS]
     stds = [summary[k]["std"] for k in METRIC_KEYS]
-    widths = (8, 8, 9, 8, 9, 8)
+    widths = (8, 8, 9, 8, 9, 8, 10, 9, 10, 9)
     lines.append(f"{'mean':<28}" + "".join(fmt(m, w) for m, w in zip(means, widths)))
     lines.append(f"{'std':<28}" + "".join(fmt(m, w) for m, w in zip(stds, widths)))
     lines.append(f"{summary['n_failed']} of {summary['n_cases']} cases failed (empty prediction or label); "
                  "their distances are excluded from the means")
+    lines.append("95HD/ASD: MONAI's (max of directional 95th percentiles; symmetric mean). 95HDp/ASDp: medpy's, "
+                 "as the papers report (95th percentile of both directions pooled; prediction -> truth)")
     return "\n".join(lines)
 
 
