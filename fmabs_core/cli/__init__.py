@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "generalist_cmds",  # weights, pseudo-label, bench
     "tiling_cmds",  # tile-grid
     "demo_cmd",  # demo
+    "reproduce_cmd",  # reproduce
     "web_cmd",  # web (browser front-end; imports fmabs_core.web only when run)
 ]
 

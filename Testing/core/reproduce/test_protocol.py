@@ -1,0 +1,171 @@
+"""Reproduction protocols: shipped files, the schema's round trip, refusals by name, the fixed split,
+resampling, and the report's statistics (no training here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fmabs_core.data import io
+from fmabs_core.errors import InputError
+from fmabs_core.reproduce import data as D
+from fmabs_core.reproduce import protocol as P
+from fmabs_core.reproduce.report import summarise_cells, wilcoxon_tests
+from fmabs_core.reproduce.runner import plan, train_config
+
+
+def test_shipped_protocols_round_trip(tmp_path):
+    names = P.shipped()
+    assert {"la-fmabs", "la-cfr"} <= set(names)
+    for name in names:
+        proto = P.load(name)
+        again = P.Protocol.from_dict(json.loads(proto.to_json()), "again")
+        assert again == proto and again.to_json() == proto.to_json()
+        path = tmp_path / f"{name}.json"
+        path.write_text(proto.to_json())
+        assert P.load(str(path)) == proto
+        assert {"paper", "cpu"} <= set(proto.scales)
+
+
+def test_la_protocols_say_what_the_papers_did():
+    fm = P.load("la-fmabs")
+    assert fm.settings[0].labelled == 20 and fm.split.val == 0
+    paper = fm.scale("paper")
+    assert (paper.iterations, paper.width, tuple(paper.stride), paper.blend) == (20000, 16, (18, 18, 4), "constant")
+    assert {r.key: r.active for r in fm.rows}["fmabs-her"] == "her"
+    cfr = P.load("la-cfr")
+    assert [s.labelled for s in cfr.settings] == [1, 16] and all(s.labels == "dense" for s in cfr.settings)
+    assert cfr.scale("paper").iterations == 6000
+
+
+def _base() -> dict:
+    return json.loads(P.load("la-fmabs").to_json())
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d.update(extra=1), "unknown key"),
+    (lambda d: d["rows"][0].update(colour="red"), "colour"),
+    (lambda d: d["scales"]["cpu"].update(resample=2.0), "scales.cpu.resample"),
+    (lambda d: d["scales"]["cpu"].update(rows=["nope"]), "nope"),
+    (lambda d: d["rows"][0].update(key="../evil"), "rows key"),
+    (lambda d: d["rows"][0].update(active="guess"), "active 'guess'"),
+    (lambda d: d["scales"]["cpu"].update(width="wide"), "width"),
+    (lambda d: d.pop("scales"), "scales"),
+    (lambda d: d["rows"].append(dict(d["rows"][0])), "share a key"),
+])
+def test_bad_protocols_are_refused_by_name(change, words):
+    data = _base()
+    change(data)
+    with pytest.raises(InputError, match=words.replace(".", r"\.").replace("(", r"\(")):
+        P.Protocol.from_dict(data, "my.json")
+
+
+def test_bad_files_and_names(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="bad.json: not valid JSON"):
+        P.load(str(bad))
+    with pytest.raises(InputError, match="not shipped"):
+        P.load("la-nothing")
+    with pytest.raises(InputError, match="--scale gpu"):
+        P.load("la-fmabs").scale("gpu")
+
+
+def test_plan_and_train_config():
+    proto = P.load("la-fmabs")
+    cpu = proto.scale("cpu")
+    cells = plan(proto, cpu, 2, None)
+    assert [c.name for c in cells] == ["c20.sup.seed0", "c20.sup.seed1", "c20.mt.seed0", "c20.mt.seed1",
+                                       "c20.fmabs.seed0", "c20.fmabs.seed1"]
+    with pytest.raises(InputError, match="--methods bogus"):
+        plan(proto, cpu, 1, ["bogus"])
+    cfg = train_config(proto, cpu, cells[-1], ["a", "b"], "cpu")
+    assert (cfg.iterations, cfg.net.width, cfg.net.dropout, cfg.patch_size) == (400, 8, 0.5, (48, 48, 32))
+    assert cfg.method_options["pseudo_max_slices"] == 6 and cfg.method_options["fusion"] == "mv"
+    assert cfg.labelled_cases == ("a", "b") and cfg.active is None
+    her = next(c for c in plan(proto, proto.scale("paper"), 1, ["fmabs-her"]))
+    cfg = train_config(proto, proto.scale("paper"), her, None, "cpu")
+    assert (cfg.active, cfg.budget, cfg.iterations) == ("her", 20, 20000)
+    proto.scales["cpu"].method_options["fmabs"]["no_such_option"] = 1
+    with pytest.raises(InputError, match="row 'fmabs'.*no_such_option"):
+        train_config(proto, proto.scale("cpu"), cells[-1], ["a"], "cpu")
+
+
+def _dataset(folder, ids):
+    from fmabs_core.data.phantom import write_dataset
+
+    write_dataset(folder, n_cases=len(ids), shape=(16, 16, 16), seed=0)
+    return folder
+
+
+def test_split_is_fixed_seeded_and_disjoint(tmp_path):
+    data = _dataset(tmp_path / "d", range(10))
+    proto = P.load("la-fmabs")
+    proto.split.test, proto.split.val = 3, 1
+    scale = P.Scale(n_train=4, n_test=2)
+    a, pairs = D.make_split(proto, scale, data, None)
+    b, _ = D.make_split(proto, scale, data, data)  # --test the same folder: held out, as without it
+    assert a == b and a.held_out
+    assert len(a.test) == 2 and len(a.train) == 3 and len(a.val) == 1
+    assert not set(a.test) & set(a.train + a.val)
+    assert set(pairs) == set(a.test + a.train + a.val)
+    proto.split.seed = 7
+    c, _ = D.make_split(proto, scale, data, None)
+    assert (c.test, c.train) != (a.test, a.train)  # the seed decides
+    assert D.choose_labelled(a.train, 2, 0, 0, 1) == D.choose_labelled(a.train, 2, 0, 0, 1)
+    with pytest.raises(InputError, match="labels 9 scans"):
+        D.choose_labelled(a.train, 9, 0, 0, 1)
+    with pytest.raises(InputError, match="also in --train"):
+        D.make_split(proto, scale, data, _dataset(tmp_path / "t", range(2)))
+
+
+def test_resample_keeps_the_world_extent():
+    arr = np.zeros((8, 6, 4), np.float32)
+    arr[2:6, 1:5, 1:3] = 1
+    affine = np.diag([0.5, 0.7, 2.0, 1.0])
+    affine[:3, 3] = [10, -4, 3]
+    vol = io.Volume(arr, affine, affine, arr.shape, None)
+    small = D.resample(vol, 0.5, 0)
+    assert small.array.shape == (4, 3, 2)
+    edge = np.array([-0.5, -0.5, -0.5, 1.0])
+    np.testing.assert_allclose(small.affine @ edge, affine @ edge)  # the first voxel's outer corner
+    far_old = np.array([8 - 0.5, 6 - 0.5, 4 - 0.5, 1.0])
+    far_new = np.array([4 - 0.5, 3 - 0.5, 2 - 0.5, 1.0])
+    np.testing.assert_allclose(small.affine @ far_new, affine @ far_old)
+    back = D.upsample_probabilities(np.stack([1 - small.array, small.array]), arr.shape)
+    assert back.shape == (2, 8, 6, 4)
+    assert D.resample(vol, 1.0, 1) is vol
+
+
+def _result(setting, row, seed, dices):
+    cases = [{"case": f"c{i}", "dice": d, "jaccard": d / (2 - d), "hd95_pooled_vox": 1.0, "asd_pred_vox": 0.5,
+              "failed": False} for i, d in enumerate(dices)]
+    return {"setting": setting, "row": row, "seed": seed, "cases": cases,
+            "summary": {"n_failed": 0, "n_cases": len(cases)}}
+
+
+def test_report_statistics_by_hand():
+    setting = SimpleNamespace(key="s", label="S")
+    rows = {k: SimpleNamespace(key=k, label=k.upper(), method=k, baseline=b, paper={})
+            for k, b in (("b1", True), ("b2", True), ("m", False))}
+    base = [0.70, 0.72, 0.68, 0.75, 0.71, 0.69]
+    dices = {"b1": base, "b2": [d - 0.05 for d in base], "m": [d + 0.01 * (i + 1) for i, d in enumerate(base)]}
+    cells, results = [], []
+    for key in ("b1", "b2", "m"):
+        for seed in (0, 1):
+            cells.append(SimpleNamespace(setting=setting, row=rows[key], seed=seed))
+            results.append(_result("s", key, seed, dices[key]))
+    summary = summarise_cells(None, cells, results)
+    wilcoxon_tests(summary)
+    by = {r["row"]: r for r in summary}
+    assert by["b1"]["Dice %"]["mean"] == pytest.approx(np.mean(base) * 100)
+    assert by["b1"]["Dice %"]["std"] == 0.0  # both seeds identical here
+    assert by["b1"]["vs_best_baseline"]["note"] == "the best baseline"
+    # m beats b1 on all 6 cases: exact two-sided p = 2 / 2^6
+    assert by["m"]["vs_best_baseline"]["p"] == pytest.approx(2 / 64)
+    assert by["b2"]["vs_best_baseline"]["baseline"] == "b1" and by["b2"]["vs_best_baseline"]["p"] == pytest.approx(2 / 64)
+    assert math.isnan(summarise_cells(None, cells[:1], [_result("s", "b1", 0, [])])[0]["Dice %"]["mean"])
