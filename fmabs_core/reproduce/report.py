@@ -25,6 +25,19 @@ COLUMNS = {"Dice %": ("dice", 100.0), "Jaccard %": ("jaccard", 100.0), "95HD (vo
 PAPER_KEYS = {"Dice %": "dice", "Jaccard %": "jaccard", "95HD (vox)": "hd95", "ASD (vox)": "asd"}
 
 
+def clean(obj: Any) -> Any:
+    """JSON without NaN (null instead) and with plain types."""
+    if isinstance(obj, dict):
+        return {str(k): clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
 def _nanmean(values: list[float]) -> float:
     v = np.array([x for x in values if x is not None and not math.isnan(x)], dtype=float)
     return float(v.mean()) if len(v) else math.nan
@@ -170,8 +183,6 @@ def plot(rows: list[dict[str, Any]], path) -> None:
 
 def write_report(protocol, scale_name: str, cells, results: list[dict], split, out) -> dict:
     """Write table.md, results.json, results.csv, cases.csv and plot.png into ``out``; returns the summary."""
-    from fmabs_core.reproduce.runner import clean
-
     rows = summarise_cells(protocol, cells, results)
     wilcoxon_tests(rows)
     seeds = len({c.seed for c in cells})

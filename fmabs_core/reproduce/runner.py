@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.inference.metrics import CaseScores, score_case, summarise
 from fmabs_core.reproduce import data as D
 from fmabs_core.reproduce.protocol import Protocol, Row, Scale, Setting
+from fmabs_core.reproduce.report import clean, write_report
 from fmabs_core.training.config import MUTABLE_ON_RESUME, NetConfig, TrainConfig, default_iterations, from_dict
 
 log = logging.getLogger(__name__)
@@ -199,19 +200,6 @@ def score_cell(run_dir: Path, split: D.Split, prepared: Path, scale: Scale, devi
     return scores
 
 
-def clean(obj: Any) -> Any:
-    """JSON without NaN (null instead) and with plain types."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def _write_once(path: Path, text: str, what: str) -> None:
     """Write ``text``; if the file exists it must say the same (a reproduction never changes its protocol)."""
     if path.exists():
@@ -240,8 +228,6 @@ def reproduce(protocol: Protocol, train_dir: Path, test_dir: Path | None, out: P
               scale_name: str = "cpu", rows: list[str] | None = None, device: str = "auto",
               progress: Progress | None = None, on_cell: Callable[[int, int, Cell], None] | None = None) -> dict:
     """Run (or resume) every cell of ``protocol`` at ``scale_name``, then write the report; returns it."""
-    from fmabs_core.reproduce.report import write_report
-
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1 (got {seeds})")
     scale = protocol.scale(scale_name)
