@@ -197,6 +197,8 @@ def load_model(model: str | Path, device: str | torch.device = "cpu") -> tuple[t
     from fmabs_core.training.nets import size_divisor
 
     path = resolve_model_file(model)
+    if _is_adapter(path):
+        return _load_tuned_generalist(path, device)
     state = read_model_file(path)
     cfg = state["net"]
     try:
@@ -214,6 +216,33 @@ def load_model(model: str | Path, device: str | torch.device = "cpu") -> tuple[t
     meta = {"patch_size": tuple(state["patch_size"]), "classes": state["classes"], "path": str(path),
             "divisor": size_divisor(cfg), "network": cfg.name}
     return net, meta
+
+
+def _is_adapter(path: Path) -> bool:
+    """Whether ``path`` is a LoRA adapter (the model.pt of a 'sam-lora' run) rather than a 3D model."""
+    from fmabs_core.generalist.lora import ADAPTER_FORMAT
+
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+    except RuntimeError:
+        return False  # read_model_file explains what is wrong with the file
+    return isinstance(state, dict) and state.get("format") == ADAPTER_FORMAT
+
+
+def _load_tuned_generalist(path: Path, device: str | torch.device) -> tuple[torch.nn.Module, dict]:
+    """A CFR fine-tuned generalist segments like a 3D model: tiled axial slices of each sliding window
+    (prompt-free), so ``fmabs predict`` and the Slicer Segment panel take a 'sam-lora' run's model.pt."""
+    from fmabs_core.generalist.tiled import load_tuned
+
+    net = load_tuned(path, device=device)  # checks the digest and the base weights' sha256; weights only
+    meta = net.adapter_meta
+    patch = meta.get("patch_size")
+    if not (isinstance(patch, list) and len(patch) == 3 and all(isinstance(v, int) and v > 0 for v in patch)):
+        raise _model_error(path, f"this adapter's metadata has no usable 'patch_size' (found {patch!r}); pass "
+                                 "--patch-size X Y Z")
+    classes = meta.get("classes") or {str(c): f"class_{c}" for c in range(1, int(meta["num_classes"]))}
+    return net, {"patch_size": tuple(patch), "classes": classes, "path": str(path), "divisor": 1,
+                 "network": f"tuned {meta['generalist']} (tiled, LoRA rank {net.rank})"}
 
 
 def check_patch(patch: tuple[int, ...], divisor: int, network: str, option: str = "--patch-size") -> tuple[int, int, int]:

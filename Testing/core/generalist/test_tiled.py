@@ -265,3 +265,11 @@ def test_fmabs_train_sam_lora_then_pseudo_label_with_the_adapter(tmp_path, phant
     assert main(["pseudo-label", "--adapter", str(model), "--image", str(image), "--prompt-from", str(label),
                  "--output", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "prompt-free" in capsys.readouterr().err
+    # `fmabs predict` takes the adapter too (the Slicer Segment panel runs it on a run's model.pt):
+    # the same sliding windows of the tuned generalist, so the same labels as pseudo-label --adapter
+    pred_dir = tmp_path / "pred"
+    assert main(["predict", "--model", str(model), "--input", str(image), "--output", str(pred_dir),
+                 "--overlap", "0.5", "--device", "cpu"]) == 0
+    pred = nib.load(str(pred_dir / image.name))
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+    np.testing.assert_array_equal(np.asarray(pred.dataobj), np.asarray(seg.dataobj))
