@@ -84,6 +84,23 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--label", help="mask for the prompts (with --image)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_bench)
+    p = bsub.add_parser("precision", help="generalist pseudo-label Dice and time, fp32 against bf16, on LA scans")
+    p.add_argument("--scans", type=int, default=2, help="LA scans (default 2)")
+    p.add_argument("--slices", type=int, default=4, help="prompted slices per view and scan (default 4)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_bench_precision)
+    p = bsub.add_parser("suite", help="training it/s, pseudo-label rounds, inference and peak memory, side by side "
+                                      "(about 10 minutes on one GPU, a few on a CPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018)")
+    p.add_argument("--scans", type=int, help="LA scans in the pseudo-label round (default 4 on CUDA, 1 on CPU)")
+    p.add_argument("--parts", nargs="+", default=["train", "round", "infer"], choices=["train", "round", "infer"])
+    p.add_argument("--methods", nargs="+", default=["sup", "mt", "fmabs"], choices=["sup", "mt", "fmabs"])
+    p.add_argument("--quick", action="store_true", help="the CPU sizes on any device (a smoke run)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_bench_suite)
 
 
 def _weights_list(args: argparse.Namespace) -> int:
@@ -244,6 +261,36 @@ def _pseudo_label_tuned(args: argparse.Namespace) -> int:
           f"{seconds:.1f} s -> {out}")
     if gt is not None:
         print(f"Dice vs {args.label}: {dice(seg, gt.array):.4f}")
+    return 0
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        import json
+
+        from fmabs_core.data.io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(report, indent=2, default=str))
+
+
+def _bench_precision(args: argparse.Namespace) -> int:
+    from fmabs_core.cli.bench import bench_precision, format_precision
+
+    report = bench_precision(args.scans, args.slices, args.device, args.la)
+    print(format_precision(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _bench_suite(args: argparse.Namespace) -> int:
+    from fmabs_core.cli.bench_suite import format_suite, run_suite
+
+    if args.scans is not None and args.scans < 1:
+        raise InputError(f"--scans must be >= 1 (got {args.scans}).")
+    report = run_suite(args.device, args.la, args.scans, args.quick, tuple(args.parts), tuple(args.methods),
+                       progress=lambda msg: print(msg, flush=True))
+    print(format_suite(report))
+    _write_json(args.json, report)
     return 0
 
 

@@ -204,7 +204,10 @@ def get_generalist(
         if g is None:
             cls, build = GENERALISTS[key_name]
             log.info("building generalist %s on %s", key_name, dev)
-            model = build(ck, check)
+            # built under a forked RNG: its throw-away random init must not move the training run's
+            # random stream (a resumed run builds it after restoring that stream; an uninterrupted one before)
+            with torch.random.fork_rng(devices=[]):
+                model = build(ck, check)
             if ad_path:
                 from fmabs_core.generalist.lora import base_sha256
 

@@ -61,10 +61,7 @@ class FMABS(MeanTeacher):
     def setup(self, tr: TrainContext) -> None:
         super().setup(tr)
         cfg = self.config
-        if cfg.fusion not in FUSIONS:
-            from fmabs_core.errors import InputError
-
-            raise InputError(f"fusion '{cfg.fusion}': choose from {', '.join(FUSIONS)}")
+        _check_options(cfg)
         n = tr.cfg.iterations
         self.warmup = int(round(cfg.pseudo_warmup * n))
         self.every = max(1, int(round(cfg.pseudo_every * n)))
@@ -236,6 +233,22 @@ class FMABS(MeanTeacher):
         super().load_state_dict(state, tr)
         self.rounds_done = int(state.get("rounds_done", 0))
         self.partial = state.get("partial_round")
+
+
+def _check_options(cfg: FMABSConfig) -> None:
+    """Refuse a bad value at the start of the run, naming the option as the command line spells it."""
+    from fmabs_core.errors import InputError
+    from fmabs_core.generalist.embcache import DTYPES as STORE_DTYPES, TIERS
+    from fmabs_core.generalist.precision import DTYPES
+
+    choices = {"fusion": (cfg.fusion, FUSIONS), "generalist-dtype": (cfg.generalist_dtype, DTYPES),
+               "embedding-cache": (cfg.embedding_cache, (*TIERS, "off")),
+               "embedding-dtype": (cfg.embedding_dtype, STORE_DTYPES)}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise InputError(f"--{flag} {value!r}: choose one of {', '.join(allowed)}")
+    if cfg.embedding_cache_gb is not None and not cfg.embedding_cache_gb > 0:
+        raise InputError(f"--embedding-cache-gb must be a positive number of GB (got {cfg.embedding_cache_gb})")
 
 
 def fill_unprompted(result: dict, prompt: np.ndarray, fusion: str) -> None:

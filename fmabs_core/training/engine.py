@@ -150,6 +150,11 @@ class Trainer:
         self.hooks: list[Hook] = default_hooks(cfg)
         #: prepare the next batch on a background thread during the step (FMABS_PREFETCH=0: off)
         self.prefetch = os.environ.get("FMABS_PREFETCH", "1") != "0"
+        #: GPU speed switches (``fmabs bench suite`` measures them): cuDNN's autotuner suits the fixed
+        #: patch shape; channels-last-3d and torch.compile are off until measured to pay on a machine
+        self.cudnn_benchmark = os.environ.get("FMABS_CUDNN_BENCHMARK", "1") != "0"
+        self.channels_last = os.environ.get("FMABS_CHANNELS_LAST", "0") == "1"
+        self.compile = os.environ.get("FMABS_COMPILE", "0") == "1"
         self._batches: BatchPrefetcher | None = None
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -395,7 +400,13 @@ class Trainer:
         self._last_ckpt = start
         if self.dist.is_main:
             io.atomic_write_text(self.run_dir / (self.stage.config_file if self.stage else CONFIG_FILE), cfg.to_json())
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last_3d)
         self.train_net = self.wrap(self.net)
+        if self.compile:
+            self.train_net = torch.compile(self.train_net)
         self.method.setup(self)
         for hook in self.hooks:
             hook.setup(self)
@@ -472,6 +483,8 @@ class Trainer:
         if self._batches is None:
             self._batches = BatchPrefetcher(pin_memory=self.device.type == "cuda", enabled=self.prefetch)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in self._batches.next(self.sampler).items()}
+        if self.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last_3d)
         lr = self.lr_at(it)
         optimizers = [self.optimizer, *self.method.optimizers()]
         for opt in optimizers:

@@ -1,0 +1,127 @@
+"""FM-ABS rounds: a cancel inside a round stops after the current scan and the resumed run finishes
+the round as an uninterrupted one would; embeddings are reused across rounds; a CFR LoRA adapter
+can drive the rounds, and a bad one is refused by name (real LiteMedSAM, real NIfTI phantoms)."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from fmabs_core.cli import main
+from fmabs_core.data import io
+from fmabs_core.generalist import get_generalist
+from fmabs_core.generalist.lora import add_lora, base_sha256, lora_layers, save_adapter
+from fmabs_core.generalist.models import GENERALISTS
+from fmabs_core.runs.events import read_events
+from fmabs_core.training.api import Hook
+from fmabs_core.training.config import TrainConfig
+from fmabs_core.training.engine import Trainer
+from fmabs_core.training.nets import NetConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # trains and runs LiteMedSAM
+
+OPTIONS = {"pseudo_warmup": 0.5, "pseudo_every": 0.25, "pseudo_stop": 0.9, "pseudo_max_slices": 1,
+           "pseudo_max_cases": 3}
+
+
+def fmabs_config(**options) -> TrainConfig:
+    return TrainConfig(method="fmabs", iterations=8, seed=4, lr=0.1, device="cpu", patch_size=(16, 16, 16), batch_size=2,
+                       labelled_bs=1, net=NetConfig(width=4, out_channels=2), val_every=100, ckpt_every=100,
+                       method_options={**OPTIONS, **options})
+
+
+class SigtermAt(Hook):
+    """Sends the trainer the first SIGTERM (its real handler) just before the round of ``iteration``."""
+
+    def __init__(self, iteration: int):
+        self.iteration = iteration
+
+    def before_step(self, tr, it):
+        if it == self.iteration:
+            tr._request_cancel(signal.SIGTERM, None)
+
+
+def _fused(project, run: str) -> dict[str, np.ndarray]:
+    folder = project.run_dir(run) / "pseudo"
+    return {p.name: io.load_label(p, 1).array for p in sorted(folder.glob("*_fused.nii.gz"))}
+
+
+def test_cancel_inside_a_round_then_resume_equals_uninterrupted(project):
+    cfg = fmabs_config()
+    ref = Trainer(project, "ref", cfg)
+    ref_model = ref.train().raise_for_failure().model
+    rounds = [e for e in read_events(project.run_dir("ref")) if e["type"] == "pseudo_label"]
+    assert [r["iteration"] for r in rounds] == [4, 6]
+    assert rounds[1]["embedding_cache"]["hits"] > 0  # the second round reused slices of the first
+
+    cut = Trainer(project, "cut", cfg)
+    cut.hooks.append(SigtermAt(6))  # the cancel arrives as the second round starts
+    outcome = cut.train()
+    assert outcome.state == "cancelled" and outcome.iteration == 6
+    state = torch.load(cut.ckpts.path_for(6), weights_only=True)
+    partial = state["method"]["partial_round"]
+    assert partial["iteration"] == 6 and len(partial["done"]) == 1 and len(partial["cases"]) == 3
+    events = read_events(project.run_dir("cut"))
+    assert [e["type"] for e in events][-1] == "cancelled" and len([e for e in events if e["type"] == "pseudo_label"]) == 1
+
+    resumed = Trainer(project, "cut", cfg).train().raise_for_failure()
+    last = [e for e in read_events(project.run_dir("cut")) if e["type"] == "pseudo_label"][-1]
+    assert last["round"] == 2 and last["resumed_after"] == 1 and last["cases"] == 3
+    a = torch.load(ref_model, weights_only=True)["state_dict"]
+    b = torch.load(resumed.model, weights_only=True)["state_dict"]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    ref_fused, cut_fused = _fused(project, "ref"), _fused(project, "cut")
+    assert ref_fused.keys() == cut_fused.keys()
+    assert all(np.array_equal(ref_fused[k], cut_fused[k]) for k in ref_fused)
+
+
+# ------------------------------------------------------------------------------------- adapters
+def _adapter(path, seed: int = 0):
+    """A sam-lora-style adapter for LiteMedSAM with non-zero LoRA (it changes the embeddings)."""
+    model = GENERALISTS["litemedsam"][1](None, True)
+    add_lora(model.image_encoder, rank=2)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _name, layer in lora_layers(model):
+            layer.lora_q_B.copy_(torch.randn(layer.lora_q_B.shape, generator=gen) * 0.05)
+            layer.lora_v_B.copy_(torch.randn(layer.lora_v_B.shape, generator=gen) * 0.05)
+    save_adapter(path, model, "litemedsam", base_sha256("litemedsam"),
+                 extra_meta={"generalist": "litemedsam", "num_classes": 2}, heads=False)
+    return model
+
+
+def test_adapter_is_merged_into_the_prompted_encoder(tmp_path):
+    lora_model = _adapter(tmp_path / "a.pt").eval()
+    tuned = get_generalist("litemedsam", device="cpu", dtype="float32", adapter=str(tmp_path / "a.pt"))
+    plain = get_generalist("litemedsam", device="cpu", dtype="float32")
+    assert tuned is not plain and "adapter=" in tuned.identity and tuned.identity != plain.identity
+    assert not lora_layers(tuned.model)  # merged: plain Linear layers, no per-slice LoRA cost
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        want = lora_model.image_encoder(x)
+        got = tuned.model.image_encoder(x)
+        base = plain.model.image_encoder(x)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max() and (base - want).abs().max() > 1e-2
+
+
+def test_fmabs_round_with_an_adapter_and_a_bad_adapter_refused(tmp_path, phantom_data, capsys):
+    _adapter(tmp_path / "tuned.pt", seed=1)
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
+    base = ["train", "--project", str(proj), "--method", "fmabs", "--iterations", "2", "--patch-size", "16", "16",
+            "16", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1", "--device", "cpu",
+            "--pseudo-warmup", "0.5", "--pseudo-max-cases", "1", "--pseudo-max-slices", "1", "--val-every", "100"]
+    assert main([*base, "--run", "tuned", "--adapter", str(tmp_path / "tuned.pt")]) == 0
+    rounds = [e for e in read_events(proj / "runs" / "tuned") if e["type"] == "pseudo_label"]
+    assert len(rounds) == 1 and rounds[0]["cases"] == 1
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((tmp_path / "tuned.pt").read_bytes()[:-100])
+    capsys.readouterr()
+    assert main([*base, "--run", "bad", "--adapter", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "weights-only" in err and err.strip().count("\n") < 3
