@@ -17,10 +17,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         for name, paper in P.shipped().items():
             print(f"{name:<12} {paper}")
         return 0
-    if not args.protocol or not args.train:
-        print("fmabs: error: give a PROTOCOL (see --list) and --train DIR", file=sys.stderr)
+    if not args.protocol:
+        print("fmabs: error: give a PROTOCOL (see --list)", file=sys.stderr)
         return 2
     proto = P.load(args.protocol)
+    if args.show:
+        print(proto.to_json())
+        return 0
+    if not args.train:
+        print("fmabs: error: give --train DIR (an imagesTr/labelsTr folder)", file=sys.stderr)
+        return 2
     scale = proto.scale(args.scale)
     print(f"fmabs reproduce: {proto.paper}\n  scale '{args.scale}': {scale.description}\n  output: {args.out}")
 
@@ -52,4 +58,5 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
                                                             "fmabs_reproduce)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--list", action="store_true", help="list the shipped protocols")
+    p.add_argument("--show", action="store_true", help="print the protocol as JSON (copy it to tune a scale)")
     p.set_defaults(func=cmd_reproduce)

@@ -47,6 +47,9 @@ class Split:
 
 def _pairs(folder: Path, option: str) -> dict[str, tuple[Path, Path]]:
     """case id -> (image, label); every scan must have its label (the expert is simulated, scores need truth)."""
+    if not Path(folder).is_dir():
+        raise InputError(f"{option} {folder}: no such folder; give an imagesTr/labelsTr folder (or a folder of scans "
+                         "with a labelsTr/ beside)")
     plan = plan_import(folder)
     if plan.problems:
         raise InputError(f"{option} {folder}: {plan.problems[0].message}")

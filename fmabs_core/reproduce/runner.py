@@ -234,10 +234,10 @@ def reproduce(protocol: Protocol, train_dir: Path, test_dir: Path | None, out: P
     train_dir, out = Path(train_dir), Path(out)
     check_out(out, train_dir, test_dir)
     cells = plan(protocol, scale, seeds, rows)
+    split, pairs = D.make_split(protocol, scale, train_dir, Path(test_dir) if test_dir else None)
     out.mkdir(exist_ok=True)
     _write_once(out / "protocol.json", json.dumps({"protocol": protocol.to_dict(), "scale": scale_name}, indent=2),
                 "protocol or scale")
-    split, pairs = D.make_split(protocol, scale, train_dir, Path(test_dir) if test_dir else None)
     _write_once(out / "split.json", split.to_json(), "split (other data?)")
     log.info("split: %d training (%d validation), %d test scans; %s", len(split.train) + len(split.val),
              len(split.val), len(split.test), split.how)
