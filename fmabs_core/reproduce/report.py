@@ -70,6 +70,8 @@ def summarise_cells(protocol, cells, results) -> list[dict[str, Any]]:
             for c in r["cases"]:
                 cases.setdefault(c["case"], []).append(c["dice"])
         entry["case_dice"] = {k: float(np.mean(v)) for k, v in sorted(cases.items())}
+        entry["train_seconds"] = [r.get("train_seconds_this_call") for _, r in items]
+        entry["resumed"] = [bool(r.get("resumed")) for _, r in items]
         rows.append(entry)
     return rows
 
@@ -115,18 +117,23 @@ def markdown(protocol, scale_name: str, rows: list[dict[str, Any]], split, seeds
              "Mean (std over seeds) of the per-seed means over test scans. 95HD: "
              f"{METRIC_DEFINITIONS['hd95_pooled_vox']}; ASD: {METRIC_DEFINITIONS['asd_pred_vox']}. "
              "p: two-sided Wilcoxon signed-rank test of per-case Dice (mean over seeds) against the setting's "
-             "best baseline (marked *). Paper: the figures the paper reports (its own data split and scale).", ""]
+             "best baseline (marked *). Paper: the figures the paper reports (its own data split and scale). "
+             "train s: wall seconds of the call that trained the cell (r: resumed, so only that call's part).", ""]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         group = [r for r in rows if r["setting"] == setting]
         lines += [f"## {group[0]['setting_label']}", "",
-                  "| Method | " + " | ".join(COLUMNS) + " | failed | p vs best baseline | paper (Dice / Jacc / 95HD / ASD) |",
-                  "|---|" + "---|" * (len(COLUMNS) + 3)]
+                  "| Method | " + " | ".join(COLUMNS) + " | failed | p vs best baseline | paper (Dice / Jacc / 95HD / ASD) "
+                  "| train s (per seed) |",
+                  "|---|" + "---|" * (len(COLUMNS) + 4)]
         for r in group:
             cells = [f"{_fmt(r[c]['mean'])} ({_fmt(r[c]['std'])})" for c in COLUMNS]
             test = r.get("vs_best_baseline", {})
             p = "*" if test.get("note") == "the best baseline" else _fmt(test.get("p", math.nan), 3)
             paper = " / ".join(_fmt(r["paper"].get(PAPER_KEYS[c], math.nan)) for c in COLUMNS) if r["paper"] else "-"
-            lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['failed']}/{r['n_cases']} | {p} | {paper} |")
+            secs = " ".join(("-" if t is None else f"{t:.0f}") + ("r" if res else "")
+                            for t, res in zip(r["train_seconds"], r["resumed"]))
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {r['failed']}/{r['n_cases']} | {p} | {paper} "
+                         f"| {secs} |")
         lines.append("")
     return "\n".join(lines)
 
