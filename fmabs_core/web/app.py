@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +53,6 @@ class WebApp:
         self.state = self.server.state
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
-        self.editor_logic = SegmentEditorLogic(self.server, self.slicer)
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
         views = [ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
                  ViewLayoutDefinition.sagittal_view(), ViewLayoutDefinition.threed_view()]
@@ -60,7 +60,12 @@ class WebApp:
             Layout(LayoutDirection.Vertical, [views[0], views[1]]),
             Layout(LayoutDirection.Vertical, [views[2], views[3]])]))
         self.layout_manager.set_layout(LAYOUT_ID)
+        # after the views: effect parameter nodes added before a view exists get pipelines without a view
+        self.editor_logic = SegmentEditorLogic(self.server, self.slicer)
+        flat_brushes(self.editor_logic)
         self.session = WebSession(self.slicer, options.project)
+        # the method list comes from a child process (it imports torch): ask now, not on the first Start
+        threading.Thread(target=self.session.lib.jobs.available_methods, daemon=True).start()
         jobs = self.session.lib.jobs
         choices = {"methods": jobs.METHODS, "generalists": jobs.GENERALISTS, "strategies": jobs.STRATEGIES,
                    "experts": jobs.EXPERTS, "devices": jobs.DEVICES}
@@ -72,6 +77,7 @@ class WebApp:
             return editor
 
         self.layout = ui.build(self.server, self.layout_manager, self.actions(), editor_ui, choices)
+        self.slicer.segmentation_editor.segmentation_modified.connect(self._on_edit)
         self.server.trigger("fmabs_uploaded")(self._guard(self.on_uploaded))
         self.state.change("review_opacity", *(f"layer_{layer}" for layer in ui.REVIEW_LAYERS))(
             self._guard(self.update_review))
@@ -82,12 +88,13 @@ class WebApp:
     def _init_state(self) -> None:
         s = self.state
         s.trame__title = "FM-ABS"
-        s.update({"message": "", "message_kind": "info", "label_status": "", "label_warnings": [],
+        s.update({"message": "", "message_kind": "info", "label_status": "", "label_warnings": [], "label_edits": 0,
                   "suggestions": [], "train_progress": 0, "train_line": "not started", "train_state": "not started",
                   "train_iteration": 0, "train_eta": "-", "train_dice": "-", "train_losses": "-", "train_plot": "",
                   "train_log": "", "review_layers": [], "review_status": "", "segment_status": "",
                   "upload_status": "", "exported": False, "exported_nifti": "", "exported_nrrd": "",
-                  "max_upload_mb": self.options.max_upload_mb, "segment_choices": []})
+                  "max_upload_mb": self.options.max_upload_mb, "segment_choices": [], "label_case": "",
+                  "review_case": "", "review_run": "", "model_run": "", "segment_scan": ""})
         self.refresh_project()
         classes = self.session.logic.require_project().classes
         s.segment_choices = [{"title": f"{k}: {v}", "value": i} for i, (k, v) in enumerate(sorted(classes.items()))]
@@ -97,6 +104,13 @@ class WebApp:
         summary = self.session.project_summary()
         self.state.update({"cases": summary["cases"], "runs": summary["runs"], "trained_runs": summary["trained_runs"],
                            "project_info": summary["info"], "scan_choices": self.session.scan_choices()})
+        s = self.state
+        defaults = {"label_case": [c["value"] for c in summary["cases"]], "review_case": [c["value"] for c in summary["cases"]],
+                    "review_run": summary["runs"], "model_run": summary["trained_runs"],
+                    "segment_scan": [c["value"] for c in s.scan_choices]}
+        for key, values in defaults.items():  # a first choice in each list, so that one click does something
+            if values and s[key] not in values:
+                s[key] = values[0]
 
     def say(self, text: str, kind: str = "info") -> None:
         self.state.message, self.state.message_kind = text, kind
@@ -155,12 +169,19 @@ class WebApp:
         if case:
             self.state.label_case = case
 
+    def _on_edit(self, *_: Any) -> None:
+        """Count the segment editor's edits (a stroke lands once the server has processed it)."""
+        with self.state:
+            self.state.label_edits = int(self.state.label_edits or 0) + 1
+
     def draw(self) -> None:
         self.session.draw(int(self.state.segment_index or 0))
+        self.state.label_edits = 0
         self.state.label_status = "Paint on the three slices shown, then Save cross-label."
 
     def save_crosslabel(self) -> None:
-        text, warnings = self.session.save_crosslabel()
+        text, warnings = self.session.save_crosslabel(bool(self.state.label_replace))
+        self.state.label_replace = False
         self.state.label_status, self.state.label_warnings = text, warnings
         self.refresh_project()
 
@@ -305,6 +326,20 @@ class WebApp:
             received.unlink(missing_ok=True)
         log.info("uploaded %s (%d bytes, shape %s)", target, size, volume.array.shape)
         return web.Response(text=f"Uploaded {target.name} ({size // 1024} KiB).")
+
+
+def flat_brushes(editor_logic: Any) -> None:
+    """Paint and Erase start with a flat (one-slice) brush: a cross-label is three single planes.
+
+    trame-slicer's brushes default to a sphere, which would also paint the neighbouring slices (the
+    Slicer panel's warning tells users to turn it off there too). The toggle stays in the editor.
+    """
+    from trame_slicer.app.logic.segmentation.brush_effect_logic import BrushEffectLogic
+
+    for logic in getattr(editor_logic, "_effect_logic", []):
+        if isinstance(logic, BrushEffectLogic):
+            logic._brush_state.data.use_sphere_brush = False  # noqa: SLF001 - no public setter for the UI state
+            logic.effect.set_use_sphere_brush(False)
 
 
 def _save_as_nifti_gz(source: Path, target: Path) -> None:

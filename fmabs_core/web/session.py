@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 UPLOADS_DIR = "uploads"
 EXPORTS_DIR = "exports"
 #: ``fmabs train`` options the Train panel's "more options" field may carry: sizes, rates, cadences and
-#: method choices. Options naming files or folders (--project, --run, --output, weights...) are refused.
-ALLOWED_TRAIN_OPTIONS = frozenset({
-    "--patch-size", "--width", "--batch-size", "--labelled-batch-size", "--lr", "--seed", "--val-every",
-    "--checkpoint-every", "--fusion", "--ema", "--consistency", "--pseudo-every", "--num-workers",
-    "--val-cases", "--amp", "--no-amp",
-})
+#: method choices. Those naming files (--generalist-checkpoint, --adapter...) or set by the panel's own
+#: fields (--project, --run, --device...) are refused.
+ALLOWED_TRAIN_OPTIONS = frozenset(f"--{name}" for name in (
+    "patch-size", "batch-size", "labelled-cases", "labelled-batch-size", "seed", "lr", "network", "width", "dropout",
+    "norm", "no-augment", "val-every", "val-overlap", "ckpt-every", "keep-last", "max-val-cases", "active-k",
+    "active-every", "ema", "consistency", "noise-std", "noise-clip", "labels", "rank", "grid", "finetune-iterations",
+    "finetune-lr", "finetune-batch", "pl-weight", "st-rounds", "cps-weight", "rampup", "log-gamma", "generalist-dtype",
+    "embedding-cache-gb", "embedding-dtype", "fusion", "sam-weight", "nt-gamma", "pseudo-warmup", "pseudo-every",
+    "pseudo-stop", "pseudo-max-slices", "pseudo-max-cases", "box-jitter", "n-points", "bezier", "mc-passes"))
 
 
 def parse_train_options(text: str) -> list[str]:
@@ -173,13 +176,19 @@ class WebSession:
         editor.set_active_segment_id(editor.get_nth_segment_id(segment_index))
         editor.set_active_effect_type(SegmentationEffectPaint)
 
-    def save_crosslabel(self) -> tuple[str, list[str]]:
-        """Save what is drawn on the three shown planes; (status line, warnings) as in the Slicer panel."""
+    def save_crosslabel(self, replace: bool = False) -> tuple[str, list[str]]:
+        """Save what is drawn on the three shown planes; (status line, warnings) as in the Slicer panel.
+
+        An existing cross-label is replaced only when asked (the Slicer panel asks for confirmation).
+        """
         params = self.logic.params
         volume, drawing = params.labelVolume, params.labelSegmentation
         if volume is None or drawing is None:
             raise InputError("Load a scan and draw on it first (Label panel: Load, then Draw).")
         case = volume.GetAttribute(self.lib.logic.CASE_ATTRIBUTE)
+        if self.logic.require_project().crosslabel_path(case).exists() and not replace:
+            raise InputError(f"Scan {case} already has a cross-label: tick 'Replace an existing cross-label' and "
+                             "save again to replace it.")
         slices = self.logic.shown_slices(volume, self.logic.slice_nodes())
         report = self.logic.save_crosslabel(case, drawing, volume, slices)
         where = ", ".join(f"{v} {i}" for v, i in report.slices.items())
@@ -189,8 +198,18 @@ class WebSession:
     def start_training(self, choices: dict[str, Any], more_options: str = "") -> None:
         contract.check_name(str(choices.get("run", "")).strip() or "?")
         options = parse_train_options(more_options)
+        choices = dict(choices)
+        if not self.takes_generalist(str(choices.get("method"))):
+            choices["generalist"] = None  # fmabs train refuses --generalist for methods without one (sup, mt...)
         self.losses = LossHistory()
         self.logic.start_training(**choices, options=options)
+
+    def takes_generalist(self, method: str) -> bool:
+        """Whether a method has a --generalist option (``fmabs methods --json``, asked once and cached)."""
+        for entry in self.lib.jobs.available_methods():
+            if entry.get("name") == method:
+                return any(isinstance(o, dict) and o.get("name") == "generalist" for o in entry.get("options", []))
+        return True  # unknown here (the list could not be read): leave the choice to fmabs train
 
     def watch_run(self, run: str) -> None:
         contract.check_name(run)

@@ -74,8 +74,11 @@ def _label(a: Mapping[str, Callable[..., Any]], editor_ui_factory: Callable[[], 
     v3.VSelect(v_model=("segment_index", 0), items=("segment_choices", []), label="Class to draw",
                density="compact", id="label-class")
     _button("Draw", "btn-draw", a["draw"])
+    v3.VCheckbox(v_model=("label_replace", False), label="Replace an existing cross-label", density="compact",
+                 hide_details=True, id="label-replace")
     _button("Save cross-label", "btn-save", a["save_crosslabel"], color="primary")
     html.Div("{{ label_status }}", id="label-status", classes="text-body-2 my-1")
+    html.Div("Edits since Draw: {{ label_edits }}", id="label-edits", classes="text-caption")
     v3.VAlert(v_if=("label_warnings.length",), type="warning", density="compact", id="label-warnings",
               title="Cross-label saved, please check", text=("label_warnings.join(' ')",))
     with v3.VExpansionPanels(classes="mt-2"):
