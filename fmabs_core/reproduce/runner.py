@@ -87,7 +87,9 @@ def train_config(protocol: Protocol, scale: Scale, cell: Cell, labelled: list[st
     cfg = TrainConfig(method=row.method, method_options=options, iterations=iterations, seed=cell.seed, device=device,
                       patch_size=tuple(scale.patch_size), batch_size=scale.batch_size, labelled_bs=scale.labelled_bs,
                       net=NetConfig(width=scale.width, dropout=scale.dropout, out_channels=n_classes + 1),
-                      val_every=iterations, ckpt_every=max(1, iterations // 10),
+                      # validation only when the protocol holds scans out for it (the papers do not)
+                      val_every=max(1, iterations // 10) if protocol.split.val else iterations,
+                      ckpt_every=max(1, iterations // 10),
                       labelled_cases=tuple(labelled) if labelled is not None else None,
                       active=row.active, budget=_budget(protocol, scale, cell) if row.active else None)
     if scale.train:
