@@ -58,6 +58,7 @@ class Row:
     labels: str | None = None  # cross or dense: overrides the setting's (e.g. Sup (dense) in a cross table)
     baseline: bool = False  # a candidate for the best baseline the Wilcoxon tests compare with
     settings: tuple[str, ...] | None = None  # run only in these settings (None: every one)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for this row (over the scale's)
     paper: dict[str, dict[str, float]] = field(default_factory=dict)  # setting key -> the paper's figures
 
 

@@ -92,9 +92,9 @@ def train_config(protocol: Protocol, scale: Scale, cell: Cell, labelled: list[st
                       ckpt_every=max(1, iterations // 10),
                       labelled_cases=tuple(labelled) if labelled is not None else None,
                       active=row.active, budget=_budget(protocol, scale, cell) if row.active else None)
-    if scale.train:
-        cfg = from_dict(TrainConfig, {**json.loads(cfg.to_json()), **scale.train},
-                        f"{protocol.source}: scale's 'train'")
+    if scale.train or row.train:
+        cfg = from_dict(TrainConfig, {**json.loads(cfg.to_json()), **scale.train, **row.train},
+                        f"{protocol.source}: the 'train' options of the scale or of row '{row.key}'")
     return cfg.check()
 
 
