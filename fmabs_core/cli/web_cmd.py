@@ -18,12 +18,13 @@ def cmd_web(args: argparse.Namespace) -> int:
         raise InputError(f"--port {args.port}: give a port between 1 and 65535")
     if args.max_upload_mb <= 0:
         raise InputError(f"--max-upload-mb {args.max_upload_mb}: give a positive size in MB")
+    from fmabs_core.web.security import access_token  # standard library only
+
+    token = access_token(args.host, args.token)
     try:
         from fmabs_core.web.app import WebOptions, serve
-        from fmabs_core.web.security import access_token
     except ImportError as exc:
         raise FmabsError(f"fmabs web needs the web extra ({exc.name} is missing): pip install -e \".[web]\"") from None
-    token = access_token(args.host, args.token)
     serve(WebOptions(project=project.resolve(), host=args.host, port=args.port, token=token,
                      max_upload_mb=args.max_upload_mb))
     return 0

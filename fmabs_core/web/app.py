@@ -78,7 +78,6 @@ class WebApp:
 
         self.layout = ui.build(self.server, self.layout_manager, self.actions(), editor_ui, choices)
         self.slicer.segmentation_editor.segmentation_modified.connect(self._on_edit)
-        self.server.trigger("fmabs_uploaded")(self._guard(self.on_uploaded))
         self.state.change("review_opacity", *(f"layer_{layer}" for layer in ui.REVIEW_LAYERS))(
             self._guard(self.update_review))
         self.server.controller.on_server_bind.add(self._bind_routes)
@@ -294,38 +293,54 @@ class WebApp:
         return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
 
     async def _upload(self, request: Any) -> Any:
-        """Store a scan under ``uploads/`` after the checks every input gets; size-limited while it streams."""
+        """Store a scan under ``uploads/`` after the checks every input gets; size-limited while it streams.
+
+        The page posts a plain form into a hidden frame; the outcome goes into the page's state.
+        """
         from aiohttp import web
 
+        status, text = await self._receive_upload(request)
+        with self.state:
+            self.on_uploaded(text)
+        return web.Response(status=status, text=text)
+
+    async def _receive_upload(self, request: Any) -> tuple[int, str]:
         limit = self.options.max_upload_mb * 1024 * 1024
+        too_big = f"larger than {self.options.max_upload_mb} MB (fmabs web --max-upload-mb)"
+        if request.content_length is not None and request.content_length > limit + 65536:
+            return 413, f"upload: {too_big}"
         try:
-            name = security.upload_name(request.query.get("name", ""))
+            reader = await request.multipart()
+            part = await reader.next()
+        except (ValueError, AssertionError, KeyError):
+            return 400, "upload: send the scan as a form file field"
+        if part is None or not getattr(part, "filename", None):
+            return 400, "upload: choose a NIfTI file (.nii or .nii.gz)"
+        try:
+            name = security.upload_name(part.filename)
         except InputError as exc:
-            return web.Response(status=400, text=str(exc))
-        if request.content_length is not None and request.content_length > limit:
-            return web.Response(status=413, text=f"upload {name}: larger than {self.options.max_upload_mb} MB "
-                                                 "(fmabs web --max-upload-mb)")
+            return 400, str(exc)
         folder = self.session.root / UPLOADS_DIR
         folder.mkdir(exist_ok=True)
         target = folder / f"{name}.nii.gz"
-        suffix = ".nii.gz" if request.query.get("name", "").lower().endswith(".gz") else ".nii"
+        suffix = ".nii.gz" if part.filename.lower().endswith(".gz") else ".nii"
         received = folder / f".{name}.part{suffix}"
         size = 0
         try:
             with open(received, "wb") as fh:
-                async for chunk in request.content.iter_chunked(1 << 20):
+                while chunk := await part.read_chunk(1 << 20):
                     size += len(chunk)
                     if size > limit:
-                        return web.Response(status=413, text=f"upload {name}: larger than {self.options.max_upload_mb} MB")
+                        return 413, f"upload {part.filename}: {too_big}"
                     fh.write(chunk)
             volume = await asyncio.to_thread(fio.load_image, received)  # header and voxels checked
             await asyncio.to_thread(_save_as_nifti_gz, received, target)
         except InputError as exc:
-            return web.Response(status=400, text=str(exc).replace(str(received), name))
+            return 400, str(exc).replace(str(received), part.filename)
         finally:
             received.unlink(missing_ok=True)
         log.info("uploaded %s (%d bytes, shape %s)", target, size, volume.array.shape)
-        return web.Response(text=f"Uploaded {target.name} ({size // 1024} KiB).")
+        return 200, f"Uploaded {target.name} ({size // 1024} KiB)."
 
 
 def flat_brushes(editor_logic: Any) -> None:

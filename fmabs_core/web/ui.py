@@ -145,10 +145,11 @@ def _segment(a: Mapping[str, Callable[..., Any]], choices: Mapping[str, Any]) ->
     v3.VSelect(v_model=("segment_scan", ""), items=("scan_choices", []), label="Scan", density="compact",
                id="segment-scan")
     html.Div("Or upload a scan (NIfTI, up to {{ max_upload_mb }} MB):", classes="text-caption")
-    html.Input(type="file", accept=".nii,.gz", id="upload-input", classes="my-1",
-               change=("upload_status = 'Uploading...'; fetch('fmabs/upload?name=' + "
-                       "encodeURIComponent($event.target.files[0].name), {method: 'POST', "
-                       "body: $event.target.files[0]}).then(r => r.text()).then(t => trigger('fmabs_uploaded', [t]))"))
+    # a plain form posted into a hidden frame: no script; the server puts the outcome in the page
+    with html.Form(action="fmabs/upload", method="post", enctype="multipart/form-data", target="fmabs-upload-sink"):
+        html.Input(type="file", name="scan", accept=".nii,.gz", id="upload-input", classes="my-1",
+                   change="upload_status = 'Uploading...'; $event.target.form.requestSubmit()")
+    html.Iframe(name="fmabs-upload-sink", style="display: none")
     html.Div("{{ upload_status }}", id="upload-status", classes="text-caption")
     _button("Segment", "btn-segment", a["start_segmentation"], color="primary")
     _button("Cancel", "btn-segment-cancel", a["cancel_segmentation"])
