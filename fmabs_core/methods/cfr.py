@@ -53,7 +53,8 @@ class CFRConfig(TeacherConfig):
     generalist_checkpoint: str | None = option(None, "weights file of the generalist (default: the cache)")
     rank: int = option(4, "LoRA rank on q and v of the generalist's image encoder (sam-lora, CFR fine-tuning)")
     grid: int | None = option(None, "slices per canvas side; a crop with more than grid^2 axial slices is split "
-                                    "over several canvases (default: 5 for litemedsam, one canvas per crop for SAM)")
+                                    "over several canvases (default: 4 for litemedsam, measured by fmabs tile-grid; "
+                                    "one canvas per crop for SAM)")
     finetune_iterations: int = option(6000, "CFR: iterations of the generalist's fine-tuning stage")
     finetune_lr: float = option(0.001, "CFR: AdamW learning rate of the fine-tuning stage")
     finetune_batch: int = option(2, "CFR: crops per batch of the fine-tuning stage")

@@ -34,7 +34,8 @@ class SamLoraConfig:
     generalist_checkpoint: str | None = option(None, "weights file of the generalist (default: the cache)")
     rank: int = option(4, "LoRA rank on q and v of the generalist's image encoder (sam-lora)")
     grid: int | None = option(None, "slices per canvas side; a crop with more than grid^2 axial slices is split "
-                                    "over several canvases (default: 5 for litemedsam, one canvas per crop for SAM)")
+                                    "over several canvases (default: 4 for litemedsam, measured by fmabs tile-grid; "
+                                    "one canvas per crop for SAM)")
     labels: str = option("dense", "labels to fine-tune on: dense (labels/) or cross (cross-labels, 255 ignored)")
     bezier: float = option(0.5, "probability of the Bezier intensity-curve augmentation of each crop")
 

@@ -40,7 +40,7 @@ def _threads():
 @pytest.fixture(scope="module")
 def net1() -> TiledSegmenter:
     torch.manual_seed(0)
-    return build_tiled_segmenter("litemedsam", 2, None, rank=4, grid=None).eval()  # C = 1, default grid 5
+    return build_tiled_segmenter("litemedsam", 2, None, rank=4, grid=None).eval()  # C = 1, default grid 4
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_output_shape_one_class_odd_crop_and_batch(net1):
     with torch.no_grad():
         out = net1(x)
     assert out.shape == (2, 2, 21, 17, 7) and out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert net1.layouts((21, 17, 7))[0][2].grid == 5  # LiteMedSAM's default grid, one canvas for 7 slices
+    assert net1.layouts((21, 17, 7))[0][2].grid == 4  # LiteMedSAM's default grid, one canvas for 7 slices
 
 
 def test_output_shape_two_classes_chunked_and_chunks_are_independent(net2):
@@ -209,10 +209,10 @@ def test_exported_adapter_reloads_to_the_same_logits(tuned):
     head = read_adapter_meta(tuned.path)
     meta = head["meta"]
     assert head["base_name"] == "litemedsam" and head["rank"] == 2
-    assert meta["num_classes"] == 2 and meta["grid"] == 5 and meta["rank"] == 2 and meta["generalist"] == "litemedsam"
+    assert meta["num_classes"] == 2 and meta["grid"] == 4 and meta["rank"] == 2 and meta["generalist"] == "litemedsam"
     assert meta["classes"] == {"1": "phantom"} and meta["patch_size"] == [24, 24, 8]
     loaded = load_tuned(tuned.path, "cpu")
-    assert not loaded.training and loaded.grid == 5 and loaded.num_classes == 2
+    assert not loaded.training and loaded.grid == 4 and loaded.num_classes == 2
     with torch.no_grad():
         a = tuned.net(tuned.x)
         b = loaded(tuned.x)
