@@ -139,7 +139,7 @@ def test_web_end_to_end(phantom_project, server_factory, browser_page, tmp_path)
     assert state.startswith("running"), f"{state}: {page.input_value('#train-log')}"
     shot(page, "3-train")
     page.click("#btn-train-cancel")
-    wait_text(page, "#train-state", r"cancelled", 120)
+    wait_text(page, "#train-state", r"^cancelled [0-9/]+$", 120)  # and the process has exited
     stopped_at = int(re.search(r"\d+", text_of(page, "#train-iteration")).group())
     assert stopped_at < 60
     page.click("#btn-train-start")  # the same run again: resumes from its checkpoint
@@ -166,8 +166,10 @@ def test_web_end_to_end(phantom_project, server_factory, browser_page, tmp_path)
     tab(page, "review")
     page.click("#btn-review")
     wait_text(page, "#review-status", r"Layers: .*prediction")
-    page.click("#layer-prediction")
+    page.click("#layer-prediction")  # hide, then show again
     page.wait_for_timeout(300)
+    page.click("#layer-prediction")
+    assert page.locator("#message").count() == 0 or "error" not in page.locator("#message").get_attribute("class")
     shot(page, "4-review")
 
     # ---- Segment and export: upload (refused, then accepted), segment, export, download -------------------

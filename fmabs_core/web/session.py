@@ -58,9 +58,12 @@ class LossHistory:
     """The total loss per progress event, for the Train panel's small plot."""
 
     points: list[tuple[int, float]] = field(default_factory=list)
+    last: dict[str, float] = field(default_factory=dict)  # the latest event's loss terms
     limit: int = 400
 
-    def add(self, iteration: Any, loss: Any) -> None:
+    def add(self, iteration: Any, loss: Any, terms: Any = None) -> None:
+        if isinstance(terms, dict):
+            self.last = {str(k): float(v) for k, v in terms.items() if isinstance(v, (int, float))}
         try:
             it, value = int(iteration), float(loss)
         except (TypeError, ValueError):
@@ -235,16 +238,19 @@ class WebSession:
                          "(same run name) to resume training.")
         elif status.finished and status.error:
             lines.append(f"{status.state}: {status.error}")
+        line, state, finished = self.lib.jobs.status_line(status), status.state, status.finished
+        job = self.logic.train_job
+        if finished and job is not None and job.running:  # final state written, the process still exiting
+            line, state, finished = f"{line} (the process is exiting...)", "exiting", False
         return {
-            "state": status.state,
-            "line": self.lib.jobs.status_line(status),
+            "state": state,
+            "line": line,
             "progress": int(round(100 * status.fraction)),
             "iteration": status.iteration or 0,
             "eta": status.eta_text or "-",
             "dice": f"{status.val_dice:.3f}" if status.val_dice is not None else "-",
-            "losses": ", ".join(f"{k} {v:.4g}" for k, v in status.metrics.items()
-                                if isinstance(v, (int, float)) and "loss" in k) or "-",
-            "finished": status.finished,
+            "losses": ", ".join(f"{k} {v:.4g}" for k, v in self.losses.last.items()) or "-",
+            "finished": finished,
             "lines": lines,
             "plot": self.losses.svg_points(),
             "suggestions": suggestions,
@@ -265,7 +271,7 @@ class WebSession:
             except (ValueError, UnicodeDecodeError):
                 continue
             if isinstance(event, dict) and event.get("type") == "progress":
-                self.losses.add(event.get("iteration"), event.get("loss"))
+                self.losses.add(event.get("iteration"), event.get("loss"), event.get("losses"))
 
     def cancel_training(self) -> str:
         return "cancelling (saving a checkpoint)..." if self.logic.cancel_training() else "No running training to cancel."

@@ -123,7 +123,7 @@ def _train(a: Mapping[str, Callable[..., Any]], choices: Mapping[str, Any]) -> N
     html.Div("ETA: {{ train_eta }} | val Dice: {{ train_dice }}", id="train-eta", classes="text-body-2")
     html.Div("losses: {{ train_losses }}", id="train-losses", classes="text-caption")
     html.Div("<svg width='300' height='80' style='background:#222'><polyline fill='none' stroke='#4fc3f7' "
-             "stroke-width='1.5' points='{{ train_plot }}'/></svg>", id="train-plot", classes="my-1")
+             "stroke-width='1.5' :points='train_plot'/></svg>", id="train-plot", classes="my-1")
     v3.VTextarea(model_value=("train_log", ""), readonly=True, rows=6, density="compact", id="train-log",
                  style="font-family: monospace; font-size: 11px")
 
