@@ -16,7 +16,8 @@ from fmabs_core.data import io
 from fmabs_core.data.project import Project
 from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.training.api import Outcome
-from fmabs_core.training.config import MUTABLE_ON_RESUME, NetConfig, TrainConfig, default_iterations
+from fmabs_core.training.config import (CROP_MODES, EXPERT_SLICES, MUTABLE_ON_RESUME, NetConfig, TrainConfig,
+                                       default_iterations)
 
 # torch/MONAI are imported inside the commands (the method registry imports torch for `fmabs train` only)
 
@@ -28,7 +29,7 @@ _FIELDS = {"iterations": "iterations", "seed": "seed", "device": "device", "batc
            "labelled_batch_size": "labelled_bs", "lr": "lr", "val_every": "val_every", "ckpt_every": "ckpt_every",
            "keep_last": "keep_last", "max_val_cases": "max_val_cases", "val_overlap": "val_overlap",
            "active": "active", "budget": "budget", "active_k": "active_k", "active_every": "active_every",
-           "expert": "expert"}
+           "expert": "expert", "crop": "crop", "expert_slices": "expert_slices"}
 _NET_FIELDS = {"network": "name", "width": "width", "dropout": "dropout", "norm": "norm"}
 _METHOD_PREFIX = "method_option_"
 
@@ -80,6 +81,8 @@ def _apply(base: TrainConfig, given: dict, method: str) -> TrainConfig:
     net = replace(base.net, **{_NET_FIELDS[k]: v for k, v in given.items() if k in _NET_FIELDS})
     if "patch_size" in given:
         changes["patch_size"] = tuple(given["patch_size"])
+    if "flip_axes" in given:
+        changes["flip_axes"] = tuple(given["flip_axes"])
     if "labelled_cases" in given:
         changes["labelled_cases"] = tuple(given["labelled_cases"])
     if given.get("no_augment"):
@@ -153,7 +156,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = _inputs(args.input)
     device = resolve_device(args.device or "auto")
     cfg = InferenceConfig(overlap=args.overlap, largest_component=args.largest_component,
-                          sw_batch_size=args.sw_batch_size)
+                          sw_batch_size=args.sw_batch_size, mode=args.blend,
+                          stride=tuple(args.stride) if args.stride else None)
     if args.patch_size:
         cfg.patch_size = tuple(args.patch_size)
     written = predict_files(args.model, inputs, Path(args.output), cfg, device,
@@ -218,6 +222,12 @@ def add_train_arguments(p: argparse.ArgumentParser, light: bool = False) -> None
     p.add_argument("--norm", choices=["batch", "instance", "none"], default=S,
                    help="normalisation layers (default: batch, the papers' V-Net)")
     p.add_argument("--no-augment", action="store_true", default=S, help="no random rotation/flip of patches")
+    p.add_argument("--flip-axes", type=int, nargs="*", choices=[0, 1, 2], metavar="AXIS", default=S,
+                   help="axes patches are flipped along (0 R-L, 1 A-P, 2 S-I; none: no flips); default: "
+                   f"{' '.join(map(str, d.flip_axes))} (in-plane, as the papers' code)")
+    p.add_argument("--crop", choices=list(CROP_MODES), default=S,
+                   help=f"labelled crops: uniform (redrawn until they hold a labelled voxel, the references) or "
+                   f"anchored (on a random labelled voxel); default: {d.crop}")
     p.add_argument("--val-every", type=int, default=S, help="default: a tenth of the iterations")
     p.add_argument("--val-overlap", type=float, default=S, help=f"sliding-window overlap (default {d.val_overlap})")
     p.add_argument("--ckpt-every", type=int, default=S, help="default: a tenth of the iterations")
@@ -231,6 +241,9 @@ def add_train_arguments(p: argparse.ArgumentParser, light: bool = False) -> None
     g.add_argument("--active-every", type=int, default=S, help="iterations between rounds "
                                                                "(default: spread over the first half)")
     g.add_argument("--expert", choices=EXPERTS, default=S, help=f"default: {d.expert}")
+    g.add_argument("--expert-slices", choices=list(EXPERT_SLICES), default=S,
+                   help="where the simulated expert draws: truth (the ground truth's centre, the papers' code) or "
+                   f"suggested (the slices the tool suggests from the model); default: {d.expert_slices}")
     if not light:
         _add_method_options(p)
 
@@ -291,6 +304,10 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p.add_argument("--patch-size", type=PATCH_SIDE, nargs=3, metavar=("X", "Y", "Z"),
                    help="sliding-window size, positive multiples of the network's divisor (default: the model's)")
     p.add_argument("--overlap", type=OVERLAP, default=0.5, help="sliding-window overlap, in [0, 1) (default 0.5)")
+    p.add_argument("--stride", type=POSITIVE_INT, nargs=3, metavar=("X", "Y", "Z"),
+                   help="windows this many voxels apart (the papers' code: 18 18 4); overrides --overlap")
+    p.add_argument("--blend", choices=["constant", "gaussian"], default="constant",
+                   help="combine overlapping windows by plain averaging (default, the papers' code) or Gaussian weights")
     p.add_argument("--sw-batch-size", type=POSITIVE_INT, default=2, help="windows per forward pass, at least 1")
     p.add_argument("--largest-component", action="store_true")
     p.add_argument("--probabilities", action="store_true", help="also write foreground probabilities")
