@@ -33,6 +33,9 @@ METHOD_ITERATIONS: dict[str, int] = {
 }
 FALLBACK_ITERATIONS = 6000
 CROP_MODES = ("uniform", "anchored")
+#: the behaviour of runs whose saved config.json predates a key (the paper-faithful defaults came later):
+#: such a run resumes with these values, so that a resume never changes what the run does mid-way
+LEGACY_DEFAULTS: dict[str, Any] = {"flip_axes": [0, 1, 2], "crop": "anchored", "expert_slices": "suggested"}
 EXPERT_SLICES = ("truth", "suggested")
 
 
@@ -120,6 +123,9 @@ class TrainConfig:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{path}: cannot read the run's configuration ({exc}); "
                              "restore it or start a new --run.") from None
+        if isinstance(data, dict):
+            # a run saved before a default changed resumes as it started, not with today's default
+            data = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in data}, **data}
         return from_dict(cls, data, str(path))
 
     def check(self) -> "TrainConfig":

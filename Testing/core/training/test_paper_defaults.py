@@ -127,3 +127,23 @@ def test_crosslabel_overrides_the_pseudo_label_on_its_planes(override):
         assert logs["loss_sam"] < 1e-3  # nothing to learn: the plane's truth replaced the pseudo-label
     else:
         assert logs["loss_sam"] > 0.05  # the pseudo-label pulls against the expert's plane
+
+
+def test_a_run_saved_before_the_paper_defaults_resumes_as_it_started(tmp_path):
+    """config.json without the newer keys: the run keeps its old behaviour (all-axis flips, anchored
+    crops, expert at the predicted centre) instead of switching mid-run to today's defaults."""
+    import json
+
+    from fmabs_core.training.config import TrainConfig
+
+    path = tmp_path / "config.json"
+    from dataclasses import asdict
+
+    old = {k: v for k, v in json.loads(json.dumps(asdict(TrainConfig()))).items()
+           if k not in ("flip_axes", "crop", "expert_slices")}
+    path.write_text(json.dumps(old))
+    cfg = TrainConfig.load(path)
+    assert (cfg.flip_axes, cfg.crop, cfg.expert_slices) == ((0, 1, 2), "anchored", "suggested")
+    path.write_text(json.dumps({**old, "flip_axes": [0, 1], "crop": "uniform", "expert_slices": "truth"}))
+    cfg = TrainConfig.load(path)
+    assert (cfg.flip_axes, cfg.crop, cfg.expert_slices) == ((0, 1), "uniform", "truth")
