@@ -131,13 +131,12 @@ def test_web_end_to_end(phantom_project, server_factory, browser_page, tmp_path)
     # ---- Train: start, follow, cancel, resume --------------------------------------------------------
     tab(page, "train")
     fill(page, "#train-run", "web1")
-    fill(page, "#train-method", "sup")
+    fill(page, "#train-method", "sup-dense")  # learns the phantom in 60 tiny iterations: a non-empty segmentation
     fill(page, "#train-iterations", "60")
     fill(page, "#train-options", TINY)
     page.click("#btn-train-start")
     state = wait_text(page, "#train-state", r"running [1-9]\d*/60|failed|crashed|done", 180)
     assert state.startswith("running"), f"{state}: {page.input_value('#train-log')}"
-    shot(page, "3-train")
     page.click("#btn-train-cancel")
     wait_text(page, "#train-state", r"^cancelled [0-9/]+$", 120)  # and the process has exited
     stopped_at = int(re.search(r"\d+", text_of(page, "#train-iteration")).group())
@@ -145,6 +144,8 @@ def test_web_end_to_end(phantom_project, server_factory, browser_page, tmp_path)
     page.click("#btn-train-start")  # the same run again: resumes from its checkpoint
     wait_text(page, "#train-state", r"done", 240)
     assert "60/60" in text_of(page, "#train-state")
+    assert page.locator("#train-plot polyline").get_attribute("points").count(",") > 10  # the live loss plot
+    shot(page, "3-train")
     log = page.input_value("#train-log")
     assert "started" in log or "resumed" in log, log
     run_dir = phantom_project / "runs" / "web1"
@@ -158,6 +159,23 @@ def test_web_end_to_end(phantom_project, server_factory, browser_page, tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     reference = nib.load(str(reference_dir / "phantom_000.nii.gz"))
+    assert (np.asarray(reference.dataobj) == 1).sum() > 100, "the tiny model segments nothing: the comparison is void"
+
+    # ---- Label again: the model suggests scans and slices; the views jump to them ---------------------
+    tab(page, "label")
+    page.click("#btn-suggest")
+    wait_text(page, "#label-status", r"[1-9] suggestions", 120)
+    page.locator(".v-field", has=page.locator("#label-suggestions")).click()
+    option = page.get_by_role("option").first
+    title = option.inner_text()
+    option.click()
+    suggested = {v: int(i) for v, i in re.findall(r"(axial|coronal|sagittal) (\d+)", title)}
+    case = title.split()[0]
+    page.wait_for_timeout(300)
+    page.click("#btn-load")
+    status = wait_text(page, "#label-status", r"Showing axial", 60)
+    assert {v: int(i) for v, i in re.findall(r"(axial|coronal|sagittal) (\d+)", status)} == suggested, (title, status)
+    assert case in page.locator(".v-field", has=page.locator("#label-case")).inner_text()  # the suggested scan
 
     # ---- Review: the prediction layer, toggled ---------------------------------------------------------
     tab(page, "review")
