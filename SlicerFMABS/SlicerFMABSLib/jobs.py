@@ -86,6 +86,13 @@ class JobStatus:
         return self.state in FINAL_STATES
 
 
+def status_line(status: JobStatus) -> str:
+    """The Train panel's state line: "running (fine-tuning the generalist) 40/100"."""
+    done = f"{status.iteration}/{status.total}" if status.total else ""
+    state = f"{status.state} ({status.stage_title})" if status.stage_title else status.state
+    return f"{state} {done}".strip()
+
+
 def format_eta(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "unknown"

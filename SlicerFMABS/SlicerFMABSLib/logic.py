@@ -237,6 +237,11 @@ class FMABSLogic:
         _, shape = geometry.canonical_grid(volume_node)
         return {v: {"index": int(shape[geometry.VIEW_AXIS[v]] // 2), "ras": None} for v in VIEWS}
 
+    def slices_for(self, case: str, volume_node: Any, suggestions: Sequence[jobs.Suggestion] = ()) -> dict[str, Any]:
+        """The planes to label on a scan: the first suggestion for it with slices, else the middle planes."""
+        suggestion = next((s for s in suggestions if s.case == case and s.slices), None)
+        return suggestion.slices if suggestion else self.centre_slices(volume_node)
+
     def place_views(self, volume_node: Any, slices: Mapping[str, Any], slice_nodes: Mapping[str, Any]) -> dict[str, float]:
         """Align the red/green/yellow views with the volume and move them to the given planes."""
         offsets = {}
