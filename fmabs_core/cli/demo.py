@@ -32,6 +32,7 @@ class DemoConfig:
     data: Path | None = None  # an imagesTr/labelsTr folder; None = generated phantoms
     n_phantoms: int = 12
     phantom_shape: tuple[int, int, int] = (48, 48, 40)
+    hard: bool = True  # phantoms with a thin tube and a look-alike neighbour (data.phantom.make_phantom)
     limit: int | None = None  # scans imported from --data
     crosslabelled: int = 4  # scans the simulated expert cross-labels
     methods: tuple[str, ...] = ("sup", "mt", "fmabs")
@@ -42,8 +43,8 @@ class DemoConfig:
     labelled_bs: int = 1
     device: str = "auto"
     seed: int = 1337
-    pseudo_max_cases: int = 2
-    pseudo_max_slices: int = 2
+    pseudo_max_cases: int = 4
+    pseudo_max_slices: int = 8
     extra: dict = field(default_factory=dict)
 
 
@@ -84,7 +85,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[..., Iterable] | None = None) -
     if (out / "project" / "fmabs.json").exists():
         raise InputError(f"{out}: a demo already ran here; remove the folder or choose another --output.")
     if cfg.data is None:
-        data = phantom.write_dataset(out / "data", cfg.n_phantoms, cfg.phantom_shape, cfg.seed)
+        data = phantom.write_dataset(out / "data", cfg.n_phantoms, cfg.phantom_shape, cfg.seed, hard=cfg.hard)
         log.info("generated %d phantom scans in %s", cfg.n_phantoms, data)
     else:
         data = Path(cfg.data)
@@ -107,11 +108,21 @@ def run_demo(cfg: DemoConfig, progress: Callable[..., Iterable] | None = None) -
         summary = summarise(scores)
         results["methods"][method] = {"dice": summary["dice"]["mean"], "hd95_mm": summary["hd95_mm"]["mean"],
                                       "failed": summary["n_failed"], "seconds": time.time() - t0,
-                                      "model": str(model), "predictions": str(pred_dir)}
+                                      "model": str(model), "predictions": str(pred_dir),
+                                      "rounds": pseudo_label_rounds(project.run_dir(method))}
         log.info("%s: val Dice %.3f (%.0f s)", method, summary["dice"]["mean"], time.time() - t0)
     results["seconds"] = time.time() - start
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def pseudo_label_rounds(run_dir: Path) -> list[dict]:
+    """Per pseudo-label round: the teacher's and the fused pseudo-labels' Dice against the ground truth on
+    the round's scans (the demo's training scans have labels; the methods never see them)."""
+    from fmabs_core.runs.events import read_events
+
+    keep = ("round", "iteration", "cases", "teacher_dice", "pseudo_dice", "seconds")
+    return [{k: e[k] for k in keep if k in e} for e in read_events(run_dir) if e.get("type") == "pseudo_label"]
 
 
 def _score(project: Project, cases: list[str], pred_dir: Path) -> list[CaseScores]:

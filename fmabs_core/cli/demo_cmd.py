@@ -25,6 +25,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, r in results["methods"].items():
         hd = "nan" if math.isnan(r["hd95_mm"]) else f"{r['hd95_mm']:.2f}"
         print(f"{name:<12}{r['dice']:>10.3f}{hd:>10}{r['failed']:>8}{r['seconds']:>8.0f}")
+    for name, r in results["methods"].items():
+        if r["rounds"]:
+            print(f"\n{name} pseudo-label rounds (Dice against the truth on the round's scans):")
+            print(f"{'round':>7}{'iteration':>11}{'scans':>7}{'teacher':>9}{'pseudo':>8}{'time s':>8}")
+            for x in r["rounds"]:
+                print(f"{x['round']:>7}{x['iteration']:>11}{x['cases']:>7}{x.get('teacher_dice', float('nan')):>9.3f}"
+                      f"{x.get('pseudo_dice', float('nan')):>8.3f}{x['seconds']:>8.0f}")
     print(f"\nproject: {results['project']}")
     for name, r in results["methods"].items():
         print(f"  {name}: model {r['model']}; predictions {r['predictions']}")
