@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -391,8 +392,13 @@ def serve(options: WebOptions, ready: Callable[[str], None] | None = None) -> No
     for noisy in ("trame_server", "trame_client", "trame_slicer", "aiohttp.access", "wslink"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app = WebApp(options)
-    url = f"http://{options.host}:{options.port}/" + (f"?token={token}" if token else "")
+    shown = socket.gethostname() if options.host in ("0.0.0.0", "::", "") else options.host
+    url = f"http://{shown}:{options.port}/" + (f"?token={token}" if token else "")
     print(f"fmabs web: serving {options.project} at {url}", flush=True)
+    if not security.is_loopback(options.host):
+        print(f"fmabs web: listening on {options.host}, not only this machine: every session needs the token in "
+              "that URL. An SSH tunnel is safer: ssh -L PORT:127.0.0.1:PORT this-machine, and serve on loopback.",
+              flush=True)
     if ready is not None:
         ready(url)
     argv, sys.argv = sys.argv, sys.argv[:1]  # trame parses sys.argv for its own options: give it none
