@@ -60,7 +60,7 @@ def test_non_loopback_bind_needs_the_token(phantom_project, server_factory):
     from web_helpers import need_web
 
     need_web()
-    server = server_factory(phantom_project, host="0.0.0.0")
+    server = server_factory(phantom_project, "--max-upload-mb", "1", host="0.0.0.0")
     url = server.url_line()
     assert "?token=" in url
     token = url.split("?token=", 1)[1]
@@ -76,6 +76,26 @@ def test_non_loopback_bind_needs_the_token(phantom_project, server_factory):
     assert answer.status == 200 and "fmabs_token=" in answer.headers.get("Set-Cookie", "")
     request = urllib.request.Request(f"{base}/index.html", headers={"Cookie": f"fmabs_token={token}"})
     assert urllib.request.urlopen(request, timeout=10).status == 200
+
+    # uploads: size-limited while streaming, checked like any input, stored under uploads/ only
+    def upload(filename: str, content: bytes) -> tuple[int, str]:
+        boundary = "fmabs-test-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"scan\"; filename=\"{filename}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        post = urllib.request.Request(f"{base}/fmabs/upload", data=body, method="POST", headers={
+            "Cookie": f"fmabs_token={token}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        try:
+            answer = urllib.request.urlopen(post, timeout=30)
+            return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    status, text = upload("big.nii.gz", b"\0" * (2 * 1024 * 1024))
+    assert status == 413 and "larger than 1 MB" in text
+    status, text = upload("../../../outside.nii.gz", b"not a nifti at all")
+    assert status == 400 and "outside" in text and "Traceback" not in text
+    assert not (phantom_project.parent / "outside.nii.gz").exists()
+    assert list((phantom_project / "uploads").iterdir()) == []  # nothing half-written is left
 
 
 def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
