@@ -58,6 +58,21 @@ def load_case(image: str | None = None, label: str | None = None) -> tuple[np.nd
     return img, lab, "synthetic 160x128x88 ellipsoid"
 
 
+def load_la_cases(la_dir: Path | None, n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(case, image, label) of the first ``n`` LA 2018 scans (canonical grid); one clear line if absent."""
+    from fmabs_core.data import io
+    from fmabs_core.errors import InputError
+
+    dirs = [Path(la_dir)] if la_dir else [Path(d) for d in LA_DIR_CANDIDATES if d]
+    for d in dirs:
+        if (d / "imagesTr").is_dir():
+            imgs = io.list_niftis(d / "imagesTr")[:n]
+            return [(p.name.split(".")[0], io.load_image(p).array, io.load_label(d / "labelsTr" / p.name).array)
+                    for p in imgs]
+    raise InputError(f"no LA scans found (looked in {', '.join(map(str, dirs))}); give --la DIR "
+                     "(a folder with imagesTr/ and labelsTr/).")
+
+
 def _worker(mode: str, name: str, device: str, checkpoint: str | None, batch_size: int | None,
             slices: np.ndarray, boxes: np.ndarray, window: tuple[float, float]) -> dict:
     import torch
@@ -161,51 +176,70 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_precision(scans: int = 2, slices: int = 4, device: str = "cpu", la_dir: str | None = None,
-                    dtypes: tuple[str, str] = ("float32", "bfloat16")) -> dict:
-    """Pseudo-label Dice and time of the generalist in fp32 against bf16, on the same prompts.
+#: name -> (dtype, layout, cached embeddings' storage or None); the first is the reference
+PRECISION_CONFIGS: dict[str, tuple[str, str, str | None]] = {
+    "fp32": ("float32", "contiguous", None),
+    "fp32+cl": ("float32", "channels_last", None),
+    "fp32+cl+fp16cache": ("float32", "channels_last", "float16"),
+    "bf16+cl": ("bfloat16", "channels_last", None),
+}
 
-    Why: bf16 (with channels-last on the CPU) is the default wherever the hardware has it; this
-    checks on real LA scans that it changes the pseudo-labels by less than 0.005 Dice. Each of
-    ``scans`` scans is prompted by its ground truth on ``slices`` evenly spaced slices per view, with
-    the same random box jitter in both precisions; Dice against the ground truth on those slices.
+
+def bench_precision(scans: int = 2, slices: int = 4, device: str = "cpu", la_dir: str | None = None,
+                    configs: tuple[str, ...] = tuple(PRECISION_CONFIGS)) -> dict:
+    """Pseudo-label Dice and time of the generalist in each precision/layout, on the same prompts.
+
+    Why: a faster encoder (or a cheaper stored embedding) is only a default if it changes the
+    pseudo-labels by less than 0.005 Dice. Each of ``scans`` LA scans is prompted by its ground
+    truth on ``slices`` evenly spaced slices per view, with the same random box jitter in every
+    configuration; Dice against the ground truth on those slices, and against the first config.
     """
-    from fmabs_core.cli.bench_suite import _la_cases
     from fmabs_core.data.io import VIEW_AXIS, VIEWS
     from fmabs_core.generalist import get_generalist
+    from fmabs_core.generalist.embcache import EmbeddingCache
     from fmabs_core.generalist.models import resolve_device
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel
 
     if scans < 1 or slices < 1:
         raise InputError(f"--scans and --slices must be >= 1 (got {scans}, {slices}).")
+    unknown = [c for c in configs if c not in PRECISION_CONFIGS]
+    if unknown:
+        raise InputError(f"unknown precision config(s) {', '.join(unknown)}; choose from {', '.join(PRECISION_CONFIGS)}.")
     dev = resolve_device(device)
-    cases = _la_cases(Path(la_dir) if la_dir else None, scans)
-    gens = {d: get_generalist("litemedsam", device=dev, dtype=d) for d in dtypes}
+    cases = load_la_cases(Path(la_dir) if la_dir else None, scans)
+    gens = {c: get_generalist("litemedsam", device=dev, dtype=PRECISION_CONFIGS[c][0], layout=PRECISION_CONFIGS[c][1])
+            for c in configs}
     for g in gens.values():  # warm-up: oneDNN primitives, allocator
         g.encode(np.zeros((1, 64, 64), np.float32), (0.0, 1.0))
     rows = []
     for i, (cid, image, label) in enumerate(cases):
-        for dtype, g in gens.items():
+        first = None
+        for name, g in gens.items():
+            store = PRECISION_CONFIGS[name][2]
+            cache = EmbeddingCache(dev, tier="host", dtype=store) if store else None
             t0 = time.perf_counter()
-            res = multiview_pseudolabel(g, image, label, np.random.default_rng([7, i]), max_slices_per_view=slices)
+            res = multiview_pseudolabel(g, image, label, np.random.default_rng([7, i]), max_slices_per_view=slices,
+                                        cache=cache)
             seconds = time.perf_counter() - t0
+            first = first or res
             for view in VIEWS:
                 mask = np.zeros(label.shape, bool)
                 idx = [slice(None)] * 3
                 idx[VIEW_AXIS[view]] = res.slices[view]  # prompted slices, as indices on the canonical axis
                 mask[tuple(idx)] = True
-                rows.append({"case": cid, "dtype": dtype, "view": view, "dice": dice(res[view], label, mask),
-                             "seconds": seconds, "slices": int(len(res.slices[view]))})
-    out: dict = {"device": str(dev), "generalists": {d: repr(g) for d, g in gens.items()}, "rows": rows,
+                rows.append({"case": cid, "config": name, "view": view, "dice": dice(res[view], label, mask),
+                             "agreement": dice(res[view], first[view], mask), "seconds": seconds,
+                             "slices": int(len(res.slices[view]))})
+    ref = configs[0]
+    out: dict = {"device": str(dev), "generalists": {c: repr(g) for c, g in gens.items()}, "rows": rows,
                  "threads": torch_threads(), "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    a, b = dtypes
-    pairs = [(r, s) for r in rows if r["dtype"] == a for s in rows
-             if s["dtype"] == b and s["case"] == r["case"] and s["view"] == r["view"]]
-    out["max_abs_dice_diff"] = max(abs(r["dice"] - s["dice"]) for r, s in pairs)
-    out["mean_dice"] = {d: float(np.mean([r["dice"] for r in rows if r["dtype"] == d])) for d in dtypes}
-    t = {d: sum({r["case"]: r["seconds"] for r in rows if r["dtype"] == d}.values()) for d in dtypes}
+    by = {(r["case"], r["view"], r["config"]): r["dice"] for r in rows}
+    out["mean_dice"] = {c: float(np.mean([r["dice"] for r in rows if r["config"] == c])) for c in configs}
+    out["max_abs_dice_diff"] = {c: max(abs(by[(k[0], k[1], c)] - by[(k[0], k[1], ref)]) for k in by if k[2] == ref)
+                                for c in configs}
+    t = {c: sum({r["case"]: r["seconds"] for r in rows if r["config"] == c}.values()) for c in configs}
     out["seconds"] = t
-    out["speedup"] = t[a] / t[b]
+    out["speedup"] = {c: t[ref] / t[c] for c in configs}
     return out
 
 
@@ -216,16 +250,18 @@ def torch_threads() -> int:
 
 
 def format_precision(report: dict) -> str:
+    configs = list(report["mean_dice"])
     lines = [f"pseudo-label precision on {report['device']} ({report['threads']} threads, load "
-             f"{report['load_avg_1min']}): {' vs '.join(report['generalists'].values())}",
-             f"{'case':<22} {'view':<9} " + " ".join(f"{d:>9}" for d in report["mean_dice"])]
-    by = {}
+             f"{report['load_avg_1min']}); Dice vs ground truth on the prompted slices",
+             f"{'case':<22} {'view':<9} " + " ".join(f"{c:>18}" for c in configs)]
+    by: dict = {}
     for r in report["rows"]:
-        by.setdefault((r["case"], r["view"]), {})[r["dtype"]] = r["dice"]
+        by.setdefault((r["case"], r["view"]), {})[r["config"]] = r["dice"]
     for (case, view), d in by.items():
-        lines.append(f"{case:<22} {view:<9} " + " ".join(f"{d[k]:9.4f}" for k in report["mean_dice"]))
-    lines.append("mean Dice: " + ", ".join(f"{k} {v:.4f}" for k, v in report["mean_dice"].items())
-                 + f" | max |dDice| {report['max_abs_dice_diff']:.4f} | seconds "
-                 + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items())
-                 + f" | speed-up {report['speedup']:.2f}x")
+        lines.append(f"{case:<22} {view:<9} " + " ".join(f"{d[c]:18.4f}" for c in configs))
+    lines.append(f"{'mean Dice':<32} " + " ".join(f"{report['mean_dice'][c]:18.4f}" for c in configs))
+    lines.append(f"{'max |dDice| vs ' + configs[0]:<32} " + " ".join(f"{report['max_abs_dice_diff'][c]:18.4f}"
+                                                                      for c in configs))
+    lines.append(f"{'seconds':<32} " + " ".join(f"{report['seconds'][c]:18.1f}" for c in configs))
+    lines.append(f"{'speed-up vs ' + configs[0]:<32} " + " ".join(f"{report['speedup'][c]:17.2f}x" for c in configs))
     return "\n".join(lines)

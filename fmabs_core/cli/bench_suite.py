@@ -130,21 +130,6 @@ def _training_project(folder: Path, sizes: Sizes):
     return project
 
 
-def _la_cases(la_dir: Path | None, n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    from fmabs_core.cli.bench import LA_DIR_CANDIDATES
-    from fmabs_core.data import io
-    from fmabs_core.errors import InputError
-
-    dirs = [Path(la_dir)] if la_dir else [Path(d) for d in LA_DIR_CANDIDATES if d]
-    for d in dirs:
-        if (d / "imagesTr").is_dir():
-            imgs = io.list_niftis(d / "imagesTr")[:n]
-            return [(p.name.split(".")[0], io.load_image(p).array, io.load_label(d / "labelsTr" / p.name).array)
-                    for p in imgs]
-    raise InputError(f"no LA scans found (looked in {', '.join(map(str, dirs))}); give --la DIR "
-                     "(a folder with imagesTr/ and labelsTr/).")
-
-
 # ------------------------------------------------------------------------------------------ training
 class _Clock(Hook):
     """A hook that times steps ``start`` .. ``stop`` (exclusive) of the engine's loop."""
@@ -303,6 +288,7 @@ def run_suite(device: str = "auto", la_dir: str | None = None, scans: int | None
               parts: tuple[str, ...] = ("train", "round", "infer"), methods: tuple[str, ...] = ("sup", "mt", "fmabs"),
               progress: Callable[[str], None] | None = None) -> dict:
     """Every row of the suite; ratios are taken between rows of this one run."""
+    from fmabs_core.cli.bench import load_la_cases
     from fmabs_core.device import resolve_device
 
     dev = resolve_device(device)
@@ -324,7 +310,7 @@ def run_suite(device: str = "auto", la_dir: str | None = None, scans: int | None
                     say(f"training {method}: engine {variant}")
                     with _row(rows, dev, kind="train", method=method, variant=f"engine {variant}") as row:
                         row.update(_engine_row(project, method, variant, sizes, dev, f"{method}-{variant}"))
-        cases = _la_cases(Path(la_dir) if la_dir else None, scans or (4 if dev.type == "cuda" else 1)) \
+        cases = load_la_cases(Path(la_dir) if la_dir else None, scans or (4 if dev.type == "cuda" else 1)) \
             if {"round", "infer"} & set(parts) else []
         if "round" in parts:
             say(f"pseudo-label rounds over {len(cases)} LA scan(s)")
@@ -372,7 +358,8 @@ def format_suite(report: dict) -> str:
     for r in report["rows"]:
         def f(key: str, fmt: str) -> str:
             v = r.get(key)
-            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+            width = int(fmt.split(".")[0])
+            return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
         lines.append(f"{r['kind']:<9} {r.get('method', '-'):<6} {r['variant']:<22} {f('its', '7.2f')} "
                      f"{f('step_s', '7.3f')} {f('sampler_s', '9.4f')} {f('wait_s', '7.4f')} {f('seconds', '8.2f')} "
                      f"{f('peak_mib', '9.0f')}")

@@ -89,6 +89,8 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--slices", type=int, default=4, help="prompted slices per view and scan (default 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018)")
+    p.add_argument("--configs", nargs="+", help="which of fp32 (the reference, first), fp32+cl, fp32+cl+fp16cache, "
+                   "bf16+cl (default: all)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_bench_precision)
     p = bsub.add_parser("suite", help="training it/s, pseudo-label rounds, inference and peak memory, side by side "
@@ -276,7 +278,10 @@ def _write_json(path: str | None, report: dict) -> None:
 def _bench_precision(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench import bench_precision, format_precision
 
-    report = bench_precision(args.scans, args.slices, args.device, args.la)
+    from fmabs_core.cli.bench import PRECISION_CONFIGS
+
+    report = bench_precision(args.scans, args.slices, args.device, args.la,
+                             tuple(args.configs) if args.configs else tuple(PRECISION_CONFIGS))
     print(format_precision(report))
     _write_json(args.json, report)
     return 0

@@ -22,6 +22,8 @@ from torch import nn
 
 from fmabs_core.errors import WeightsError
 from fmabs_core.generalist import lora
+from fmabs_core.generalist.base import Generalist
+from fmabs_core.generalist.models import canonical_name, get_generalist
 from fmabs_core.generalist.weights import file_hashes
 
 log = logging.getLogger(__name__)
@@ -83,3 +85,19 @@ def apply_prompted_adapter(model: nn.Module, path: str | Path, base_name: str, b
                  path, " and ".join(heads))
     log.info("merged LoRA adapter %s (rank %d, %d blocks) into %s", path, payload["rank"], len(merged), name)
     return {"base_name": name, "rank": int(payload["rank"]), "blocks": len(merged), "heads_ignored": heads}
+
+
+def get_adapted(name: str, adapter: str | Path | None, device: str | torch.device | None = "cpu",
+                checkpoint: str | None = None, dtype: str = "auto") -> Generalist:
+    """``get_generalist`` with ``adapter`` (None: the plain one) merged into its encoder; cached per
+    adapter content (its sha256 is in the cache key and in ``g.identity``)."""
+    if not adapter:
+        return get_generalist(name, device=device, checkpoint=checkpoint, dtype=dtype)
+    path = Path(adapter).expanduser().resolve()
+    sha = adapter_sha256(path)
+    key = canonical_name(name)
+
+    def change(model: nn.Module) -> None:
+        apply_prompted_adapter(model, path, key, lora.base_sha256(key, checkpoint))
+
+    return get_generalist(name, device=device, checkpoint=checkpoint, dtype=dtype, variant=(f"adapter={sha}", change))

@@ -166,13 +166,14 @@ class Generalist:
     default_batch_cpu: int = 1
     default_batch_cuda: int = 32
 
-    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", dtype: str = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", dtype: str = "auto",
+                 layout: str = "auto") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.amp_dtype = precision.amp_dtype(self.device, dtype)
-        self.channels_last = precision.use_channels_last(self.device, self.amp_dtype)
+        self.channels_last = precision.use_channels_last(self.device, layout)
         if self.channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)
         self.precision = precision.describe(self.device, self.amp_dtype, self.channels_last)

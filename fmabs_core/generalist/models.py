@@ -181,24 +181,24 @@ def get_generalist(
     checkpoint: str | None = None,
     dtype: str = "auto",
     check: bool = True,
-    adapter: str | None = None,
+    variant: tuple[str, Callable[[torch.nn.Module], None]] | None = None,
+    layout: str = "auto",
 ) -> Generalist:
     """The generalist ``name`` on ``device``, built on first use and cached for the process.
 
     ``checkpoint``: a local weights file (offline use); default: bundled (LiteMedSAM) or the cache
     folder (see :mod:`fmabs_core.generalist.weights`). ``check=False`` accepts a checkpoint that is not
     the published file (e.g. fine-tuned); it is still loaded with ``weights_only=True``.
-    ``adapter``: a LoRA adapter of a ``sam-lora`` run merged into the encoder (prompted mode; see
-    :mod:`fmabs_core.generalist.adapted`). ``g.identity`` names everything that shapes the embeddings.
+    ``dtype`` / ``layout``: the encoder's precision and memory layout (:mod:`~fmabs_core.generalist.precision`).
+    ``variant``: ``(tag, change)``: ``change(model)`` edits the freshly built model before it is
+    wrapped (a tuned adapter: :func:`fmabs_core.generalist.adapted.get_adapted`); the tag keys the
+    cache. ``g.identity`` names everything that shapes the embeddings (cache keys).
     """
-    from fmabs_core.generalist.adapted import adapter_sha256, apply_prompted_adapter
-
     key_name = canonical_name(name)
     dev = resolve_device(device)
     ck = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
-    ad_path = str(Path(adapter).expanduser().resolve()) if adapter else None
-    ad_sha = adapter_sha256(ad_path) if ad_path else None
-    key = (key_name, str(dev), ck, dtype, check, ad_sha)
+    tag = variant[0] if variant else "none"
+    key = (key_name, str(dev), ck, dtype, check, tag, layout)
     with _LOCK:
         g = _CACHE.get(key)
         if g is None:
@@ -208,14 +208,11 @@ def get_generalist(
             # random stream (a resumed run builds it after restoring that stream; an uninterrupted one before)
             with torch.random.fork_rng(devices=[]):
                 model = build(ck, check)
-            if ad_path:
-                from fmabs_core.generalist.lora import base_sha256
-
-                apply_prompted_adapter(model, ad_path, key_name, base_sha256(key_name, ck))
-            g = cls(model, device=dev, dtype=dtype)
+            if variant:
+                variant[1](model)
+            g = cls(model, device=dev, dtype=dtype, layout=layout)
             g.name = key_name
-            g.identity = "|".join([key_name, g.precision, f"weights={_weights_id(key_name, ck, check)}",
-                                   f"adapter={ad_sha or 'none'}"])
+            g.identity = "|".join([key_name, g.precision, f"weights={_weights_id(key_name, ck, check)}", tag])
             _CACHE[key] = g
         return g
 

@@ -162,7 +162,7 @@ def test_generalist_is_cached_and_validates(lite):
 @pytest.mark.slow
 def test_bf16_autocast_decode_path():
     """The autocast (bf16) code path used on GPUs runs and agrees with fp32 (checked on CPU here)."""
-    g32 = get_generalist("litemedsam", device="cpu")
+    g32 = get_generalist("litemedsam", device="cpu", dtype="float32")
     g16 = get_generalist("litemedsam", device="cpu", dtype="bfloat16")
     assert g16 is not g32 and g16.amp_dtype == torch.bfloat16 and g32.amp_dtype is None
     from fmabs_core.generalist import Embeddings

@@ -13,6 +13,7 @@ import torch
 from fmabs_core.cli import main
 from fmabs_core.data import io
 from fmabs_core.generalist import get_generalist
+from fmabs_core.generalist.adapted import get_adapted
 from fmabs_core.generalist.lora import add_lora, base_sha256, lora_layers, save_adapter
 from fmabs_core.generalist.models import GENERALISTS
 from fmabs_core.runs.events import read_events
@@ -95,7 +96,7 @@ def _adapter(path, seed: int = 0):
 
 def test_adapter_is_merged_into_the_prompted_encoder(tmp_path):
     lora_model = _adapter(tmp_path / "a.pt").eval()
-    tuned = get_generalist("litemedsam", device="cpu", dtype="float32", adapter=str(tmp_path / "a.pt"))
+    tuned = get_adapted("litemedsam", tmp_path / "a.pt", device="cpu", dtype="float32")
     plain = get_generalist("litemedsam", device="cpu", dtype="float32")
     assert tuned is not plain and "adapter=" in tuned.identity and tuned.identity != plain.identity
     assert not lora_layers(tuned.model)  # merged: plain Linear layers, no per-slice LoRA cost
