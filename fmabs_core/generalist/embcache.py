@@ -120,7 +120,9 @@ class EmbeddingCache:
         per = self.slot_bytes
         need = per * self.expected_slices if self.expected_slices else None
         want = min(x for x in (need, self.bound) if x is not None) if (need or self.bound) else None
-        gpu_free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else 0
+        gpu_free = 0
+        if self.device.type == "cuda":  # free bytes on this cache's GPU (index None: the current one)
+            gpu_free = torch.cuda.mem_get_info(self.device.index)[0]
         try:
             import psutil
 
