@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import sys
 import threading
@@ -389,6 +390,9 @@ def token_middleware(token: str | None) -> Callable[..., Any]:
 def serve(options: WebOptions, ready: Callable[[str], None] | None = None) -> None:
     """Build the app and serve until interrupted (the trame event loop runs here)."""
     token = options.token
+    if not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
+        # a headless server: VTK would try X first, warn, then fall back to EGL anyway
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     for noisy in ("trame_server", "trame_client", "trame_slicer", "aiohttp.access", "wslink"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app = WebApp(options)
