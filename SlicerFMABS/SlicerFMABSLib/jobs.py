@@ -438,6 +438,23 @@ METHOD_GUIDE = ("Three drawn slices on many scans: fmabs (or mt, ua-mt, cps, sup
                 "One or a few densely labelled scans: cfr-mt (or cfr-acmt, cfr-st).")
 
 
+def method_takes(method: str, option: str, python: str | None = None) -> bool:
+    """Whether ``fmabs train --method METHOD`` has ``--OPTION`` (e.g. ``generalist``: fmabs and cfr-* do, sup
+    and mt do not, and fmabs train refuses it for them). True when the list cannot be read: fmabs train decides."""
+    for entry in available_methods(python):
+        if entry.get("name") == method:
+            return any(isinstance(o, dict) and o.get("name") == option for o in entry.get("options", []))
+    return True
+
+
+def default_iterations(method: str, python: str | None = None) -> int | None:
+    """The iterations ``fmabs train`` gives ``method`` by default (its paper's), or None when unknown here."""
+    for entry in available_methods(python):
+        if entry.get("name") == method and isinstance(entry.get("iterations"), int):
+            return int(entry["iterations"])
+    return None
+
+
 def method_names(python: str | None = None) -> tuple[str, ...]:
     """Names for the Train panel's method list: :func:`available_methods`, else :data:`METHODS`."""
     return tuple(str(m["name"]) for m in available_methods(python)) or METHODS

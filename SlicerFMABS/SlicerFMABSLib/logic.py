@@ -347,7 +347,8 @@ class FMABSLogic:
         args = train_args(project.root, run, method, {
             "iterations": int(iterations),
             "device": None if device in (None, "", "auto") else device,
-            "generalist": generalist or None,
+            # only for methods that take one: fmabs train refuses --generalist for sup, mt...
+            "generalist": generalist if generalist and jobs.method_takes(method, "generalist") else None,
             "active": active,
             "budget": int(budget) if active and budget else None,
             "expert": expert if active else None,

@@ -33,7 +33,7 @@ TEXT: dict[str, str] = {
 #: whole-number parameters and their defaults
 NUMBERS: dict[str, int] = {
     "budget": 10,
-    "iterations": 6000,
+    "iterations": 20000,  # fmabs (the default method): its paper's; the panel follows the chosen method
 }
 #: node parameters (node references) and the class each must have
 NODES: dict[str, str] = {

@@ -66,7 +66,7 @@ def test_logic_records_its_choices(logic):
     choices = logic.training_choices()
     assert logic.train_arguments(**choices) == [
         "train", "--project", str(logic.project.root), "--run", "r2", "--method", "mt", "--iterations", "30",
-        "--device", "cpu", "--generalist", "mobilesam", "--active", "her", "--budget", "4", "--expert", "simulated"]
+        "--device", "cpu", "--active", "her", "--budget", "4", "--expert", "simulated"]  # mt takes no generalist
     logic.scene.RemoveNode(drawing)  # the user deleted the drawing: the reference follows
     assert params.labelSegmentation is None
     assert logic.start_labelling("s1") is volume and params.labelVolume is volume

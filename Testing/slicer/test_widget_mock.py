@@ -205,7 +205,7 @@ def test_widgets_follow_the_parameter_node(widget, widget_module, scene, tmp_pat
         for value in values:
             combo.addItem(value)
     widget.initializeParameterNode()
-    assert ui.runNameLineEdit.text == "run1" and ui.iterationsSpinBox.value == 6000  # the defaults, shown
+    assert ui.runNameLineEdit.text == "run1" and ui.iterationsSpinBox.value == 20000  # the defaults, shown
     params = widget.logic.params
     params.update(runName="night", budget=4, method="mt")  # Logic -> widgets (the node's Modified event)
     assert (ui.runNameLineEdit.text, ui.budgetSpinBox.value, ui.methodComboBox.currentText) == ("night", 4, "mt")

@@ -62,7 +62,9 @@ def get_method(name: str, options: Mapping[str, Any] | None = None) -> "Method":
 
 
 def describe() -> list[dict[str, Any]]:
-    """Name, description, label kind and options of every method (``fmabs methods --json``)."""
+    """Name, description, label kind, default iterations and options of every method (``fmabs methods --json``)."""
+    from fmabs_core.training.config import default_iterations
+
     out = []
     for name, cls in available().items():
         options = []
@@ -71,5 +73,6 @@ def describe() -> list[dict[str, Any]]:
             options.append({"name": f.name, "type": str(f.type), "default": default,
                             "help": f.metadata.get("help", "")})
         out.append({"name": name, "description": cls.describe(), "supervision": cls.supervision,
-                    "uses_unlabelled": cls.uses_unlabelled, "options": options})
+                    "uses_unlabelled": cls.uses_unlabelled, "iterations": default_iterations(name),
+                    "options": options})
     return out

@@ -201,18 +201,8 @@ class WebSession:
     def start_training(self, choices: dict[str, Any], more_options: str = "") -> None:
         contract.check_name(str(choices.get("run", "")).strip() or "?")
         options = parse_train_options(more_options)
-        choices = dict(choices)
-        if not self.takes_generalist(str(choices.get("method"))):
-            choices["generalist"] = None  # fmabs train refuses --generalist for methods without one (sup, mt...)
         self.losses = LossHistory()
         self.logic.start_training(**choices, options=options)
-
-    def takes_generalist(self, method: str) -> bool:
-        """Whether a method has a --generalist option (``fmabs methods --json``, asked once and cached)."""
-        for entry in self.lib.jobs.available_methods():
-            if entry.get("name") == method:
-                return any(isinstance(o, dict) and o.get("name") == "generalist" for o in entry.get("options", []))
-        return True  # unknown here (the list could not be read): leave the choice to fmabs train
 
     def watch_run(self, run: str) -> None:
         contract.check_name(run)
