@@ -22,6 +22,9 @@ from fmabs_core.training.api import TrainContext
 
 log = logging.getLogger(__name__)
 
+#: how a --adapter is used in rounds (see FMABSConfig.adapter_mode)
+ADAPTER_MODES = ("prompted", "tiled")
+
 
 @dataclass
 class FMABSConfig(MeanTeacherConfig):
@@ -29,6 +32,9 @@ class FMABSConfig(MeanTeacherConfig):
     generalist_checkpoint: str | None = option(None, "weights file of the generalist (default: the cache)")
     adapter: str | None = option(None, "LoRA adapter of a sam-lora run (its model.pt) merged into the generalist's "
                                        "encoder; the prompts stay boxes")
+    adapter_mode: str = option("prompted", "with --adapter: prompted (the teacher's boxes prompt the tuned encoder) "
+                                           "or tiled (the tuned generalist labels each scan prompt-free from tiled "
+                                           "axial slices, as CFR does; the same label every round)")
     generalist_dtype: str = option("auto", "encoder precision: auto (bf16 on GPUs, float32 on CPUs), float32, "
                                            "bfloat16 (CPUs with bf16 units: ~2x faster, Dice within ~0.04)")
     embedding_cache: str = option("auto", "where slice embeddings are kept between rounds so that each slice is "
@@ -72,8 +78,13 @@ class FMABS(MeanTeacher):
         self._generalist = None
         self._cache = None
         self._digests: dict[str, tuple[np.ndarray, str]] = {}
-        self.generalist(tr)  # fail at start, not at the first round, when weights are missing
-        self._cache = self._build_cache(tr)
+        self._tuned = None
+        self._tiled: dict[str, np.ndarray] = {}
+        if cfg.adapter_mode == "tiled":
+            self._tuned = _load_tiled(cfg.adapter, tr)  # a bad adapter fails at start
+        else:
+            self.generalist(tr)  # fail at start, not at the first round, when weights are missing
+            self._cache = self._build_cache(tr)
         if self.rounds_done or self.partial:
             tr.restore_pseudolabels()
 
@@ -137,6 +148,8 @@ class FMABS(MeanTeacher):
         from fmabs_core.inference.metrics import dice_jaccard
 
         cfg = self.config
+        if self._tuned is not None:
+            return self._label_case_tiled(tr, case)
         rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
         prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
         cache = self._cache
@@ -150,6 +163,23 @@ class FMABS(MeanTeacher):
         label = case.extra.get("label")
         scores = None if label is None else (dice_jaccard(prompt, label)[0], dice_jaccard(result["fused"], label)[0])
         return result["fused"].astype(np.uint8), scores
+
+    def _label_case_tiled(self, tr, case) -> tuple[np.ndarray, tuple[float, float] | None]:
+        """Prompt-free mode: the tuned generalist's label of the whole scan (tiled sliding windows). The scan and
+        the adapter do not change between rounds, so it is computed once per scan and process."""
+        from fmabs_core.contract import GENERALIST_LAYER
+        from fmabs_core.inference.metrics import dice_jaccard
+
+        label = self._tiled.get(case.id)
+        if label is None:
+            label = tr.predict(self._tuned, case.image).argmax(0).astype(np.uint8)
+            self._tiled[case.id] = label
+        tr.save_pseudolabels(case, {GENERALIST_LAYER: label, "fused": label})
+        truth = case.extra.get("label")
+        if truth is None:
+            return label, None
+        teacher = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
+        return label, (dice_jaccard(teacher, truth)[0], dice_jaccard(label, truth)[0])
 
     def before_step(self, tr, it):
         if not self.round_due(it):
@@ -247,8 +277,25 @@ def _check_options(cfg: FMABSConfig) -> None:
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise InputError(f"--{flag} {value!r}: choose one of {', '.join(allowed)}")
+    if cfg.adapter_mode not in ADAPTER_MODES:
+        raise InputError(f"--adapter-mode {cfg.adapter_mode!r}: choose one of {', '.join(ADAPTER_MODES)}")
+    if cfg.adapter_mode == "tiled" and not cfg.adapter:
+        raise InputError("--adapter-mode tiled needs --adapter FILE (the model.pt of a sam-lora run)")
     if cfg.embedding_cache_gb is not None and not cfg.embedding_cache_gb > 0:
         raise InputError(f"--embedding-cache-gb must be a positive number of GB (got {cfg.embedding_cache_gb})")
+
+
+def _load_tiled(adapter: str, tr: TrainContext):
+    """The tuned prompt-free generalist of a sam-lora adapter, checked against the project's classes."""
+    from fmabs_core.errors import InputError
+    from fmabs_core.generalist.tiled import load_tuned
+
+    net = load_tuned(adapter, tr.device)  # digest, base weights' sha256, weights only
+    want = tr.project.num_classes + 1
+    if net.num_classes != want:
+        raise InputError(f"--adapter {adapter}: it segments {net.num_classes - 1} class(es), the project has "
+                         f"{want - 1}; use an adapter tuned on this project's classes")
+    return net
 
 
 def fill_unprompted(result: dict, prompt: np.ndarray, fusion: str) -> None:

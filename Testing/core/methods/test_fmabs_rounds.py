@@ -126,3 +126,32 @@ def test_fmabs_round_with_an_adapter_and_a_bad_adapter_refused(tmp_path, phantom
     assert main([*base, "--run", "bad", "--adapter", str(broken)]) == 2
     err = capsys.readouterr().err
     assert str(broken) in err and "weights-only" in err and err.strip().count("\n") < 3
+
+
+def test_fmabs_round_with_a_tiled_adapter_labels_prompt_free(tmp_path, phantom_data):
+    """--adapter-mode tiled: each round's label is the tuned generalist's own (CFR's), the same every round."""
+    import nibabel as nib
+
+    from fmabs_core.generalist.tiled import build_tiled_segmenter
+
+    torch.manual_seed(0)
+    net = build_tiled_segmenter("litemedsam", 2, None, rank=2, grid=4)  # a 32 x 32 x 16 window: one canvas
+    save_adapter(tmp_path / "tiled.pt", net, "litemedsam", base_sha256("litemedsam"), extra_meta=net.meta())
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
+    base = ["train", "--project", str(proj), "--method", "fmabs", "--iterations", "3", "--patch-size", "32", "32",
+            "16", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1", "--device", "cpu",
+            "--pseudo-warmup", "0.3", "--pseudo-every", "0.3", "--pseudo-max-cases", "1", "--val-every", "100"]
+    assert main([*base, "--run", "tiled", "--adapter", str(tmp_path / "tiled.pt"), "--adapter-mode", "tiled"]) == 0
+    run = proj / "runs" / "tiled"
+    rounds = [e for e in read_events(run) if e["type"] == "pseudo_label"]
+    assert len(rounds) >= 1 and all(r["cases"] == 1 for r in rounds)
+    layers = sorted(p.name for p in (run / "pseudo").glob("*.nii.gz"))
+    assert layers and all(n.endswith(("_generalist.nii.gz", "_fused.nii.gz")) for n in layers)  # no per-view layers
+    for fused in (run / "pseudo").glob("*_fused.nii.gz"):
+        gen = fused.with_name(fused.name.replace("_fused", "_generalist"))
+        assert np.array_equal(np.asarray(nib.load(str(fused)).dataobj), np.asarray(nib.load(str(gen)).dataobj))
+    # tiled mode without an adapter, or an unknown mode: refused before any work
+    assert main([*base, "--run", "x", "--adapter-mode", "tiled"]) == 2
+    assert main([*base, "--run", "y", "--adapter", str(tmp_path / "tiled.pt"), "--adapter-mode", "grid"]) == 2
