@@ -108,14 +108,20 @@ def test_adapter_is_merged_into_the_prompted_encoder(tmp_path):
     assert (got - want).abs().max() < 1e-3 * want.abs().max() and (base - want).abs().max() > 1e-2
 
 
-def test_fmabs_round_with_an_adapter_and_a_bad_adapter_refused(tmp_path, phantom_data, capsys):
-    _adapter(tmp_path / "tuned.pt", seed=1)
+def _phantom_fmabs(tmp_path, phantom_data, iterations: str, patch: tuple[str, str, str], *more: str):
+    """A phantom project with 2 cross-labelled scans and the argv of a tiny fmabs run (one scan per round)."""
     proj = tmp_path / "proj"
     main(["import", str(phantom_data), "--project", str(proj)])
     main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
-    base = ["train", "--project", str(proj), "--method", "fmabs", "--iterations", "2", "--patch-size", "16", "16",
-            "16", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1", "--device", "cpu",
-            "--pseudo-warmup", "0.5", "--pseudo-max-cases", "1", "--pseudo-max-slices", "1", "--val-every", "100"]
+    return proj, ["train", "--project", str(proj), "--method", "fmabs", "--iterations", iterations, "--patch-size",
+                  *patch, "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1", "--device", "cpu",
+                  "--pseudo-max-cases", "1", "--val-every", "100", *more]
+
+
+def test_fmabs_round_with_an_adapter_and_a_bad_adapter_refused(tmp_path, phantom_data, capsys):
+    _adapter(tmp_path / "tuned.pt", seed=1)
+    proj, base = _phantom_fmabs(tmp_path, phantom_data, "2", ("16", "16", "16"), "--pseudo-warmup", "0.5",
+                                "--pseudo-max-slices", "1")
     assert main([*base, "--run", "tuned", "--adapter", str(tmp_path / "tuned.pt")]) == 0
     rounds = [e for e in read_events(proj / "runs" / "tuned") if e["type"] == "pseudo_label"]
     assert len(rounds) == 1 and rounds[0]["cases"] == 1
@@ -137,12 +143,8 @@ def test_fmabs_round_with_a_tiled_adapter_labels_prompt_free(tmp_path, phantom_d
     torch.manual_seed(0)
     net = build_tiled_segmenter("litemedsam", 2, None, rank=2, grid=4)  # a 32 x 32 x 16 window: one canvas
     save_adapter(tmp_path / "tiled.pt", net, "litemedsam", base_sha256("litemedsam"), extra_meta=net.meta())
-    proj = tmp_path / "proj"
-    main(["import", str(phantom_data), "--project", str(proj)])
-    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
-    base = ["train", "--project", str(proj), "--method", "fmabs", "--iterations", "3", "--patch-size", "32", "32",
-            "16", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1", "--device", "cpu",
-            "--pseudo-warmup", "0.3", "--pseudo-every", "0.3", "--pseudo-max-cases", "1", "--val-every", "100"]
+    proj, base = _phantom_fmabs(tmp_path, phantom_data, "3", ("32", "32", "16"), "--pseudo-warmup", "0.3",
+                                "--pseudo-every", "0.3")
     assert main([*base, "--run", "tiled", "--adapter", str(tmp_path / "tiled.pt"), "--adapter-mode", "tiled"]) == 0
     run = proj / "runs" / "tiled"
     rounds = [e for e in read_events(run) if e["type"] == "pseudo_label"]
