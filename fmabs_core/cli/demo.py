@@ -44,7 +44,10 @@ class DemoConfig:
     device: str = "auto"
     seed: int = 1337
     pseudo_max_cases: int = 4
-    pseudo_max_slices: int = 8
+    pseudo_max_slices: int = 12
+    #: box enlargement per side in pixels: the papers' 10 px is for ~300-px LA slices; on 48-px phantom slices
+    #: it made the generalist's labels worse than the teacher (GT-prompted fused Dice 0.870 vs 0.935 at 2 px)
+    box_jitter: int = 2
     extra: dict = field(default_factory=dict)
 
 
@@ -58,11 +61,13 @@ def scaled_settings(cfg: DemoConfig) -> list[str]:
         f"cross-labelled scans: {cfg.crosslabelled} (papers: 20 of 80)",
         f"FM-ABS pseudo-labels: {cfg.pseudo_max_cases} scans per round, {cfg.pseudo_max_slices} generalist "
         "slices per view and scan (papers: every training scan, every slice with foreground)",
+        f"box prompts enlarged by up to {cfg.box_jitter} px per side (papers: 10 px on ~300-px slices)",
     ]
 
 
 def _train_config(cfg: DemoConfig, method: str, out_channels: int) -> TrainConfig:
     scaled = {"pseudo_max_cases": cfg.pseudo_max_cases, "pseudo_max_slices": cfg.pseudo_max_slices,
+              "box_jitter": cfg.box_jitter,
               "pseudo_warmup": 0.3, "pseudo_every": 0.3, "pseudo_stop": 0.8}
     own = {f.name for f in fields(methods.available()[method].Config)}
     tc = TrainConfig(
