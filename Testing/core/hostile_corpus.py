@@ -333,22 +333,16 @@ def _ctx_predict_input(maker: Maker, name: str):
     return build, ("scan9.nii",), ("out",)
 
 
-def _ctx_evaluate_pred(maker: Maker, name: str):
-    def build(env: Env) -> list[str]:
-        env.label("pred/c1.nii.gz")
-        env.label("labels/c1.nii.gz")
-        env.put("pred/c1", maker)
-        return ["evaluate", "--pred", str(env.p("pred")), "--labels", str(env.p("labels"))]
-    return build, ("pred", "c1.nii"), ()
-
-
-def _ctx_evaluate_label(maker: Maker, name: str):
-    def build(env: Env) -> list[str]:
-        env.label("pred/c1.nii.gz")
-        env.label("labels/c1.nii.gz")
-        env.put("labels/c1", maker)
-        return ["evaluate", "--pred", str(env.p("pred")), "--labels", str(env.p("labels"))]
-    return build, ("labels", "c1.nii"), ()
+def _ctx_evaluate(folder: str):
+    """`fmabs evaluate` with the bad file in ``folder`` (pred or labels), a good one in the other."""
+    def ctx(maker: Maker, name: str):
+        def build(env: Env) -> list[str]:
+            env.label("pred/c1.nii.gz")
+            env.label("labels/c1.nii.gz")
+            env.put(f"{folder}/c1", maker)
+            return ["evaluate", "--pred", str(env.p("pred")), "--labels", str(env.p("labels"))]
+        return build, (folder, "c1.nii"), ()
+    return ctx
 
 
 def _ctx_check_crosslabel(maker: Maker, name: str):
@@ -364,8 +358,8 @@ def _ctx_check_crosslabel(maker: Maker, name: str):
 
 
 CONTEXTS = {"import-image": _ctx_import_image, "import-label": _ctx_import_label,
-            "predict-input": _ctx_predict_input, "evaluate-pred": _ctx_evaluate_pred,
-            "evaluate-label": _ctx_evaluate_label, "check-crosslabel": _ctx_check_crosslabel}
+            "predict-input": _ctx_predict_input, "evaluate-pred": _ctx_evaluate("pred"),
+            "evaluate-label": _ctx_evaluate("labels"), "check-crosslabel": _ctx_check_crosslabel}
 
 
 def _crosslabelled(proj: Path) -> list[str]:
