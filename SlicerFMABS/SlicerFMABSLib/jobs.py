@@ -438,21 +438,25 @@ METHOD_GUIDE = ("Three drawn slices on many scans: fmabs (or mt, ua-mt, cps, sup
                 "One or a few densely labelled scans: cfr-mt (or cfr-acmt, cfr-st).")
 
 
+def _method_entry(method: str, python: str | None = None) -> dict[str, Any] | None:
+    """``method``'s entry in :func:`available_methods`, or None when it is not listed (or the list is unreadable)."""
+    return next((m for m in available_methods(python) if m.get("name") == method), None)
+
+
 def method_takes(method: str, option: str, python: str | None = None) -> bool:
     """Whether ``fmabs train --method METHOD`` has ``--OPTION`` (e.g. ``generalist``: fmabs and cfr-* do, sup
     and mt do not, and fmabs train refuses it for them). True when the list cannot be read: fmabs train decides."""
-    for entry in available_methods(python):
-        if entry.get("name") == method:
-            return any(isinstance(o, dict) and o.get("name") == option for o in entry.get("options", []))
-    return True
+    entry = _method_entry(method, python)
+    if entry is None:
+        return True
+    return any(isinstance(o, dict) and o.get("name") == option for o in entry.get("options", []))
 
 
 def default_iterations(method: str, python: str | None = None) -> int | None:
     """The iterations ``fmabs train`` gives ``method`` by default (its paper's), or None when unknown here."""
-    for entry in available_methods(python):
-        if entry.get("name") == method and isinstance(entry.get("iterations"), int):
-            return int(entry["iterations"])
-    return None
+    entry = _method_entry(method, python)
+    iterations = None if entry is None else entry.get("iterations")
+    return iterations if isinstance(iterations, int) else None
 
 
 def method_names(python: str | None = None) -> tuple[str, ...]:

@@ -177,6 +177,14 @@ def _poll_until(lg, pred, timeout=TIMEOUT):
     raise AssertionError(f"timed out; last status {status}; job log:\n{tail}")
 
 
+def test_method_facts_come_from_fmabs_methods():
+    """The Train panel's per-method facts, read from the job's `fmabs methods --json` (a real process)."""
+    assert jobs.default_iterations("fmabs") == 20000 and jobs.default_iterations("cfr-mt") == 6000
+    assert jobs.default_iterations("no-such-method") is None
+    assert jobs.method_takes("fmabs", "generalist") and not jobs.method_takes("sup", "generalist")
+    assert jobs.method_takes("no-such-method", "generalist")  # unknown here: fmabs train decides
+
+
 def test_train_arguments(tmp_path, make_logic):
     from fmabs_core.data.project import Project
 

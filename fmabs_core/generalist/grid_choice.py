@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from fmabs_core.contract import UNLABELLED
 from fmabs_core.errors import InputError
 from fmabs_core.generalist.base import Generalist
-from fmabs_core.generalist.tiling import DECODER_STRIDE, TileLayout, chunk_ranges, grid_for, tile_image, tile_label, untile
+from fmabs_core.generalist.pseudolabel import dice
+from fmabs_core.generalist.tiling import (DECODER_STRIDE, TileLayout, chunk_ranges, grid_for, tile_image, tile_label,
+                                          tile_scale, untile)
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,6 @@ def _boxes(tile_lab: np.ndarray, origins: list[tuple[int, int]], shape: tuple[in
     return which, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    inter = float(np.logical_and(pred, truth).sum())
-    total = float(pred.sum() + truth.sum())
-    return 1.0 if total == 0 else 2.0 * inter / total
-
-
 def _ceiling(tile_lab: np.ndarray, layout: TileLayout, cls: int, model_size: int) -> np.ndarray:
     """The class mask after the decoder's resolution: canvas -> mask grid (area) -> canvas (bilinear) > 0.5."""
     side = layout.canvas_side
@@ -108,11 +104,11 @@ def _ceiling(tile_lab: np.ndarray, layout: TileLayout, cls: int, model_size: int
 
 
 def measure_crop(generalist: Generalist, image: np.ndarray, label: np.ndarray, grid: int, pad: int = 1
-                 ) -> tuple[float, float, int]:
-    """(prompted Dice, ceiling Dice, canvases) of one crop ``(X, Y, Z)`` tiled ``grid`` x ``grid``."""
+                 ) -> tuple[float, float]:
+    """(prompted Dice, ceiling Dice) of one crop ``(X, Y, Z)`` tiled ``grid`` x ``grid``."""
     x, y, z = image.shape
     classes = [int(c) for c in np.unique(label) if c not in (0, UNLABELLED)]
-    ranges = chunk_ranges(z, grid) if grid * grid < z else [(0, z)]
+    ranges = chunk_ranges(z, grid)
     window = (float(np.percentile(image, 0.5)), float(np.percentile(image, 99.5)))
     fill = float(image.min())
     pred = {c: np.zeros(label.shape, bool) for c in classes}
@@ -136,9 +132,10 @@ def measure_crop(generalist: Generalist, image: np.ndarray, label: np.ndarray, g
                 r, cc = origins[k]
                 out[r:r + x, cc:cc + y] |= m[r:r + x, cc:cc + y]
             pred[c][..., a:b] = np.asarray(untile(out, layout))
-    prompted = float(np.mean([_dice(pred[c], label == c) for c in classes]))
-    ceiling = float(np.mean([_dice(ceil[c], label == c) for c in classes]))
-    return prompted, ceiling, len(ranges)
+    # per class on binary masks (the classes' predictions may overlap); every class is in the crop's label
+    prompted = float(np.mean([dice(pred[c].astype(np.uint8), (label == c).astype(np.uint8)) for c in classes]))
+    ceiling = float(np.mean([dice(ceil[c].astype(np.uint8), (label == c).astype(np.uint8)) for c in classes]))
+    return prompted, ceiling
 
 
 def measure_grids(generalist: Generalist, crops: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -149,17 +146,15 @@ def measure_grids(generalist: Generalist, crops: Sequence[tuple[np.ndarray, np.n
     shape = crops[0][0].shape
     if any(img.shape != shape or lab.shape != shape for img, lab in crops):
         raise InputError("every crop of the grid measurement must have the same shape.")
-    x, y, z = shape
+    z = shape[2]
     trials = []
     for g in sorted({int(g) for g in grids if int(g) >= 1 and int(g) <= grid_for(z)}, reverse=True):
         t0 = time.perf_counter()
         res = [measure_crop(generalist, img, lab, g, pad) for img, lab in crops]
         dt = (time.perf_counter() - t0) / len(crops)
-        layout = TileLayout((x, y, min(z, g * g)), g, pad)
-        scale = generalist.image_size / layout.canvas_side  # the canvas is resized to the model input
-        trials.append(GridTrial(g, float(np.mean([r[2] for r in res])), max(x, y) * scale,
-                                max(x, y) * scale / DECODER_STRIDE, float(np.mean([r[0] for r in res])),
-                                float(np.mean([r[1] for r in res])), dt))
+        scale = tile_scale(shape, generalist.image_size, g, pad, fit="resize")  # as Generalist.encode resizes
+        trials.append(GridTrial(g, float(scale.canvases), max(scale.tile_model_px), max(scale.tile_mask_px),
+                                float(np.mean([r[0] for r in res])), float(np.mean([r[1] for r in res])), dt))
         log.info("grid %d: %s", g, asdict(trials[-1]))
     if not trials:
         raise InputError(f"no grid to try: grids must lie in 1..{grid_for(z)} for crops of {z} slices.")

@@ -128,26 +128,32 @@ def _model_error(path: Path, what: str) -> InputError:
                       "folder), and keep a model file together with the configuration it was saved with.")
 
 
-def read_model_file(path: Path) -> dict:
-    """The checked contents of a model file: ``state_dict``, ``net`` (a NetConfig), ``patch_size``, ``classes``.
-
-    A training checkpoint (``checkpoints/*.pt``) takes its network from the run's ``config.json``.
-    Anything else (a bare tensor, another architecture's description, a missing or damaged part) is an
-    InputError naming the file and the part.
-    """
-    from dataclasses import asdict
-
-    from fmabs_core.contract import CONFIG_FILE
-    from fmabs_core.training.config import TrainConfig, from_dict
-
+def _load_state(path: Path) -> object:
+    """What a model file holds (weights only), or an InputError naming the file."""
     try:
-        state = load_checkpoint(path, map_location="cpu")
+        return load_checkpoint(path, map_location="cpu")
     except RuntimeError as exc:
         cause = exc.__cause__ or exc
         summary = " ".join(str(cause).split())[:160]
         raise _model_error(path, "not a readable model file: it is damaged, not a PyTorch file, or holds Python "
                                  "objects besides weights (never loaded, for safety) "
                                  f"({type(cause).__name__}: {summary})") from None
+
+
+def read_model_file(path: Path, state: object | None = None) -> dict:
+    """The checked contents of a model file: ``state_dict``, ``net`` (a NetConfig), ``patch_size``, ``classes``.
+
+    ``state``: the file's contents when the caller has read them already. A training checkpoint
+    (``checkpoints/*.pt``) takes its network from the run's ``config.json``. Anything else (a bare tensor,
+    another architecture's description, a missing or damaged part) is an InputError naming the file and the part.
+    """
+    from dataclasses import asdict
+
+    from fmabs_core.contract import CONFIG_FILE
+    from fmabs_core.training.config import TrainConfig, from_dict
+
+    if state is None:
+        state = _load_state(path)
     if not isinstance(state, dict):
         raise _model_error(path, f"holds a {type(state).__name__}, not an FM-ABS model (a dict with 'state_dict', "
                                  "'net', 'patch_size')")
@@ -192,14 +198,17 @@ def read_model_file(path: Path) -> dict:
 def load_model(model: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained specialist from a run folder or file; returns (model in eval mode, metadata).
 
-    A file that does not describe a network matching its weights is an InputError naming the file.
+    A 'sam-lora' run's LoRA adapter gives the tuned generalist instead. A file that does not describe a
+    network matching its weights is an InputError naming the file.
     """
+    from fmabs_core.generalist.lora import ADAPTER_FORMAT
     from fmabs_core.training.nets import size_divisor
 
     path = resolve_model_file(model)
-    if _is_adapter(path):
+    raw = _load_state(path)  # read once: a LoRA adapter (a 'sam-lora' run) or a 3D model
+    if isinstance(raw, dict) and raw.get("format") == ADAPTER_FORMAT:
         return _load_tuned_generalist(path, device)
-    state = read_model_file(path)
+    state = read_model_file(path, raw)
     cfg = state["net"]
     try:
         net = build_network(cfg)
@@ -216,17 +225,6 @@ def load_model(model: str | Path, device: str | torch.device = "cpu") -> tuple[t
     meta = {"patch_size": tuple(state["patch_size"]), "classes": state["classes"], "path": str(path),
             "divisor": size_divisor(cfg), "network": cfg.name}
     return net, meta
-
-
-def _is_adapter(path: Path) -> bool:
-    """Whether ``path`` is a LoRA adapter (the model.pt of a 'sam-lora' run) rather than a 3D model."""
-    from fmabs_core.generalist.lora import ADAPTER_FORMAT
-
-    try:
-        state = load_checkpoint(path, map_location="cpu")
-    except RuntimeError:
-        return False  # read_model_file explains what is wrong with the file
-    return isinstance(state, dict) and state.get("format") == ADAPTER_FORMAT
 
 
 def _load_tuned_generalist(path: Path, device: str | torch.device) -> tuple[torch.nn.Module, dict]:

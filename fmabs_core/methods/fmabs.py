@@ -144,12 +144,12 @@ class FMABS(MeanTeacher):
 
     def _label_case(self, tr, it: int, i: int, case) -> tuple[np.ndarray, tuple[float, float] | None]:
         """One scan of a round: teacher prompt -> three views -> fused pseudo-label (written to the run folder)."""
+        if self._tuned is not None:
+            return self._label_case_tiled(tr, case)
         from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
         from fmabs_core.inference.metrics import dice_jaccard
 
         cfg = self.config
-        if self._tuned is not None:
-            return self._label_case_tiled(tr, case)
         rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
         prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
         cache = self._cache
@@ -166,7 +166,7 @@ class FMABS(MeanTeacher):
 
     def _label_case_tiled(self, tr, case) -> tuple[np.ndarray, tuple[float, float] | None]:
         """Prompt-free mode: the tuned generalist's label of the whole scan (tiled sliding windows). The scan and
-        the adapter do not change between rounds, so it is computed once per scan and process."""
+        the adapter do not change between rounds, so it is computed (and written) once per scan and process."""
         from fmabs_core.contract import GENERALIST_LAYER
         from fmabs_core.inference.metrics import dice_jaccard
 
@@ -174,7 +174,7 @@ class FMABS(MeanTeacher):
         if label is None:
             label = tr.predict(self._tuned, case.image).argmax(0).astype(np.uint8)
             self._tiled[case.id] = label
-        tr.save_pseudolabels(case, {GENERALIST_LAYER: label, "fused": label})
+            tr.save_pseudolabels(case, {GENERALIST_LAYER: label, "fused": label})
         truth = case.extra.get("label")
         if truth is None:
             return label, None
