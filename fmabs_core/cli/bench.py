@@ -15,6 +15,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +109,14 @@ def _worker(mode: str, name: str, device: str, checkpoint: str | None, batch_siz
 
 
 def _run_isolated(*args) -> dict:
+    return _run_isolated_fn(_worker, *args)
+
+
+def _run_isolated_fn(fn, *args) -> dict:
+    """``fn(*args)`` in a fresh spawned process: its own peak memory, allocator and thread state."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_worker, args)
+        return pool.apply(fn, args)
 
 
 def bench_pseudolabel(
@@ -176,70 +182,126 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-#: name -> (dtype, layout, cached embeddings' storage or None); the first is the reference
-PRECISION_CONFIGS: dict[str, tuple[str, str, str | None]] = {
-    "fp32": ("float32", "contiguous", None),
-    "fp32+cl": ("float32", "channels_last", None),
-    "fp32+cl+fp16cache": ("float32", "channels_last", "float16"),
-    "bf16+cl": ("bfloat16", "channels_last", None),
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """One way of running the generalist, as ``fmabs bench precision`` compares them."""
+
+    dtype: str
+    layout: str = "auto"
+    store: str | None = None  # cached embeddings' storage dtype (None: no cache)
+    runtime: str = "torch"
+    tuned: bool = True  # False: FMABS_CPU_TUNING=0, the encoder as it ran before the CPU tuning
+
+
+#: the first is the reference: fp32 as the speed issue measured it (contiguous, no CPU tuning)
+PRECISION_CONFIGS: dict[str, PrecisionConfig] = {
+    "fp32-before": PrecisionConfig("float32", "contiguous", tuned=False),
+    "fp32+cl-before": PrecisionConfig("float32", "channels_last", tuned=False),
+    "fp32": PrecisionConfig("float32"),
+    "fp32+fp16cache": PrecisionConfig("float32", store="float16"),
+    "fp32+openvino": PrecisionConfig("float32", runtime="openvino"),
+    "bf16+cl": PrecisionConfig("bfloat16", "channels_last"),
+    "bf16+openvino": PrecisionConfig("bfloat16", runtime="openvino"),
 }
 
 
+def default_precision_configs() -> tuple[str, ...]:
+    """Every config this machine can run (the OpenVINO ones need ``pip install openvino``)."""
+    import importlib.util
+
+    has_ov = importlib.util.find_spec("openvino") is not None
+    return tuple(c for c, pc in PRECISION_CONFIGS.items() if pc.runtime != "openvino" or has_ov)
+
+
+def _precision_worker(name: str, device: str, la_dir: str | None, scans: int, slices: int,
+                      encoder_slices: int) -> dict:
+    """One config in a fresh process: the CPU tuning is process-wide and cannot be undone in place."""
+    from fmabs_core.device import ENV_CPU_TUNING
+    from fmabs_core.data.io import VIEW_AXIS, VIEWS
+    from fmabs_core.generalist import get_generalist, intensity_range
+    from fmabs_core.generalist.embcache import EmbeddingCache
+    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, view_slices
+
+    pc = PRECISION_CONFIGS[name]
+    os.environ[ENV_CPU_TUNING] = "1" if pc.tuned else "0"
+    cases = load_la_cases(Path(la_dir) if la_dir else None, scans)
+    t0 = time.perf_counter()
+    g = get_generalist("litemedsam", device=device, dtype=pc.dtype, layout=pc.layout, runtime=pc.runtime)
+    g.encode(np.zeros((1, 64, 64), np.float32), (0.0, 1.0))  # warm-up: conversion, oneDNN primitives
+    setup = time.perf_counter() - t0
+    # the encoder alone: the same axial slices of the first scan, one call per slice
+    image = cases[0][1]
+    axial = view_slices(image, "axial")
+    pick = np.linspace(axial.shape[0] // 4, 3 * axial.shape[0] // 4, encoder_slices).astype(int)
+    window = intensity_range(image)
+    g.encode(axial[pick], window)
+    t0 = time.perf_counter()
+    g.encode(axial[pick], window)  # in the generalist's own batches
+    encoder_s = (time.perf_counter() - t0) / len(pick)
+    rows, masks = [], {}
+    for i, (cid, image, label) in enumerate(cases):
+        cache = EmbeddingCache(g.device, tier="host", dtype=pc.store) if pc.store else None
+        t0 = time.perf_counter()
+        res = multiview_pseudolabel(g, image, label, np.random.default_rng([7, i]), max_slices_per_view=slices,
+                                    cache=cache)
+        seconds = time.perf_counter() - t0
+        for view in VIEWS:
+            mask = np.zeros(label.shape, bool)
+            idx = [slice(None)] * 3
+            idx[VIEW_AXIS[view]] = res.slices[view]  # prompted slices, as indices on the canonical axis
+            mask[tuple(idx)] = True
+            rows.append({"case": cid, "config": name, "view": view, "dice": dice(res[view], label, mask),
+                         "seconds": seconds, "slices": int(len(res.slices[view]))})
+            masks[(cid, view)] = (np.packbits(res[view][mask]), np.packbits(mask))
+    return {"config": name, "generalist": repr(g), "rows": rows, "masks": masks, "setup_seconds": setup,
+            "encoder_ms_per_slice": 1000 * encoder_s, "threads": torch_threads()}
+
+
 def bench_precision(scans: int = 2, slices: int = 4, device: str = "cpu", la_dir: str | None = None,
-                    configs: tuple[str, ...] = tuple(PRECISION_CONFIGS)) -> dict:
-    """Pseudo-label Dice and time of the generalist in each precision/layout, on the same prompts.
+                    configs: tuple[str, ...] | None = None, encoder_slices: int = 6) -> dict:
+    """Pseudo-label Dice and time of the generalist in each precision, layout and runtime, on the same prompts.
 
     Why: a faster encoder (or a cheaper stored embedding) is only a default if it changes the
     pseudo-labels by less than 0.005 Dice. Each of ``scans`` LA scans is prompted by its ground
     truth on ``slices`` evenly spaced slices per view, with the same random box jitter in every
     configuration; Dice against the ground truth on those slices, and against the first config.
+    Each config runs in its own fresh process, one after the other; the encoder alone is also timed
+    on ``encoder_slices`` axial slices of the first scan.
     """
-    from fmabs_core.data.io import VIEW_AXIS, VIEWS
-    from fmabs_core.generalist import get_generalist
-    from fmabs_core.generalist.embcache import EmbeddingCache
     from fmabs_core.generalist.models import resolve_device
-    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel
+    from fmabs_core.generalist.pseudolabel import dice
 
-    if scans < 1 or slices < 1:
-        raise InputError(f"--scans and --slices must be >= 1 (got {scans}, {slices}).")
+    configs = tuple(configs) if configs else default_precision_configs()
+    if scans < 1 or slices < 1 or encoder_slices < 1:
+        raise InputError(f"--scans, --slices and --encoder-slices must be >= 1 (got {scans}, {slices}, {encoder_slices}).")
     unknown = [c for c in configs if c not in PRECISION_CONFIGS]
     if unknown:
         raise InputError(f"unknown precision config(s) {', '.join(unknown)}; choose from {', '.join(PRECISION_CONFIGS)}.")
-    dev = resolve_device(device)
-    cases = load_la_cases(Path(la_dir) if la_dir else None, scans)
-    gens = {c: get_generalist("litemedsam", device=dev, dtype=PRECISION_CONFIGS[c][0], layout=PRECISION_CONFIGS[c][1])
-            for c in configs}
-    for g in gens.values():  # warm-up: oneDNN primitives, allocator
-        g.encode(np.zeros((1, 64, 64), np.float32), (0.0, 1.0))
+    dev = str(resolve_device(device))
+    load_la_cases(Path(la_dir) if la_dir else None, 1)  # a missing folder fails here, with one line
+    results = [_run_isolated_fn(_precision_worker, c, dev, la_dir, scans, slices, encoder_slices) for c in configs]
+    ref = results[0]
     rows = []
-    for i, (cid, image, label) in enumerate(cases):
-        first = None
-        for name, g in gens.items():
-            store = PRECISION_CONFIGS[name][2]
-            cache = EmbeddingCache(dev, tier="host", dtype=store) if store else None
-            t0 = time.perf_counter()
-            res = multiview_pseudolabel(g, image, label, np.random.default_rng([7, i]), max_slices_per_view=slices,
-                                        cache=cache)
-            seconds = time.perf_counter() - t0
-            first = first or res
-            for view in VIEWS:
-                mask = np.zeros(label.shape, bool)
-                idx = [slice(None)] * 3
-                idx[VIEW_AXIS[view]] = res.slices[view]  # prompted slices, as indices on the canonical axis
-                mask[tuple(idx)] = True
-                rows.append({"case": cid, "config": name, "view": view, "dice": dice(res[view], label, mask),
-                             "agreement": dice(res[view], first[view], mask), "seconds": seconds,
-                             "slices": int(len(res.slices[view]))})
-    ref = configs[0]
-    out: dict = {"device": str(dev), "generalists": {c: repr(g) for c, g in gens.items()}, "rows": rows,
-                 "threads": torch_threads(), "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    for r in results:
+        for row in r["rows"]:
+            pred, mask = (np.unpackbits(a) for a in r["masks"][(row["case"], row["view"])])
+            ref_pred = np.unpackbits(ref["masks"][(row["case"], row["view"])][0])
+            n = int(mask.sum())
+            row["agreement"] = dice(pred[:n].astype(bool), ref_pred[:n].astype(bool))
+            rows.append(row)
+    out: dict = {"device": dev, "generalists": {r["config"]: r["generalist"] for r in results}, "rows": rows,
+                 "threads": ref["threads"], "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     by = {(r["case"], r["view"], r["config"]): r["dice"] for r in rows}
     out["mean_dice"] = {c: float(np.mean([r["dice"] for r in rows if r["config"] == c])) for c in configs}
-    out["max_abs_dice_diff"] = {c: max(abs(by[(k[0], k[1], c)] - by[(k[0], k[1], ref)]) for k in by if k[2] == ref)
+    out["max_abs_dice_diff"] = {c: max(abs(by[(k[0], k[1], c)] - by[k]) for k in by if k[2] == configs[0])
                                 for c in configs}
     t = {c: sum({r["case"]: r["seconds"] for r in rows if r["config"] == c}.values()) for c in configs}
     out["seconds"] = t
-    out["speedup"] = {c: t[ref] / t[c] for c in configs}
+    out["speedup"] = {c: t[configs[0]] / t[c] for c in configs}
+    out["setup_seconds"] = {r["config"]: r["setup_seconds"] for r in results}
+    out["encoder_ms_per_slice"] = {r["config"]: r["encoder_ms_per_slice"] for r in results}
+    out["encoder_speedup"] = {c: out["encoder_ms_per_slice"][configs[0]] / out["encoder_ms_per_slice"][c]
+                              for c in configs}
     return out
 
 
@@ -264,4 +326,10 @@ def format_precision(report: dict) -> str:
                                                                       for c in configs))
     lines.append(f"{'seconds':<32} " + " ".join(f"{report['seconds'][c]:18.1f}" for c in configs))
     lines.append(f"{'speed-up vs ' + configs[0]:<32} " + " ".join(f"{report['speedup'][c]:17.2f}x" for c in configs))
+    lines.append(f"{'encoder ms per slice':<32} " + " ".join(f"{report['encoder_ms_per_slice'][c]:18.0f}"
+                                                               for c in configs))
+    lines.append(f"{'encoder speed-up':<32} " + " ".join(f"{report['encoder_speedup'][c]:17.2f}x" for c in configs))
+    lines.append(f"{'setup seconds (once)':<32} " + " ".join(f"{report['setup_seconds'][c]:18.1f}" for c in configs))
+    for c, g in report["generalists"].items():
+        lines.append(f"  {c}: {g}")
     return "\n".join(lines)

@@ -89,8 +89,11 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--slices", type=int, default=4, help="prompted slices per view and scan (default 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018)")
-    p.add_argument("--configs", nargs="+", help="which of fp32 (the reference, first), fp32+cl, fp32+cl+fp16cache, "
-                   "bf16+cl (default: all)")
+    p.add_argument("--configs", nargs="+", help="which of fp32-before (the reference: contiguous, no CPU tuning), "
+                   "fp32+cl-before, fp32 (the default now), fp32+fp16cache, fp32+openvino, bf16+cl, bf16+openvino; "
+                   "the first is the reference (default: all this machine can run)")
+    p.add_argument("--encoder-slices", type=int, default=6, help="axial slices timed through the encoder alone "
+                   "(default 6)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_bench_precision)
     p = bsub.add_parser("suite", help="training it/s, pseudo-label rounds, inference and peak memory, side by side "
@@ -278,10 +281,7 @@ def _write_json(path: str | None, report: dict) -> None:
 def _bench_precision(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench import bench_precision, format_precision
 
-    from fmabs_core.cli.bench import PRECISION_CONFIGS
-
-    report = bench_precision(args.scans, args.slices, args.device, args.la,
-                             tuple(args.configs) if args.configs else tuple(PRECISION_CONFIGS))
+    report = bench_precision(args.scans, args.slices, args.device, args.la, args.configs, args.encoder_slices)
     print(format_precision(report))
     _write_json(args.json, report)
     return 0

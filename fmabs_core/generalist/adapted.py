@@ -88,11 +88,11 @@ def apply_prompted_adapter(model: nn.Module, path: str | Path, base_name: str, b
 
 
 def get_adapted(name: str, adapter: str | Path | None, device: str | torch.device | None = "cpu",
-                checkpoint: str | None = None, dtype: str = "auto") -> Generalist:
+                checkpoint: str | None = None, dtype: str = "auto", runtime: str = "auto") -> Generalist:
     """``get_generalist`` with ``adapter`` (None: the plain one) merged into its encoder; cached per
     adapter content (its sha256 is in the cache key and in ``g.identity``)."""
     if not adapter:
-        return get_generalist(name, device=device, checkpoint=checkpoint, dtype=dtype)
+        return get_generalist(name, device=device, checkpoint=checkpoint, dtype=dtype, runtime=runtime)
     path = Path(adapter).expanduser().resolve()
     sha = adapter_sha256(path)
     key = canonical_name(name)
@@ -100,4 +100,5 @@ def get_adapted(name: str, adapter: str | Path | None, device: str | torch.devic
     def change(model: nn.Module) -> None:
         apply_prompted_adapter(model, path, key, lora.base_sha256(key, checkpoint))
 
-    return get_generalist(name, device=device, checkpoint=checkpoint, dtype=dtype, variant=(f"adapter={sha}", change))
+    return get_generalist(name, device=device, checkpoint=checkpoint, dtype=dtype, runtime=runtime,
+                          variant=(f"adapter={sha}", change))

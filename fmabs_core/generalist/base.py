@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from fmabs_core.errors import InputError
 from fmabs_core.generalist import precision
+from fmabs_core.generalist.runtime import make_encoder, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +168,21 @@ class Generalist:
     default_batch_cuda: int = 32
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", dtype: str = "auto",
-                 layout: str = "auto") -> None:
+                 layout: str = "auto", runtime: str = "auto") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.amp_dtype = precision.amp_dtype(self.device, dtype)
-        self.channels_last = precision.use_channels_last(self.device, layout)
+        self.runtime = resolve_runtime(runtime, self.device)
+        self._encoder = make_encoder(self.model.image_encoder, self.device, self.runtime, self.image_size,
+                                     self.amp_dtype)
+        self.channels_last = self.runtime == "torch" and precision.use_channels_last(self.device, layout)
         if self.channels_last:
             self.model.image_encoder.to(memory_format=torch.channels_last)
         self.precision = precision.describe(self.device, self.amp_dtype, self.channels_last)
+        if self.runtime != "torch":
+            self.precision += f" ({self.runtime})"
         #: what changes the embeddings besides the input (cache keys): set by get_generalist
         self.identity = f"{self.name}|{self.precision}"
         self.decoder_calls = 0  # number of prompts decoded (tests check no call on empty slices)
@@ -194,10 +200,14 @@ class Generalist:
             if requested < 1:
                 raise InputError(f"batch size must be >= 1, got {requested}.")
             return int(requested)
-        return self.default_batch_cuda if self.device.type == "cuda" else self.default_batch_cpu
+        if self.device.type == "cuda":
+            return self.default_batch_cuda
+        return getattr(self._encoder, "batch_slices", self.default_batch_cpu)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
+    def _autocast(self, decoder: bool = False) -> contextlib.AbstractContextManager:
+        """The encoder's autocast; the decoder keeps fp32 on the CPU, where it is cheap and where bf16
+        logits flipped boundary pixels (the mask is the sign of the logit)."""
+        if self.amp_dtype is None or (decoder and self.device.type == "cpu"):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
@@ -259,8 +269,8 @@ class Generalist:
             x, geom = self.preprocess(t[start : start + bs], intensity_window)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                f = self.model.image_encoder(x)
+            with self._autocast() if self.runtime == "torch" else contextlib.nullcontext():
+                f = self._encoder(x)
             feats.append(f.float().contiguous())
         self.encoded_slices += int(t.shape[0])
         assert geom is not None
@@ -299,7 +309,7 @@ class Generalist:
                     torch.as_tensor(coords[sl], dtype=torch.float32, device=self.device),
                     torch.as_tensor(labels[sl], dtype=torch.int64, device=self.device),
                 )
-            with self._autocast():
+            with self._autocast(decoder=True):
                 sparse, dense = self.model.prompt_encoder(points=pts, boxes=b, masks=None)
                 logits, iou = _decode_batched(
                     self.model.mask_decoder,

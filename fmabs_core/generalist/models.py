@@ -183,13 +183,15 @@ def get_generalist(
     check: bool = True,
     variant: tuple[str, Callable[[torch.nn.Module], None]] | None = None,
     layout: str = "auto",
+    runtime: str = "auto",
 ) -> Generalist:
     """The generalist ``name`` on ``device``, built on first use and cached for the process.
 
     ``checkpoint``: a local weights file (offline use); default: bundled (LiteMedSAM) or the cache
     folder (see :mod:`fmabs_core.generalist.weights`). ``check=False`` accepts a checkpoint that is not
     the published file (e.g. fine-tuned); it is still loaded with ``weights_only=True``.
-    ``dtype`` / ``layout``: the encoder's precision and memory layout (:mod:`~fmabs_core.generalist.precision`).
+    ``dtype`` / ``layout``: the encoder's precision and memory layout (:mod:`~fmabs_core.generalist.precision`);
+    ``runtime``: what runs the encoder (:mod:`~fmabs_core.generalist.runtime`).
     ``variant``: ``(tag, change)``: ``change(model)`` edits the freshly built model before it is
     wrapped (a tuned adapter: :func:`fmabs_core.generalist.adapted.get_adapted`); the tag keys the
     cache. ``g.identity`` names everything that shapes the embeddings (cache keys).
@@ -198,7 +200,7 @@ def get_generalist(
     dev = resolve_device(device)
     ck = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     tag = variant[0] if variant else "none"
-    key = (key_name, str(dev), ck, dtype, check, tag, layout)
+    key = (key_name, str(dev), ck, dtype, check, tag, layout, runtime)
     with _LOCK:
         g = _CACHE.get(key)
         if g is None:
@@ -210,7 +212,7 @@ def get_generalist(
                 model = build(ck, check)
             if variant:
                 variant[1](model)
-            g = cls(model, device=dev, dtype=dtype, layout=layout)
+            g = cls(model, device=dev, dtype=dtype, layout=layout, runtime=runtime)
             g.name = key_name
             g.identity = "|".join([key_name, g.precision, f"weights={_weights_id(key_name, ck, check)}", tag])
             _CACHE[key] = g
