@@ -36,6 +36,8 @@ CROP_MODES = ("uniform", "anchored")
 #: the behaviour of runs whose saved config.json predates a key (the paper-faithful defaults came later):
 #: such a run resumes with these values, so that a resume never changes what the run does mid-way
 LEGACY_DEFAULTS: dict[str, Any] = {"flip_axes": [0, 1, 2], "crop": "anchored", "expert_slices": "suggested"}
+#: method options whose default changed in the same commit (such a run's config.json has no "crop")
+LEGACY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"fmabs": {"crosslabel_overrides": False}}
 EXPERT_SLICES = ("truth", "suggested")
 
 
@@ -125,6 +127,10 @@ class TrainConfig:
                              "restore it or start a new --run.") from None
         if isinstance(data, dict):
             # a run saved before a default changed resumes as it started, not with today's default
+            options = data.get("method_options")
+            if "crop" not in data and isinstance(options, dict):
+                legacy = LEGACY_METHOD_OPTIONS.get(str(data.get("method")), {})
+                data = {**data, "method_options": {**legacy, **options}}
             data = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in data}, **data}
         return from_dict(cls, data, str(path))
 

@@ -21,7 +21,7 @@ from fmabs_core.contract import (CANCELLED, CHECKPOINTS_DIR, CONFIG_FILE, DONE, 
                                   STARTING, WAITING)
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
-from fmabs_core.device import resolve_device
+from fmabs_core.device import resolve_device, tune_cpu_allocator
 from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.inference.metrics import dice_jaccard
 from fmabs_core.inference.predict import predict_proba
@@ -135,6 +135,8 @@ class Trainer:
         self.run_name = run
         self._owns_group = distributed.env_info().enabled and not distributed.is_initialized()
         self.dist, self.device = distributed.init(resolve_device(cfg.device))
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # a V-Net step measured 1.35-1.75x faster (its 3D activations are 30-60 MB each)
         self.method: Method = get_method(cfg.method, cfg.method_options)
         self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         ckpt_dir = self.run_dir / CHECKPOINTS_DIR

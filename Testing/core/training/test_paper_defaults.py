@@ -147,3 +147,24 @@ def test_a_run_saved_before_the_paper_defaults_resumes_as_it_started(tmp_path):
     path.write_text(json.dumps({**old, "flip_axes": [0, 1], "crop": "uniform", "expert_slices": "truth"}))
     cfg = TrainConfig.load(path)
     assert (cfg.flip_axes, cfg.crop, cfg.expert_slices) == ((0, 1), "uniform", "truth")
+
+
+def test_an_old_fmabs_run_keeps_the_fused_label_on_its_cross_labelled_planes(tmp_path):
+    """crosslabel_overrides came with the same defaults: an old fmabs run resumes without it, unless it
+    named the option itself; a new run gets today's default."""
+    import json
+    from dataclasses import asdict
+
+    from fmabs_core.methods import get_method
+    from fmabs_core.training.config import TrainConfig
+
+    path = tmp_path / "config.json"
+    new = json.loads(json.dumps(asdict(TrainConfig(method="fmabs", method_options={"box_jitter": 4}))))
+    old = {k: v for k, v in new.items() if k not in ("flip_axes", "crop", "expert_slices")}
+    for data, expected in ((old, False), (new, True),
+                           ({**old, "method_options": {"crosslabel_overrides": True}}, True)):
+        path.write_text(json.dumps(data))
+        cfg = TrainConfig.load(path)
+        assert get_method(cfg.method, cfg.method_options).config.crosslabel_overrides is expected
+    path.write_text(json.dumps({**old, "method": "sup"}))
+    assert "crosslabel_overrides" not in TrainConfig.load(path).method_options
