@@ -1,14 +1,16 @@
 """Which number format and memory layout the generalist's encoder runs in, chosen per device.
 
-Measured on LiteMedSAM (``fmabs bench precision``, 2 LA scans, 4 ground-truth-prompted slices per
-view, same box jitter; CPU with AVX-512 BF16, 2 busy cores):
+Measured on LiteMedSAM (``fmabs bench precision``, LA scans, ground-truth-prompted slices, same box
+jitter; CPU with AVX-512 BF16, 2 cores):
 
-- bf16 autocast with channels-last: 1.8x faster than fp32 here (4.6x on quiet build machines), but
-  pseudo-label Dice moved by up to 0.044 on one view (mean 0.829 -> 0.819); keeping the input
-  convolution, the first stage or the neck in fp32 still left 0.01-0.02. It misses the 0.005
-  bar, so on the CPU bf16 is opt-in (``--generalist-dtype bfloat16``), never the default.
-- fp32 with channels-last: 1.2-1.6x faster than contiguous fp32 (oneDNN's blocked kernels without
-  a layout conversion around each convolution), same precision: the CPU default.
+- bf16 autocast with channels-last: about 2x faster than fp32, but pseudo-label Dice moved by up to
+  0.04 on one view (mean -0.006 to -0.009), even with the mask decoder kept in fp32 (it is, on the
+  CPU: logits near 0 flip pixels); keeping the input convolution, the first stage or the neck in
+  fp32 still left 0.01-0.02. It misses the 0.005 bar, so on the CPU bf16 is opt-in
+  (``--generalist-dtype bfloat16``), never the default.
+- fp32 with channels-last: faster than contiguous fp32 (oneDNN's blocked kernels without a layout
+  conversion around each convolution), same precision: the CPU default. What else speeds the
+  encoder up at equal numbers (folding, the allocator, OpenVINO) is in :mod:`~fmabs_core.generalist.runtime`.
 - CUDA: bf16 autocast (fp16 on GPUs without bf16), as before; layout unchanged until measured.
 
 ``cpu_has_bf16`` says whether bf16 would be native here (x86 ``avx512_bf16``/``amx_bf16``, ARM

@@ -190,7 +190,13 @@ class FMABS(MeanTeacher):
             return
         from fmabs_core.training import distributed
 
+        fresh = self.partial is None or self.partial["iteration"] != it
         cases = self._round_cases(tr, it)
+        if fresh:
+            # The round rewrites pseudo/ files in place: a kill -9 during it must resume from a state that
+            # knows the round had begun (and redoes it), not from an older checkpoint that would read a
+            # mix of two rounds' labels. The drawn scans are in this checkpoint, so none is drawn again.
+            tr.checkpoint(it)
         resumed = len(self.partial["done"])
         distributed.broadcast_module(self.teacher)  # BN statistics drift per rank: prompt from rank 0's teacher
         start = time.time()

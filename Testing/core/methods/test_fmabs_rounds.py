@@ -79,6 +79,39 @@ def test_cancel_inside_a_round_then_resume_equals_uninterrupted(project):
     assert all(np.array_equal(ref_fused[k], cut_fused[k]) for k in ref_fused)
 
 
+def test_kill_inside_a_round_then_resume_equals_uninterrupted(project):
+    """kill -9 after a round has rewritten one scan's pseudo-label: the resumed run must not train on that
+    label with the state of an older checkpoint (each round starts with a checkpoint; the round is redone)."""
+    from killing import Killed
+
+    cfg = fmabs_config()
+    cfg.ckpt_every = 5  # a checkpoint between the rounds (4 and 6), older than the killed round
+    ref_model = Trainer(project, "ref", cfg).train().raise_for_failure().model
+
+    cut = Trainer(project, "cut", cfg)
+    label_case = cut.method._label_case
+    labelled: list[int] = []
+
+    def dies_in_round_two(tr, it, i, case):
+        out = label_case(tr, it, i, case)  # the scan's files are written
+        labelled.append(it)
+        if labelled.count(6) == 1 and it == 6:
+            raise Killed()
+        return out
+
+    cut.method._label_case = dies_in_round_two
+    with pytest.raises(Killed):
+        cut.train()
+    assert [it for it, _p in cut.ckpts.iteration_files()][-1] == 6  # the round's own checkpoint
+    resumed = Trainer(project, "cut", cfg).train().raise_for_failure()
+    a = torch.load(ref_model, weights_only=True)["state_dict"]
+    b = torch.load(resumed.model, weights_only=True)["state_dict"]
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    ref_fused, cut_fused = _fused(project, "ref"), _fused(project, "cut")
+    assert ref_fused.keys() == cut_fused.keys()
+    assert all(np.array_equal(ref_fused[k], cut_fused[k]) for k in ref_fused)
+
+
 # ------------------------------------------------------------------------------------- adapters
 def _adapter(path, seed: int = 0):
     """A sam-lora-style adapter for LiteMedSAM with non-zero LoRA (it changes the embeddings)."""
