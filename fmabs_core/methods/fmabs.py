@@ -202,15 +202,19 @@ class FMABS(MeanTeacher):
         start = time.time()
         mine: dict[str, tuple[np.ndarray, tuple[float, float] | None]] = {}
         shard = distributed.shard(list(enumerate(cases)))
-        for n, (i, case) in enumerate(tr.progress(shard, desc=f"pseudo-labels (round {self.rounds_done + 1})")):
-            done = self.partial["done"]
-            if case.id in done:  # labelled before a cancel: its fused label is in the run folder (uint8, lossless)
-                mine[case.id] = (tr.load_pseudolabel(case), done[case.id])
-                continue
-            mine[case.id] = self._label_case(tr, it, i, case)
-            done[case.id] = mine[case.id][1]
-            if n + 1 < len(shard) and not tr.dist.enabled and tr.cancel_requested():
-                self._stop_mid_round(tr, it, len(done), len(cases))
+        steps = -(-len(cases) // tr.dist.world_size)  # shares differ by one: every rank checks as often
+        for n in tr.progress(range(steps), desc=f"pseudo-labels (round {self.rounds_done + 1})"):
+            if n < len(shard):
+                i, case = shard[n]
+                done = self.partial["done"]
+                if case.id in done:  # labelled before a cancel: its fused label is in the run folder (uint8, lossless)
+                    mine[case.id] = (tr.load_pseudolabel(case), done[case.id])
+                else:
+                    mine[case.id] = self._label_case(tr, it, i, case)
+                    done[case.id] = mine[case.id][1]
+            # a cancel seen by any rank stops every rank after its current scan (a collective: all ranks call it)
+            if n + 1 < steps and distributed.any_true(tr.cancel_requested()):
+                self._stop_mid_round(tr, it, len(cases))
                 return
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         for case in cases:
@@ -229,12 +233,16 @@ class FMABS(MeanTeacher):
         tr.runlog.event("pseudo_label", **info)
         log.info("pseudo-label round %d: %s", self.rounds_done, info)
 
-    def _stop_mid_round(self, tr, it: int, done: int, total: int) -> None:
-        """A cancel during a round: checkpoint what is done (the next start finishes the round) and stop."""
+    def _stop_mid_round(self, tr, it: int, total: int) -> None:
+        """A cancel during a round: checkpoint what is done (the next start finishes the round) and stop.
+        Collective under torchrun: rank 0's checkpoint holds the scans every rank has done."""
+        from fmabs_core.training import distributed
         from fmabs_core.training.api import Outcome
 
+        done = {k: v for part in distributed.all_gather_object(self.partial["done"]) for k, v in part.items()}
+        self.partial["done"] = done
         log.warning("cancel during pseudo-label round %d: %d of %d scans done; checkpointing", self.rounds_done + 1,
-                    done, total)
+                    len(done), total)
         if self._cache is not None:
             self._cache.flush()
         tr.checkpoint(it)

@@ -107,3 +107,74 @@ def test_two_process_gloo_matches_one_process(project):
     assert worst < 5e-5, f"largest weight difference {worst}"  # measured: 5.5e-6 after 3 steps
     ck = torch.load(run / "checkpoints" / "iter_0000003.pt", weights_only=True)
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2  # each rank's RNG state, for an exact resume
+
+
+def _rank_pids(parent: int, timeout: float = 60.0) -> dict[int, int]:
+    """{rank: pid} of torchrun's workers, read from their environments (Linux)."""
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = {}
+        for child in psutil.Process(parent).children(recursive=True):
+            try:
+                env = child.environ()
+            except (psutil.Error, OSError):
+                continue
+            if "RANK" in env and "LOCAL_RANK" in env:
+                found[int(env["RANK"])] = child.pid
+        if len(found) == 2:
+            return found
+        time.sleep(0.5)
+    raise AssertionError("torchrun's two workers did not appear")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the workers' environments from /proc")
+def test_a_cancel_seen_by_one_rank_stops_both_inside_a_round(project, tmp_path):
+    """SIGTERM to rank 1 only, during an FM-ABS round under torchrun: both ranks stop after their current
+    scan, rank 0's checkpoint holds the scans both have done, and a resumed torchrun run finishes the round."""
+    import signal
+    import time
+
+    from fmabs_core.cli.project_cmds import simulate_crosslabels
+
+    root = tmp_path / "proj"
+    shutil.copytree(project.root, root)
+    proj = Project(root)
+    simulate_crosslabels(proj, proj.split("train"), "centre", 0)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fmabs_core", "train", "--project", str(root),
+           "--run-name", "fm", "--method", "fmabs", "--iterations", "4", "--batch-size", "2",
+           "--labelled-batch-size", "1", "--patch-size", "32", "32", "32", "--width", "4", "--norm", "instance",
+           "--device", "cpu", "--val-every", "100", "--ckpt-every", "100", "--seed", "3", "--pseudo-warmup", "0.5",
+           "--pseudo-every", "0.5", "--pseudo-max-slices", "4", "--box-jitter", "2"]
+    run = root / "runs" / "fm"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ranks = _rank_pids(proc.pid)
+        deadline = time.time() + 180
+        while not any(e["type"] == "checkpoint" and e["iteration"] == 2 for e in read_events(run)):
+            assert proc.poll() is None and time.time() < deadline, "the round never started"
+            time.sleep(0.2)
+        os.kill(ranks[1], signal.SIGTERM)  # only rank 1 sees the cancel
+        proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = read_events(run)
+    assert events[-1]["type"] == "cancelled" and not any(e["type"] == "pseudo_label" for e in events)
+    state = torch.load(run / "checkpoints" / "iter_0000002.pt", weights_only=True)
+    partial = state["method"]["partial_round"]
+    n_cases = len(partial["cases"])
+    assert n_cases >= 4 and 2 <= len(partial["done"]) < n_cases  # both ranks' first scans, not the whole round
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rounds = [e for e in read_events(run) if e["type"] == "pseudo_label"]
+    assert rounds[0]["round"] == 1 and rounds[0]["resumed_after"] == len(partial["done"])
+    assert rounds[0]["cases"] == n_cases and read_status(run)["state"] == "done"
