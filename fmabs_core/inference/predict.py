@@ -13,6 +13,7 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from fmabs_core.contract import MODEL_FILE
+from fmabs_core.device import tune_cpu_allocator
 from fmabs_core.runs.checkpoint import load_checkpoint
 from fmabs_core.training.sampler import zscore
 from fmabs_core.errors import InputError
@@ -69,6 +70,8 @@ def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[i
     """
     if mode not in BLEND_MODES:
         raise InputError(f"sliding-window mode '{mode}': choose {' or '.join(BLEND_MODES)}")
+    if torch.device(device).type == "cpu":
+        tune_cpu_allocator()  # measured 1.7x on a V-Net window: its 3D activations are no longer re-mapped each time
     was_training = model.training
     model.eval()
     x = torch.from_numpy(zscore(image) if normalise else image.astype(np.float32))[None, None].to(device)
