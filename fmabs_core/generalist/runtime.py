@@ -1,19 +1,18 @@
 """What runs the generalist's image encoder: PyTorch, or OpenVINO on the CPU.
 
 The encoder is where the time goes (the prompt encoder and mask decoder are small), so only it has a
-choice of runtime. Measured side by side on LiteMedSAM's encoder, one 256 px slice, 2 CPU cores with
-AVX-512 BF16/AMX (``fmabs bench precision``; the module docstring of ``precision`` for Dice):
+choice of runtime. Measured side by side, each config in its own process (``fmabs bench precision
+--scans 3 --slices 8 --encoder-slices 8``: 3 LA scans, 72 ground-truth-prompted slices, LiteMedSAM,
+2 CPU cores with AVX-512 BF16/AMX); encoder time per slice against fp32 as it ran before:
 
 - ``torch`` (default): conv + batch norm folded into one convolution (the same numbers to fp32
-  rounding) and glibc's allocator kept from unmapping each activation (:func:`fmabs_core.device.tune_cpu_allocator`):
-  about 1.5x the fp32 encoder as it ran before, the same embeddings (relative error 3e-6).
-- ``openvino`` fp32: about 1.8x, the same embeddings (relative error 3e-6); converting the encoder
-  costs ~9 s once per process, so it pays from a few dozen slices on; an optional dependency
-  (``pip install openvino``), CPU only.
-- ``openvino`` with ``--generalist-dtype bfloat16``: about 3.3x, with the same bf16 error as torch's
-  autocast (relative error ~2e-2 on the embeddings; pseudo-label Dice within ~0.006 on LA slices).
-"""
-
+  rounding) and glibc's allocator kept from unmapping each activation
+  (:func:`fmabs_core.device.tune_cpu_allocator`), channels-last: 2.45x, identical pseudo-labels.
+- ``openvino`` fp32: 2.75x, identical pseudo-labels; converting the encoder costs ~9 s once per
+  process, so it pays from a few dozen slices on; an optional dependency (``pip install openvino``),
+  CPU only, two requests in flight (1.15x over one at a time).
+- with ``--generalist-dtype bfloat16``: torch 3.4x, OpenVINO 4.6x, but pseudo-label Dice moved (mean
+  -0.007, one view -0.04): see :mod:`~fmabs_core.generalist.precision`.
 from __future__ import annotations
 
 import logging
