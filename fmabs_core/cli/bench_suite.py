@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmabs_core.contract import check_name
 from fmabs_core.training.api import Hook
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,11 @@ def _inference_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device)
 
 
 # ------------------------------------------------------------------------------------------ suite
+def engine_run_name(method: str, variant: str) -> str:
+    """The run folder of one engine row: variants such as ``bf16+cl`` hold characters a run name may not."""
+    return check_name(f"{method}-{variant}".replace("+", "_"))
+
+
 def run_suite(device: str = "auto", la_dir: str | None = None, scans: int | None = None, quick: bool = False,
               parts: tuple[str, ...] = ("train", "round", "infer"), methods: tuple[str, ...] = ("sup", "mt", "fmabs"),
               progress: Callable[[str], None] | None = None) -> dict:
@@ -309,7 +315,7 @@ def run_suite(device: str = "auto", la_dir: str | None = None, scans: int | None
                         continue
                     say(f"training {method}: engine {variant}")
                     with _row(rows, dev, kind="train", method=method, variant=f"engine {variant}") as row:
-                        row.update(_engine_row(project, method, variant, sizes, dev, f"{method}-{variant}"))
+                        row.update(_engine_row(project, method, variant, sizes, dev, engine_run_name(method, variant)))
         cases = load_la_cases(Path(la_dir) if la_dir else None, scans or (4 if dev.type == "cuda" else 1)) \
             if {"round", "infer"} & set(parts) else []
         if "round" in parts:

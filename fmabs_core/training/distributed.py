@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 #: minutes a collective may wait for the slowest rank (rank 0 validating big scans, say)
 TIMEOUT_ENV = "FMABS_DDP_TIMEOUT_MIN"
+#: forces the process-group backend (``nccl`` or ``gloo``); see :func:`choose_backend`
+BACKEND_ENV = "FMABS_DDP_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -84,23 +86,50 @@ def is_main() -> bool:
     return info().is_main
 
 
+def choose_backend(device: torch.device, local_world_size: int, gpu_count: int) -> str:
+    """The process-group backend: NCCL when every rank on a node has a GPU of its own, else gloo.
+
+    NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), so ranks that share a GPU talk
+    through gloo, which copies CUDA tensors through the host for all-reduce and broadcast (what
+    DDP needs). ``FMABS_DDP_BACKEND=nccl|gloo`` overrides the choice.
+    """
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("nccl", "gloo"):
+            raise InputError(f"{BACKEND_ENV}={forced!r} is not a backend: use nccl or gloo, or unset it")
+        if forced == "nccl" and device.type != "cuda":
+            raise InputError(f"{BACKEND_ENV}=nccl needs --device cuda: NCCL has no CPU transport")
+        return forced
+    if device.type != "cuda":
+        return "gloo"
+    return "nccl" if local_world_size <= gpu_count else "gloo"
+
+
 def init(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by ``torchrun``; returns the layout and this rank's device.
 
     On CUDA each rank uses ``cuda:LOCAL_RANK`` (the index given with ``--device cuda:N`` is ignored
-    because ``torchrun`` decides the placement); on CPU all ranks use the CPU and gloo.
+    because ``torchrun`` decides the placement); with more ranks per node than GPUs they share GPUs
+    round-robin over gloo (see :func:`choose_backend`). On CPU all ranks use the CPU and gloo.
     """
     layout = env_info()
     if not layout.enabled:
         return layout, device
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(layout.world_size)))
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    backend = choose_backend(device, local_world, gpus)
     if device.type == "cuda":
-        device = torch.device("cuda", layout.local_rank)
+        if gpus == 0:
+            raise InputError("--device cuda under torchrun, but this machine has no CUDA GPU: use --device cpu")
+        if local_world > gpus:
+            log.warning("rank %d: %d processes per node share %d GPU(s) (cuda:%d); they use gloo, as NCCL "
+                        "refuses two ranks on one GPU", layout.rank, local_world, gpus, layout.local_rank % gpus)
+        device = torch.device("cuda", layout.local_rank % gpus)
         torch.cuda.set_device(device)
     if not is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
         minutes = float(os.environ.get(TIMEOUT_ENV, "60"))
         kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=minutes)}
-        if device.type == "cuda":
+        if backend == "nccl":
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
         log.info("rank %d of %d joined the process group (%s, device %s)", layout.rank, layout.world_size,
@@ -169,17 +198,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel around ``model`` when distributed, else ``model`` itself.
 
-    On CUDA, BatchNorm becomes SyncBatchNorm so that its statistics are those of the global batch
-    (as in a single-process run); gloo on CPU has no SyncBatchNorm, so there each rank normalises
-    its own share (use ``--norm instance`` to make CPU runs match a single process).
+    Over NCCL, BatchNorm becomes SyncBatchNorm so that its statistics are those of the global batch
+    (as in a single-process run); gloo has no SyncBatchNorm (CPU runs, ranks sharing a GPU), so there
+    each rank normalises its own share (``--norm instance`` makes such runs match a single process).
     """
     if not is_initialized():
         return model
-    if device.type == "cuda":
+    if device.type == "cuda" and dist.get_backend() == "nccl":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        log.warning("distributed run over gloo with BatchNorm: each rank normalises its own share of the batch")
+    if device.type == "cuda":
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index], output_device=device.index)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        log.warning("distributed CPU run with BatchNorm: each rank normalises its own share of the batch")
     return nn.parallel.DistributedDataParallel(model)
 
 

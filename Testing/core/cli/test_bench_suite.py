@@ -4,13 +4,14 @@ themselves are benchmark output, not asserted)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fmabs_core.cli import main
-from fmabs_core.cli.bench_suite import format_suite, run_suite
-
-pytestmark = pytest.mark.slow  # trains and runs LiteMedSAM
+from fmabs_core.cli.bench_suite import Sizes, engine_run_name, format_suite, run_suite
 
 
+
+@pytest.mark.slow  # trains
 def test_suite_training_rows_side_by_side():
     rep = run_suite("cpu", parts=("train",), methods=("sup",), quick=True)
     rows = rep["rows"]
@@ -20,6 +21,7 @@ def test_suite_training_rows_side_by_side():
     assert "reference fp32" in format_suite(rep)
 
 
+@pytest.mark.slow  # runs LiteMedSAM
 @pytest.mark.la
 def test_suite_rounds_reuse_embeddings(la_dir):
     rep = run_suite("cpu", la_dir=str(la_dir), scans=1, parts=("round",), quick=True)
@@ -27,6 +29,15 @@ def test_suite_rounds_reuse_embeddings(la_dir):
     assert rounds["no reuse"]["encoded"] == rounds["reuse, round 1"]["encoded"] > 0
     assert rounds["reuse, round 2"]["encoded"] == 0  # the second round only decodes
     assert "round 2 / round 1 time" in rep["ratios"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_engine_variant_names_a_usable_run(device):
+    # On an H100 the suite stopped at "bf16+cl": "run name 'sup-bf16+cl' is not usable as a folder name"
+    names = {engine_run_name(m, v) for m in ("sup", "mt", "fmabs")
+             for v in Sizes.for_device(torch.device(device)).variants}
+    assert "sup-bf16_cl" in names or device == "cpu"
+    assert len(names) == 3 * len(Sizes.for_device(torch.device(device)).variants)
 
 
 def test_bench_commands_refuse_bad_counts(capsys):
