@@ -9,7 +9,7 @@ reduced protocol is a file anyone can read, not code.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,21 @@ class Protocol:
             if bad:
                 raise InputError(f"{where}: unknown setting or row key(s) {sorted(bad)}")
         return self
+
+    def with_iterations(self, scale_name: str, iterations: int) -> tuple["Protocol", str]:
+        """A copy with one more scale, ``scale_name`` trained for ``iterations``, and that scale's name.
+
+        For a fixed time budget (a GPU lease): the paper's scale with the most iterations that fit. The
+        new scale is named (``paper-3000it``) so that its cells, protocol.json and table say so.
+        """
+        if iterations < 1:
+            raise InputError(f"--iterations must be at least 1 (got {iterations})")
+        base = self.scale(scale_name)
+        name = f"{scale_name}-{iterations}it"
+        was = f"{base.iterations}" if base.iterations else "each method's paper's count"
+        scale = replace(base, iterations=iterations,
+                        description=f"{base.description} -- here with {iterations} iterations (the scale: {was})")
+        return replace(self, scales={**self.scales, name: scale}).check(), name
 
     def scale(self, name: str) -> Scale:
         if name not in self.scales:

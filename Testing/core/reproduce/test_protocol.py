@@ -101,6 +101,22 @@ def test_plan_and_train_config():
         train_config(proto, proto.scale("cpu"), cells[-1], ["a"], "cpu")
 
 
+def test_a_scale_with_fewer_iterations_for_a_time_budget():
+    proto = P.load("la-fmabs")
+    short, name = proto.with_iterations("paper", 3000)
+    assert name == "paper-3000it" and set(proto.scales) == {"paper", "cpu"}  # the original is untouched
+    scale = short.scale(name)
+    assert scale.description.endswith("here with 3000 iterations (the scale: 20000)")
+    cell = plan(short, scale, 1, ["fmabs"])[0]
+    cfg = train_config(short, scale, cell, ["a"], "cpu")
+    assert (cfg.iterations, cfg.patch_size, cfg.net.width) == (3000, (112, 112, 80), 16)
+    assert P.Protocol.from_dict(json.loads(short.to_json())).scale(name).iterations == 3000  # saved as it ran
+    with pytest.raises(InputError, match="--iterations must be at least 1"):
+        proto.with_iterations("paper", 0)
+    with pytest.raises(InputError, match="--scale huge"):
+        proto.with_iterations("huge", 10)
+
+
 def _dataset(folder, ids):
     from fmabs_core.data.phantom import write_dataset
 

@@ -85,3 +85,19 @@ def test_reproduce_kill_resume_and_report(tmp_path, phantom_data, monkeypatch, o
     proto.write_text(json.dumps(protocol))
     assert main(argv) == 2
     assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_reproduce_with_fewer_iterations_says_so(tmp_path, phantom_data, capsys, one_thread):
+    proto = tmp_path / "proto.json"
+    proto.write_text(json.dumps(PROTOCOL))
+    out = tmp_path / "out"
+    argv = ["reproduce", str(proto), "--train", str(phantom_data), "--scale", "tiny", "--out", str(out),
+            "--device", "cpu", "--seeds", "1", "--methods", "sup", "--iterations", "2"]
+    assert main(argv) == 0
+    config = json.loads((out / "cells" / "c2.sup.seed0" / "project" / "runs" / "run" / "config.json").read_text())
+    assert config["iterations"] == 2
+    assert "scale `tiny-2it`" in (out / "table.md").read_text()
+    capsys.readouterr()
+    # the same folder with another count: refused by name, nothing trained
+    assert main([*argv[:-1], "3"]) == 2
+    assert "protocol or scale" in capsys.readouterr().err
