@@ -28,23 +28,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
+    """The demo's settings, chosen on seed 7 (never on the default seed, whose figures the docs quote).
+
+    800 iterations with crops of most of the scan: long enough that a model trained on three slices
+    per scan alone over-fits them and falls far short of the dense upper bound (``sup-dense``), as in
+    the papers; with 120 iterations every method tied, dense labels included. 40x40x32 phantoms keep
+    the four methods within about 9 minutes on 2 cores.
+    """
+
     output: Path = Path("fmabs_demo")
     data: Path | None = None  # an imagesTr/labelsTr folder; None = generated phantoms
     n_phantoms: int = 12
-    phantom_shape: tuple[int, int, int] = (48, 48, 40)
+    phantom_shape: tuple[int, int, int] = (40, 40, 32)
     hard: bool = True  # phantoms with a thin tube and a look-alike neighbour (data.phantom.make_phantom)
     limit: int | None = None  # scans imported from --data
     crosslabelled: int = 4  # scans the simulated expert cross-labels
-    methods: tuple[str, ...] = ("sup", "mt", "fmabs")
-    iterations: int = 120
-    patch_size: tuple[int, int, int] = (48, 48, 32)
+    #: sup-dense: every training scan densely labelled, the upper bound the others fall short of
+    methods: tuple[str, ...] = ("sup", "mt", "fmabs", "sup-dense")
+    iterations: int = 800
+    patch_size: tuple[int, int, int] = (32, 32, 32)  # V-Net sizes are multiples of 16
     width: int = 8
     batch_size: int = 2
     labelled_bs: int = 1
     device: str = "auto"
     seed: int = 1337
     pseudo_max_cases: int = 4
-    pseudo_max_slices: int = 12
+    pseudo_max_slices: int = 8
     #: box enlargement per side in pixels: the papers' 10 px is for ~300-px LA slices; on 48-px phantom slices
     #: it made the generalist's labels worse than the teacher (GT-prompted fused Dice 0.870 vs 0.935 at 2 px)
     box_jitter: int = 2
@@ -58,7 +67,9 @@ def scaled_settings(cfg: DemoConfig) -> list[str]:
         f"patch: {'x'.join(map(str, cfg.patch_size))} (papers: 112x112x80), batch {cfg.batch_size} "
         f"= {cfg.labelled_bs} cross-labelled + {cfg.batch_size - cfg.labelled_bs} unlabelled (papers: 2 + 2)",
         f"iterations: {cfg.iterations} (papers: 20000)",
-        f"cross-labelled scans: {cfg.crosslabelled} (papers: 20 of 80)",
+        f"cross-labelled scans: {cfg.crosslabelled} (papers: 20 of 80)"
+        + ("" if cfg.data else f"; {cfg.n_phantoms} phantoms of {'x'.join(map(str, cfg.phantom_shape))} voxels, "
+           "a quarter of them held out to score"),
         f"FM-ABS pseudo-labels: {cfg.pseudo_max_cases} scans per round, {cfg.pseudo_max_slices} generalist "
         "slices per view and scan (papers: every training scan, every slice with foreground)",
         f"box prompts enlarged by up to {cfg.box_jitter} px per side (papers: 10 px on ~300-px slices)",

@@ -6,17 +6,21 @@ import argparse
 import math
 from pathlib import Path
 
-from fmabs_core.cli.common import progress
+from fmabs_core.cli.common import POSITIVE_INT, progress
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fmabs_core.cli.demo import DemoConfig, run_demo, scaled_settings
 
-    cfg = DemoConfig(output=Path(args.output), device=args.device, iterations=args.iterations,
-                     methods=tuple(args.methods.split(",")), seed=args.seed)
+    cfg = DemoConfig(output=Path(args.output), device=args.device, seed=args.seed)
+    if args.methods:
+        cfg.methods = tuple(args.methods.split(","))
+    if args.iterations is not None:
+        cfg.iterations = args.iterations
     if args.data:
-        # real scans are larger than the phantoms: a bigger patch, and few scans so it stays in minutes
+        # real scans are larger than the phantoms: a bigger patch, few scans and iterations so it stays in minutes
         cfg.data, cfg.limit, cfg.patch_size = Path(args.data), args.limit or 8, (64, 64, 48)
+        cfg.iterations = args.iterations or 120
     print("fmabs demo: scaled to run in minutes on a CPU:")
     for line in scaled_settings(cfg):
         print(f"  - {line}")
@@ -44,8 +48,10 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p.add_argument("--output", default="fmabs_demo", help="a new folder for everything the demo writes")
     p.add_argument("--data", help="an imagesTr/labelsTr folder of real scans instead of phantoms")
     p.add_argument("--limit", type=int, help="scans taken from --data (default 8)")
-    p.add_argument("--methods", default="sup,mt,fmabs")
-    p.add_argument("--iterations", type=int, default=120)
+    p.add_argument("--methods", help="comma-separated methods (default: sup,mt,fmabs,sup-dense; sup-dense is the "
+                                     "upper bound, every training scan densely labelled)")
+    p.add_argument("--iterations", type=POSITIVE_INT, help="training iterations per method (default: the demo's, "
+                                                         "long enough for three slices alone to fall short)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_demo)

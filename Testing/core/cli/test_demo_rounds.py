@@ -35,3 +35,23 @@ def test_demo_prints_the_rounds(tmp_path, monkeypatch, capsys):
     row = [line for line in out.splitlines() if line.strip().startswith("1 ")][0].split()
     assert row == ["1", "36", "4", "0.710", "0.830", "12"]
     assert json.dumps(results)  # plain data, as demo_results.json holds it
+
+
+def test_demo_command_takes_its_defaults_from_the_config(tmp_path, monkeypatch, capsys):
+    from fmabs_core.cli import main
+    from fmabs_core.cli.demo import DemoConfig
+
+    seen = []
+
+    def fake_run(cfg, progress=None):  # the training itself is covered by test_fmabs_method's tiny demo
+        seen.append(cfg)
+        return {"scaled": [], "project": str(tmp_path), "seconds": 0.0, "methods": {}}
+
+    monkeypatch.setattr("fmabs_core.cli.demo.run_demo", fake_run)
+    assert main(["demo", "--output", str(tmp_path / "a")]) == 0
+    assert (seen[0].methods, seen[0].iterations) == (DemoConfig().methods, DemoConfig().iterations)
+    assert "sup-dense" in seen[0].methods
+    assert main(["demo", "--output", str(tmp_path / "b"), "--data", str(tmp_path), "--methods", "sup,fmabs"]) == 0
+    assert (seen[1].methods, seen[1].iterations, seen[1].limit) == (("sup", "fmabs"), 120, 8)
+    assert main(["demo", "--output", str(tmp_path / "c"), "--iterations", "0"]) == 2
+    assert "--iterations" in capsys.readouterr().err
