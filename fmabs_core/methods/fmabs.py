@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: how a --adapter is used in rounds (see FMABSConfig.adapter_mode)
 ADAPTER_MODES = ("prompted", "tiled")
+#: where the pseudo-labels come from (see FMABSConfig.pseudo_source)
+PSEUDO_SOURCES = ("generalist", "teacher")
 
 
 @dataclass
@@ -57,6 +59,9 @@ class FMABSConfig(MeanTeacherConfig):
     pseudo_max_cases: int | None = option(None, "scans pseudo-labelled per round (CPU runs; default: all)")
     box_jitter: int = option(10, "random enlargement of each box prompt, pixels per side")
     n_points: int | None = option(None, "positive points per box (default: the generalist's)")
+    pseudo_source: str = option("generalist", "generalist (FM-ABS), or teacher: an ablation whose pseudo-label is "
+                                              "the teacher's own mask (self-training, no generalist), to measure "
+                                              "what the generalist adds")
     crosslabel_overrides: bool = option(True, "on a cross-labelled scan's labelled planes the pseudo-label loss "
                                         "uses the expert's label, not the fused pseudo-label")
 
@@ -84,7 +89,9 @@ class FMABS(MeanTeacher):
         self._digests: dict[str, tuple[np.ndarray, str]] = {}
         self._tuned = None
         self._tiled: dict[str, np.ndarray] = {}
-        if cfg.adapter_mode == "tiled":
+        if cfg.pseudo_source == "teacher":
+            pass  # the ablation needs no generalist
+        elif cfg.adapter_mode == "tiled":
             self._tuned = _load_tiled(cfg.adapter, tr)  # a bad adapter fails at start
         else:
             self.generalist(tr)  # fail at start, not at the first round, when weights are missing
@@ -157,6 +164,10 @@ class FMABS(MeanTeacher):
         cfg = self.config
         rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
         prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
+        label = case.extra.get("label")
+        if cfg.pseudo_source == "teacher":
+            tr.save_pseudolabels(case, {"fused": prompt})
+            return prompt, None if label is None else (dice_jaccard(prompt, label)[0],) * 2
         cache = self._cache
         result = multiview_pseudolabel(
             self.generalist(tr), case.image, prompt, rng, fusion=cfg.fusion, box_jitter=cfg.box_jitter,
@@ -165,7 +176,6 @@ class FMABS(MeanTeacher):
         if cfg.pseudo_max_slices is not None:
             fill_unprompted(result, prompt, cfg.fusion)
         tr.save_pseudolabels(case, result)  # each rank writes the scans it labelled (distinct files)
-        label = case.extra.get("label")
         scores = None if label is None else (dice_jaccard(prompt, label)[0], dice_jaccard(result["fused"], label)[0])
         return result["fused"].astype(np.uint8), scores
 
@@ -298,6 +308,10 @@ def _check_options(cfg: FMABSConfig) -> None:
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise InputError(f"--{flag} {value!r}: choose one of {', '.join(allowed)}")
+    if cfg.pseudo_source not in PSEUDO_SOURCES:
+        raise InputError(f"--pseudo-source {cfg.pseudo_source!r}: choose one of {', '.join(PSEUDO_SOURCES)}")
+    if cfg.pseudo_source == "teacher" and cfg.adapter:
+        raise InputError("--pseudo-source teacher uses no generalist: drop --adapter, or use --pseudo-source generalist")
     if cfg.adapter_mode not in ADAPTER_MODES:
         raise InputError(f"--adapter-mode {cfg.adapter_mode!r}: choose one of {', '.join(ADAPTER_MODES)}")
     if cfg.adapter_mode == "tiled" and not cfg.adapter:

@@ -190,3 +190,23 @@ def test_fmabs_round_with_a_tiled_adapter_labels_prompt_free(tmp_path, phantom_d
     # tiled mode without an adapter, or an unknown mode: refused before any work
     assert main([*base, "--run", "x", "--adapter-mode", "tiled"]) == 2
     assert main([*base, "--run", "y", "--adapter", str(tmp_path / "tiled.pt"), "--adapter-mode", "grid"]) == 2
+
+
+def test_the_teacher_ablation_uses_the_teachers_mask_and_no_generalist(tmp_path, phantom_data, capsys, monkeypatch):
+    """--pseudo-source teacher: self-training with the teacher's own mask, to measure what the generalist adds."""
+    from fmabs_core.generalist import adapted
+
+    monkeypatch.setattr(adapted, "get_adapted", lambda *a, **k: pytest.fail("the ablation loaded a generalist"))
+    proj, base = _phantom_fmabs(tmp_path, phantom_data, "3", ("16", "16", "16"), "--pseudo-warmup", "0.3",
+                                "--pseudo-every", "0.3")
+    assert main([*base, "--run", "self", "--pseudo-source", "teacher"]) == 0
+    run = proj / "runs" / "self"
+    rounds = [e for e in read_events(run) if e["type"] == "pseudo_label"]
+    assert len(rounds) >= 1 and all(r["pseudo_dice"] == r["teacher_dice"] for r in rounds)
+    assert all("embedding_cache" not in r for r in rounds)
+    assert {p.name.split("_")[-1] for p in (run / "pseudo").glob("*.nii.gz")} == {"fused.nii.gz"}
+    capsys.readouterr()
+    assert main([*base, "--run", "bad", "--pseudo-source", "sam"]) == 2
+    assert "--pseudo-source 'sam'" in capsys.readouterr().err
+    assert main([*base, "--run", "bad2", "--pseudo-source", "teacher", "--adapter", str(tmp_path / "x.pt")]) == 2
+    assert "drop --adapter" in capsys.readouterr().err
