@@ -90,7 +90,8 @@ def test_plan_and_train_config():
     her = next(c for c in plan(proto, proto.scale("paper"), 1, ["fmabs-her"]))
     cfg = train_config(proto, proto.scale("paper"), her, None, "cpu")
     assert (cfg.active, cfg.budget, cfg.iterations) == ("her", 20, 20000)
-    both = {c.row.key: c for c in plan(proto, cpu, 1, ["fmabs-no-override", "fmabs-her-suggested"])}
+    both = {c.row.key: c for c in plan(proto, cpu, 1, ["fmabs-no-override", "fmabs-her-suggested", "fmabs-teacher"])}
+    assert train_config(proto, cpu, both["fmabs-teacher"], ["a"], "cpu").method_options["pseudo_source"] == "teacher"
     assert train_config(proto, cpu, both["fmabs-no-override"], ["a"], "cpu").method_options["crosslabel_overrides"] is False
     assert train_config(proto, cpu, both["fmabs-her-suggested"], None, "cpu").expert_slices == "suggested"
     proto.rows[0].train["crop"] = "corner"
