@@ -1,6 +1,7 @@
 """torchrun with 2 processes on one GPU (they share it over gloo: NCCL refuses two ranks on one device),
 sup-dense on phantoms for 20 iterations; prints the run's status and the end of torchrun's output."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fmabs_core", "t
        "--run-name", "ddp", "--method", "sup-dense", "--iterations", "20", "--batch-size", "4",
        "--labelled-batch-size", "4", "--patch-size", "48", "48", "32", "--width", "8", "--device", "cuda",
        "--val-every", "10", "--ckpt-every", "10"]
-res = subprocess.run(cmd, capture_output=True, text=True, timeout=80, env={**__import__("os").environ, "NCCL_DEBUG": "WARN"})
+res = subprocess.run(cmd, capture_output=True, text=True, timeout=80, env={**os.environ, "NCCL_DEBUG": "WARN"})
 print("torchrun exit code", res.returncode)
 print(res.stderr[-2500:])
 print("status", json.dumps(read_status(project.run_dir("ddp"))))
