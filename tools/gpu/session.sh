@@ -26,7 +26,7 @@ add) ;;  # the scans carried in this call are copied above
 start)
     [ "$(ls /data/la/imagesTr | wc -l)" -ge 80 ] || { echo "not all 80 scans yet: carry .la1 .la2 .la3 first"; exit 1; }
     setsid nohup python3 -m fmabs_core reproduce la-fmabs --train /data/la --scale paper --iterations "${2:?ITERATIONS}" \
-        --seeds 1 --methods sup mt fmabs --device cuda --out $R > $LOG 2>&1 < /dev/null &
+        --seeds 1 --methods ${METHODS:-sup mt fmabs} --device cuda --out $R > $LOG 2>&1 < /dev/null &
     sleep 60; tail -c 1500 $LOG | tr '\r' '\n' | tail -8
     ;;
 watch)
