@@ -15,12 +15,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig(output=Path(args.output), device=args.device, seed=args.seed)
     if args.methods:
         cfg.methods = tuple(args.methods.split(","))
-    if args.iterations is not None:
-        cfg.iterations = args.iterations
     if args.data:
         # real scans are larger than the phantoms: a bigger patch, few scans and iterations so it stays in minutes
-        cfg.data, cfg.limit, cfg.patch_size = Path(args.data), args.limit or 8, (64, 64, 48)
-        cfg.iterations = args.iterations or 120
+        cfg.data, cfg.limit, cfg.patch_size, cfg.iterations = Path(args.data), args.limit or 8, (64, 64, 48), 120
+    if args.iterations is not None:
+        cfg.iterations = args.iterations
     print("fmabs demo: scaled to run in minutes on a CPU:")
     for line in scaled_settings(cfg):
         print(f"  - {line}")

@@ -158,16 +158,17 @@ class FMABS(MeanTeacher):
         """One scan of a round: teacher prompt -> three views -> fused pseudo-label (written to the run folder)."""
         if self._tuned is not None:
             return self._label_case_tiled(tr, case)
-        from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
         from fmabs_core.inference.metrics import dice_jaccard
 
         cfg = self.config
-        rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
         prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
         label = case.extra.get("label")
         if cfg.pseudo_source == "teacher":
             tr.save_pseudolabels(case, {"fused": prompt})
             return prompt, None if label is None else (dice_jaccard(prompt, label)[0],) * 2
+        from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
+
+        rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
         cache = self._cache
         result = multiview_pseudolabel(
             self.generalist(tr), case.image, prompt, rng, fusion=cfg.fusion, box_jitter=cfg.box_jitter,

@@ -119,8 +119,6 @@ def init(device: torch.device) -> tuple[DistInfo, torch.device]:
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     backend = choose_backend(device, local_world, gpus)
     if device.type == "cuda":
-        if gpus == 0:
-            raise InputError("--device cuda under torchrun, but this machine has no CUDA GPU: use --device cpu")
         if local_world > gpus:
             log.warning("rank %d: %d processes per node share %d GPU(s) (cuda:%d); they use gloo, as NCCL "
                         "refuses two ranks on one GPU", layout.rank, local_world, gpus, layout.local_rank % gpus)
