@@ -15,6 +15,7 @@ newest checkpoint; a cell whose saved configuration differs from the protocol's 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -256,15 +257,22 @@ def reproduce(protocol: Protocol, train_dir: Path, test_dir: Path | None, out: P
 
 def _prepare_test(pairs, cases: list[str], folder: Path, factor: float, progress: Progress | None) -> None:
     """Test scans: the image at the scale's resolution, the truth at its own (scores are at full resolution)."""
-    for cid in (progress or (lambda items, **kw: items))(cases, desc="preparing test scans"):
-        if (folder / "images" / f"{cid}.nii.gz").exists() and (folder / "truth" / f"{cid}.nii.gz").exists():
-            continue
-        image, label = pairs[cid]
-        img, lab = io.load_image(image), io.load_label(label, None)
-        problems = io.check_pair(img, lab)
-        if problems:
-            raise InputError("; ".join(problems))
-        canon = io.Volume(lab.array, lab.affine, lab.affine, lab.array.shape, None)
-        io.save_like(lab.array.astype(np.uint8), canon, folder / "truth" / f"{cid}.nii.gz", np.uint8)
-        small = D.resample(img, factor, 1)
-        io.save_like(small.array.astype(np.float32), small, folder / "images" / f"{cid}.nii.gz", np.float32)
+    todo = [c for c in cases if not ((folder / "images" / f"{c}.nii.gz").exists()
+                                     and (folder / "truth" / f"{c}.nii.gz").exists())]
+    one = functools.partial(_prepare_one_test, pairs, folder=folder, factor=factor)
+    for _ in (progress or (lambda items, **kw: items))(D.in_threads(one, todo), total=len(todo),
+                                                        desc="preparing test scans"):
+        pass
+
+
+def _prepare_one_test(pairs, cid: str, *, folder: Path, factor: float) -> str:
+    image, label = pairs[cid]
+    img, lab = io.load_image(image), io.load_label(label, None)
+    problems = io.check_pair(img, lab)
+    if problems:
+        raise InputError("; ".join(problems))
+    canon = io.Volume(lab.array, lab.affine, lab.affine, lab.array.shape, None)
+    io.save_like(lab.array.astype(np.uint8), canon, folder / "truth" / f"{cid}.nii.gz", np.uint8)
+    small = D.resample(img, factor, 1)
+    io.save_like(small.array.astype(np.float32), small, folder / "images" / f"{cid}.nii.gz", np.float32)
+    return cid

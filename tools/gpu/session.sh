@@ -25,15 +25,39 @@ check)
 add) ;;  # the scans carried in this call are copied above
 start)
     [ "$(ls /data/la/imagesTr | wc -l)" -ge 80 ] || { echo "not all 80 scans yet: carry .la1 .la2 .la3 first"; exit 1; }
-    setsid nohup python3 -m fmabs_core reproduce la-fmabs --train /data/la --scale paper --iterations "${2:?ITERATIONS}" \
-        --seeds 1 --methods ${METHODS:-sup mt fmabs} --device cuda --out $R > $LOG 2>&1 < /dev/null &
-    sleep 60; tail -c 1500 $LOG | tr '\r' '\n' | tail -8
+    N=${2:?ITERATIONS}; EVERY=${EVERY:-0.25}
+    # the shipped protocol with one more scale: the paper's, N iterations, fmabs's rounds every EVERY of the run
+    python3 - "$N" "$EVERY" <<'PY'
+import json, sys
+from fmabs_core.reproduce.protocol import load
+n, every = int(sys.argv[1]), float(sys.argv[2])
+p = load("la-fmabs").to_dict()
+gpu = dict(p["scales"]["paper"], iterations=n,
+           method_options={"fmabs": {"pseudo_warmup": every, "pseudo_every": every}})
+gpu["description"] += f" -- here {n} iterations and fmabs's pseudo-label rounds every {every:g} of the run (a GPU lease)"
+p["scales"]["gpu"] = gpu
+open("/data/la-fmabs-gpu.json", "w").write(json.dumps(p, indent=2))
+PY
+    setsid nohup bash tools/gpu/cells.sh /data/la-fmabs-gpu.json gpu $R ${METHODS:-sup mt fmabs} > $LOG 2>&1 < /dev/null &
+    timeout 100 python3 tools/gpu/ddp_one_gpu.py 2>&1 | tee "$OUT/ddp.log" | tail -12
+    sleep 5; cat $LOG; for f in $R.*.log; do echo "== $f"; tail -c 600 "$f" | tr '\r' '\n' | tail -3; done
     ;;
 watch)
     end=$(( $(date +%s) + ${2:-500} ))
-    while [ "$(date +%s)" -lt $end ] && ! [ -f $R/table.md ]; do sleep 20; done
-    tail -c 2000 $LOG | tr '\r' '\n' | tail -12
+    while [ "$(date +%s)" -lt $end ] && ! grep -q "written:" $LOG 2>/dev/null; do sleep 10; done
+    grep -q "written:" $LOG || python3 - $R <<'PY'  # out of time: the table of the rows that finished
+import json, pathlib, subprocess, sys
+r = pathlib.Path(sys.argv[1])
+rows = [json.loads(f.read_text())["row"] for f in sorted(r.glob("cells/*/scores.json"))]
+print("finished rows:", rows)
+if rows:
+    subprocess.run([sys.executable, "-m", "fmabs_core", "reproduce", "/data/la-fmabs-gpu.json", "--train", "/data/la",
+                    "--scale", "gpu", "--seeds", "1", "--device", "cuda", "--out", str(r), "--methods", *rows])
+PY
+    cat $LOG | tr '\r' '\n' | tail -25
+    for f in $R.*.log; do echo "== $f"; tail -c 1500 "$f" | tr '\r' '\n' | grep -v "^$" | tail -6; cp "$f" "$OUT/"; done
     for f in table.md results.json results.csv cases.csv plot.png split.json; do cp $R/$f "$OUT/" 2>/dev/null; done
+    mkdir -p "$OUT/events"; for d in $R/cells/*/project/runs/*; do [ -d "$d" ] && cp "$d"/events.jsonl "$OUT/events/$(basename $(dirname $(dirname $(dirname $d)))).jsonl" 2>/dev/null; done
     cp $LOG "$OUT/" 2>/dev/null; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ;;
 *) echo "usage: session.sh check | add | start ITERATIONS | watch SECONDS"; exit 2 ;;
