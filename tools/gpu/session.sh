@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine: `check` | `add` | `start ITERATIONS` | `watch SECONDS` (see README.md beside this file).
+# On the device machine: `check` | `add` | `start ITERATIONS` | `watch SECONDS` | `keep ROW...` (see README.md beside this file).
 # Every call first installs the carried wheels (when missing) and copies the carried scans into /data/la.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -55,10 +55,19 @@ if rows:
                     "--scale", "gpu", "--seeds", "1", "--device", "cuda", "--out", str(r), "--methods", *rows])
 PY
     cat $LOG | tr '\r' '\n' | tail -25
-    for f in $R.*.log; do echo "== $f"; tail -c 1500 "$f" | tr '\r' '\n' | grep -v "^$" | tail -6; cp "$f" "$OUT/"; done
-    for f in table.md results.json results.csv cases.csv plot.png split.json; do cp $R/$f "$OUT/" 2>/dev/null; done
-    mkdir -p "$OUT/events"; for d in $R/cells/*/project/runs/*; do [ -d "$d" ] && cp "$d"/events.jsonl "$OUT/events/$(basename $(dirname $(dirname $(dirname $d)))).jsonl" 2>/dev/null; done
-    cp $LOG "$OUT/" 2>/dev/null; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    for f in $R.*.log; do echo "== $f"; tail -c 1500 "$f" | tr '\r' '\n' | grep -v "^$" | tail -6; done
+    # at most 8 files come back from $OUT: the table alone, everything else in one archive
+    cp $R/table.md "$OUT/" 2>/dev/null
+    (cd /data && tar czf "$OUT/repro.tgz" --ignore-failed-read repro.*.log repro.log repro/table.md repro/results.json \
+        repro/results.csv repro/cases.csv repro/plot.png repro/split.json repro/cells/*/scores.json \
+        repro/cells/*/project/runs/*/events.jsonl repro/cells/*/project/runs/*/config.json 2>/dev/null)
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     ;;
-*) echo "usage: session.sh check | add | start ITERATIONS | watch SECONDS"; exit 2 ;;
+keep)  # out of time: stop the driver and every row not named (the pattern must not match this command itself)
+    shift; pkill -f 'tools/gpu/c[e]lls\.sh'
+    for f in $R.*.log; do row=${f#$R.}; row=${row%.log}
+        if [[ " $* " != *" $row "* ]]; then pkill -f "methods [${row:0:1}]${row:1}\$" && echo "stopped $row"; fi
+    done
+    ;;
+*) echo "usage: session.sh check | add | start ITERATIONS | watch SECONDS | keep ROW..."; exit 2 ;;
 esac
