@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+import torch
 
 from fmabs_core.contract import UNLABELLED
 from fmabs_core.errors import InputError
@@ -83,6 +84,7 @@ class PseudoLabels(dict):
     prompts: int
     seconds: float
     fusion: str
+    timing: dict[str, float]  # seconds encoding (cache look-ups included) and decoding, over the three views
 
 
 def _pick(idx: np.ndarray, limit: int | None) -> np.ndarray:
@@ -111,11 +113,15 @@ def view_pseudolabel(
     orientation: Orientation = "radiological",
     cache: EmbeddingCache | None = None,
     scan_id: str | None = None,
+    timing: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One view's 3D pseudo-label (XYZ uint8), the prompted slice indices and the number of prompts.
 
     With ``cache`` (and ``scan_id``, the scan's content hash) slices encoded before are only decoded.
+    ``timing``: seconds spent encoding (cache look-ups included) and decoding are added to its "encode" and
+    "decode" entries (on a GPU after a synchronisation, so that the split says where a round's time goes).
     """
+    timing = {} if timing is None else timing
     img_v = view_slices(image, view, orientation)
     pm_v = view_slices(prompt_mask, view, orientation)
     fg = (pm_v > 0) & (pm_v != UNLABELLED)
@@ -135,6 +141,7 @@ def view_pseudolabel(
                     owners.append((j, int(c)))
                     boxes.append(p.box)
                     points.append(p.points)
+        t_enc = time.perf_counter()
         if cache is None:
             emb = generalist.encode(np.ascontiguousarray(img_v[chunk]), intensity_window, batch_size=bs)
         else:
@@ -142,7 +149,11 @@ def view_pseudolabel(
             feats = encode_cached(cache, lambda s: generalist.encode(s, intensity_window, batch_size=bs).features,
                                   img_v, chunk, keys)
             emb = Embeddings(feats, SliceGeometry.for_shape(img_v.shape[1], img_v.shape[2], generalist.image_size))
+        _synchronize(generalist)
+        t_dec = time.perf_counter()
         probs = generalist.decode(emb.select([o[0] for o in owners]), np.stack(boxes), points, return_probs=True)
+        timing["encode"] = timing.get("encode", 0.0) + t_dec - t_enc
+        timing["decode"] = timing.get("decode", 0.0) + time.perf_counter() - t_dec
         n_prompts += len(owners)
         for j, k in enumerate(chunk):
             best = np.full(out.shape[1:], 0.5, np.float32)  # a class needs p > 0.5 to claim a pixel
@@ -154,6 +165,12 @@ def view_pseudolabel(
                 best[win] = pc[win]
             out[k] = lab
     return from_view_slices(out, view, orientation), idx, n_prompts
+
+
+def _synchronize(generalist: Generalist) -> None:
+    device = getattr(generalist, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def multiview_pseudolabel(
@@ -197,11 +214,12 @@ def multiview_pseudolabel(
     t0 = time.perf_counter()
     result = PseudoLabels()
     result.slices, result.prompts, result.fusion = {}, 0, fusion
+    result.timing = {"encode": 0.0, "decode": 0.0}
     for view in VIEWS:
         tv = time.perf_counter()
         vol, idx, n = view_pseudolabel(
             generalist, image, prompt_mask, view, rng, window, box_jitter, n_points, max_slices_per_view,
-            batch_size, prompt_mode, min_component_px, orientation, cache, scan_id,
+            batch_size, prompt_mode, min_component_px, orientation, cache, scan_id, result.timing,
         )
         result[view], result.slices[view] = vol, idx
         result.prompts += n

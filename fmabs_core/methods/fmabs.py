@@ -89,6 +89,7 @@ class FMABS(MeanTeacher):
         self._digests: dict[str, tuple[np.ndarray, str]] = {}
         self._tuned = None
         self._tiled: dict[str, np.ndarray] = {}
+        self._clock = _new_clock()
         if cfg.pseudo_source == "teacher":
             pass  # the ablation needs no generalist
         elif cfg.adapter_mode == "tiled":
@@ -161,7 +162,10 @@ class FMABS(MeanTeacher):
         from fmabs_core.inference.metrics import dice_jaccard
 
         cfg = self.config
+        clock = self._clock
+        t = time.perf_counter()
         prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
+        clock["teacher"] += time.perf_counter() - t
         label = case.extra.get("label")
         if cfg.pseudo_source == "teacher":
             tr.save_pseudolabels(case, {"fused": prompt})
@@ -176,7 +180,12 @@ class FMABS(MeanTeacher):
             scan_id=self._scan_id(case) if cache is not None else None)
         if cfg.pseudo_max_slices is not None:
             fill_unprompted(result, prompt, cfg.fusion)
+        clock["encode"] += result.timing["encode"]
+        clock["decode"] += result.timing["decode"]
+        clock["prompts_and_fusion"] += result.seconds - result.timing["encode"] - result.timing["decode"]
+        t = time.perf_counter()
         tr.save_pseudolabels(case, result)  # each rank writes the scans it labelled (distinct files)
+        clock["save"] += time.perf_counter() - t
         scores = None if label is None else (dice_jaccard(prompt, label)[0], dice_jaccard(result["fused"], label)[0])
         return result["fused"].astype(np.uint8), scores
 
@@ -212,6 +221,7 @@ class FMABS(MeanTeacher):
         resumed = len(self.partial["done"])
         distributed.broadcast_module(self.teacher)  # BN statistics drift per rank: prompt from rank 0's teacher
         start = time.time()
+        self._clock = _new_clock()
         mine: dict[str, tuple[np.ndarray, tuple[float, float] | None]] = {}
         shard = distributed.shard(list(enumerate(cases)))
         steps = -(-len(cases) // tr.dist.world_size)  # shares differ by one: every rank checks as often
@@ -233,7 +243,8 @@ class FMABS(MeanTeacher):
             case.pseudo = merged[case.id][0]
         self.rounds_done += 1
         self.partial = None
-        info = {"round": self.rounds_done, "iteration": it, "cases": len(cases), "seconds": time.time() - start}
+        info = {"round": self.rounds_done, "iteration": it, "cases": len(cases), "seconds": time.time() - start,
+                "seconds_by_part": {k: round(v, 3) for k, v in self._clock.items()}}  # this rank's scans
         if resumed:
             info["resumed_after"] = resumed
         dices = np.array([v[1] for v in merged.values() if v[1] is not None])
@@ -293,6 +304,11 @@ class FMABS(MeanTeacher):
         super().load_state_dict(state, tr)
         self.rounds_done = int(state.get("rounds_done", 0))
         self.partial = state.get("partial_round")
+
+
+def _new_clock() -> dict[str, float]:
+    """Seconds per part of a round on this rank: where a round's time goes, in its event."""
+    return dict.fromkeys(("teacher", "encode", "decode", "prompts_and_fusion", "save"), 0.0)
 
 
 def _check_options(cfg: FMABSConfig) -> None:

@@ -33,6 +33,10 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     rounds = [e for e in read_events(run) if e["type"] == "pseudo_label"]
     assert [r["iteration"] for r in rounds] == [1]  # warm-up 0.25*4, every 0.5*4, stop before 0.6*4
     assert rounds[0]["cases"] == len(Project(proj).split("train")) and "pseudo_dice" in rounds[0]
+    parts = rounds[0]["seconds_by_part"]  # where the round's time went
+    assert set(parts) == {"teacher", "encode", "decode", "prompts_and_fusion", "save"}
+    assert parts["encode"] > 0 and parts["decode"] > 0 and min(parts.values()) >= 0
+    assert sum(parts.values()) <= rounds[0]["seconds"] + 0.05
     written = sorted(p.name for p in (run / "pseudo").iterdir())
     assert len(written) == 4 * rounds[0]["cases"] and all(n.endswith(("_axial.nii.gz", "_coronal.nii.gz", "_sagittal.nii.gz",
                                                  "_fused.nii.gz")) for n in written)
