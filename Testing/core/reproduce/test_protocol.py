@@ -192,3 +192,18 @@ def test_report_statistics_by_hand():
     assert by["m"]["vs_best_baseline"]["p"] == pytest.approx(2 / 64)
     assert by["b2"]["vs_best_baseline"]["baseline"] == "b1" and by["b2"]["vs_best_baseline"]["p"] == pytest.approx(2 / 64)
     assert math.isnan(summarise_cells(None, cells[:1], [_result("s", "b1", 0, [])])[0]["Dice %"]["mean"])
+
+
+def test_scans_are_prepared_on_threads_in_order_and_a_bad_scan_stops_with_its_error():
+    from fmabs_core.errors import InputError
+    from fmabs_core.reproduce.data import in_threads
+
+    assert list(in_threads(str.upper, ["a", "b", "c", "d"])) == ["A", "B", "C", "D"]
+
+    def bad(cid: str) -> str:
+        if cid == "c":
+            raise InputError("c.nii.gz: image and label grids differ")
+        return cid
+
+    with pytest.raises(InputError, match="c.nii.gz"):
+        list(in_threads(bad, ["a", "b", "c", "d"]))
