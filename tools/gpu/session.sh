@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine: `check` | `add` | `start ITERATIONS` | `watch SECONDS` | `keep ROW...` (see README.md beside this file).
+# On the device machine: `check` | `add` | `start ITERATIONS` | `watch SECONDS` | `keep ROW...` | `bench` (see README.md beside this file).
 # Every call first installs the carried wheels (when missing) and copies the carried scans into /data/la.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +23,11 @@ check)
     timeout 90 python3 tools/gpu/ddp_one_gpu.py 2>&1 | tee "$OUT/ddp.log" | tail -15
     ;;
 add) ;;  # the scans carried in this call are copied above
+bench)  # the training part of the suite alone (fp32, bf16, bf16+cl, bf16+compile against the reference loop)
+    pgrep -f 'fmabs_core [r]eproduce' >/dev/null && { echo "a reproduction is still running: the figures would be shared"; exit 1; }
+    timeout 400 python3 -m fmabs_core bench suite --device cuda --la /data/la --parts train \
+        --json "$OUT/bench_train.json" 2>&1 | tee "$OUT/bench_train.log" | tail -25
+    ;;
 start)
     [ "$(ls /data/la/imagesTr | wc -l)" -ge 80 ] || { echo "not all 80 scans yet: carry .la1 .la2 .la3 first"; exit 1; }
     N=${2:?ITERATIONS}; EVERY=${EVERY:-0.25}
@@ -69,5 +74,5 @@ keep)  # out of time: stop the driver and every row not named (the pattern must 
         if [[ " $* " != *" $row "* ]]; then pkill -f "methods [${row:0:1}]${row:1}\$" && echo "stopped $row"; fi
     done
     ;;
-*) echo "usage: session.sh check | add | start ITERATIONS | watch SECONDS | keep ROW..."; exit 2 ;;
+*) echo "usage: session.sh check | add | start ITERATIONS | watch SECONDS | keep ROW... | bench"; exit 2 ;;
 esac
