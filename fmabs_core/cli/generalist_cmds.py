@@ -1,4 +1,4 @@
-"""``fmabs weights``, ``fmabs pseudo-label`` and ``fmabs bench pseudo-label``."""
+"""``fmabs weights``, ``fmabs pseudo-label`` and ``fmabs bench`` (pseudo-label, precision, suite, ceiling)."""
 
 from __future__ import annotations
 
@@ -106,6 +106,22 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--quick", action="store_true", help="the CPU sizes on any device (a smoke run)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_bench_suite)
+    p = bsub.add_parser("ceiling", help="the generalist's pseudo-label Dice when prompted with the truth, and with "
+                                        "the truth grown and shrunk (a teacher off by a few voxels); LA scans")
+    p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018); use "
+                                "training scans, never the scans you report as test")
+    p.add_argument("--scans", type=int, default=2, help="scans, the first in sorted order (default 2)")
+    p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--margin", type=int, default=2, help="voxels the truth is grown and shrunk by (default 2)")
+    p.add_argument("--fusion", default="mv", choices=["mv", "ua"])
+    p.add_argument("--box-jitter", type=int, default=10, help="random box enlargement, px per side (default 10, "
+                                                              "as fmabs)")
+    p.add_argument("--max-slices", type=int, help="prompted slices per view (default: every foreground slice, "
+                                                  "as a round; fewer for a quick look)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_bench_ceiling)
 
 
 def _weights_list(args: argparse.Namespace) -> int:
@@ -283,6 +299,16 @@ def _bench_precision(args: argparse.Namespace) -> int:
 
     report = bench_precision(args.scans, args.slices, args.device, args.la, args.configs, args.encoder_slices)
     print(format_precision(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _bench_ceiling(args: argparse.Namespace) -> int:
+    from fmabs_core.cli.bench_ceiling import bench_ceiling, format_ceiling
+
+    report = bench_ceiling(args.la, args.scans, args.generalist, args.device, args.checkpoint, args.margin,
+                           args.fusion, args.box_jitter, args.max_slices)
+    print(format_ceiling(report))
     _write_json(args.json, report)
     return 0
 
