@@ -38,7 +38,7 @@ def prompt_masks(truth: np.ndarray, margin: int) -> dict[str, np.ndarray]:
 
 def bench_ceiling(la_dir: str | None, scans: int = 2, generalist: str = "litemedsam", device: str = "cpu",
                   checkpoint: str | None = None, margin: int = 2, fusion: str = "mv", box_jitter: int = 10,
-                  max_slices: int | None = None, seed: int = 0) -> dict[str, Any]:
+                  max_slices: int | None = None, seed: int = 0, case_ids: list[str] | None = None) -> dict[str, Any]:
     """Pseudo-label Dice per scan, prompt and view; each slice is encoded once for the three prompts."""
     from fmabs_core.cli.bench import load_la_cases
     from fmabs_core.generalist import get_generalist
@@ -49,7 +49,13 @@ def bench_ceiling(la_dir: str | None, scans: int = 2, generalist: str = "litemed
         raise InputError(f"--scans must be >= 1 (got {scans}).")
     if margin < 1:
         raise InputError(f"--margin must be >= 1 voxel (got {margin}).")
-    cases = load_la_cases(Path(la_dir) if la_dir else None, scans)
+    cases = load_la_cases(Path(la_dir) if la_dir else None, 10**6 if case_ids else scans)
+    if case_ids:
+        missing = sorted(set(case_ids) - {c[0] for c in cases})
+        if missing:
+            raise InputError(f"--cases: {', '.join(missing)} not in --la's imagesTr/; give case ids as the file names "
+                             "without .nii.gz")
+        cases = [c for c in cases if c[0] in case_ids]
     g = get_generalist(generalist, device=device, checkpoint=checkpoint)
     rows = []
     for case, image, truth in cases:

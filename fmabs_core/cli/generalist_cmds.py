@@ -111,6 +111,8 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018); use "
                                 "training scans, never the scans you report as test")
     p.add_argument("--scans", type=int, default=2, help="scans, the first in sorted order (default 2)")
+    p.add_argument("--cases", nargs="+", metavar="ID", help="these scans instead (e.g. training scans of a "
+                                                          "reproduction's split.json)")
     p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
     p.add_argument("--checkpoint")
     p.add_argument("--device", default="auto")
@@ -307,7 +309,7 @@ def _bench_ceiling(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench_ceiling import bench_ceiling, format_ceiling
 
     report = bench_ceiling(args.la, args.scans, args.generalist, args.device, args.checkpoint, args.margin,
-                           args.fusion, args.box_jitter, args.max_slices)
+                           args.fusion, args.box_jitter, args.max_slices, case_ids=args.cases)
     print(format_ceiling(report))
     _write_json(args.json, report)
     return 0

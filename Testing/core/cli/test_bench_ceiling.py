@@ -29,12 +29,16 @@ def test_bad_options_are_refused_with_their_names(tmp_path, capsys):
     assert "--margin" in capsys.readouterr().err
     assert main(["bench", "ceiling", "--la", str(tmp_path / "none")]) == 2
     assert "--la" in capsys.readouterr().err
+    data = write_dataset(tmp_path / "ph", n_cases=2, shape=(24, 24, 16), seed=5)
+    assert main(["bench", "ceiling", "--la", str(data), "--cases", "nosuchscan"]) == 2
+    assert "--cases: nosuchscan" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # runs LiteMedSAM
 def test_ceiling_on_phantoms_reports_every_view_and_the_fusion(tmp_path):
     data = write_dataset(tmp_path / "ph", n_cases=1, shape=(40, 40, 24), seed=5)
-    rep = bench_ceiling(str(data), scans=1, device="cpu", margin=1)
+    rep = bench_ceiling(str(data), scans=5, device="cpu", margin=1, case_ids=[sorted(p.name.split(".")[0] for p in
+                                                                               (data / "imagesTr").iterdir())[0]])
     assert [r["prompt"] for r in rep["rows"]] == ["truth", "grown 1", "shrunk 1"]
     truth, grown, shrunk = rep["rows"]
     assert truth["prompt_dice"] == 1.0 and grown["prompt_dice"] < 1.0 and shrunk["prompt_dice"] < 1.0
