@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from fmabs_core.contract import VIEWS
 from fmabs_core.errors import InputError
 
-VIEWS = ("axial", "coronal", "sagittal")
 VIEWS_AND_FUSED = (*VIEWS, "fused")
 
 
