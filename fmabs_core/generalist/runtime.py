@@ -1,20 +1,27 @@
 """What runs the generalist's image encoder: PyTorch, or OpenVINO on the CPU.
 
 The encoder is where the time goes (the prompt encoder and mask decoder are small), so only it has a
-choice of runtime. Measured side by side, each config in its own process (``fmabs bench precision
---scans 3 --slices 8 --encoder-slices 8``: 3 LA scans, 72 ground-truth-prompted slices, LiteMedSAM,
-2 CPU cores with AVX-512 BF16/AMX); encoder time per slice against fp32 as it ran before:
+choice of runtime. Measured side by side, each config in its own process, LiteMedSAM on LA scans,
+2 CPU cores with AVX-512 BF16/AMX; encoder throughput against fp32 as it ran before (``fmabs bench
+precision --scans 1 --slices 2 --encoder-slices 40``, 2026-12-04; whole ground-truth-prompted
+pseudo-labels, decoder included, in brackets, ``--scans 3 --slices 8``):
 
-- ``torch`` (default): conv + batch norm folded into one convolution (the same numbers to fp32
-  rounding) and glibc's allocator kept from unmapping each activation
-  (:func:`fmabs_core.device.tune_cpu_allocator`), channels-last: 2.45x, identical pseudo-labels.
-- ``openvino`` fp32: 2.75x, identical pseudo-labels; converting the encoder costs ~9 s once per
-  process, so it pays from a few dozen slices on; an optional dependency (``pip install openvino``),
-  CPU only, two requests in flight (1.15x over one at a time).
-- with ``--generalist-dtype bfloat16``: torch 3.4x, OpenVINO 4.6x, but pseudo-label Dice moved (mean
-  -0.007, one view -0.04): see :mod:`~fmabs_core.generalist.precision`.
+- ``torch``: conv + batch norm folded into one convolution (the same numbers to fp32 rounding) and
+  glibc's allocator kept from unmapping each activation (:func:`fmabs_core.device.tune_cpu_allocator`),
+  channels-last: 2.57x (2.23x), identical pseudo-labels.
+- ``openvino`` fp32: 3.46x (2.88x), identical pseudo-labels; converting the encoder costs ~8 s once per
+  process, paid back after about 45 slices (531 against 716 ms per slice); an optional dependency
+  (``pip install openvino``, in the ``openvino`` extra), CPU only, two requests in flight.
+- with ``--generalist-dtype bfloat16``: torch 4.4x, OpenVINO more, but pseudo-label Dice moved (mean
+  -0.007 to -0.015, one view -0.03 to -0.04): see :mod:`~fmabs_core.generalist.precision`.
 - not offered: ``torch.compile`` (inductor with freezing) was 1.17x the tuned torch encoder, same
-  numbers, but took 53 s to compile per process; OpenVINO gives as much for 9 s.
+  numbers, but took 53 s to compile per process; oneDNN's bf16 math mode for fp32 tensors
+  (``torch.backends.mkldnn.*.fp32_precision = "bf16"``) changed neither the numbers nor the speed of
+  this encoder in torch 2.14.
+
+``auto`` picks OpenVINO where it pays: on the CPU, when the package is installed and the job will
+encode at least :data:`OPENVINO_MIN_SLICES` slices (an FM-ABS training run knows its rounds' size);
+otherwise torch, with no conversion and no extra dependency.
 """
 
 from __future__ import annotations
@@ -36,13 +43,27 @@ RUNTIMES = ("auto", "torch", "openvino")
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def resolve_runtime(runtime: str | None, device: torch.device) -> str:
-    """``auto`` is ``torch`` (no conversion cost, no extra dependency); ``openvino`` only on the CPU."""
+#: slices a job must encode for ``auto`` to choose OpenVINO on the CPU: its ~8 s conversion is paid
+#: back after ~45 slices, so 200 leaves the gain clear of the measurement's noise
+OPENVINO_MIN_SLICES = 200
+
+
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def resolve_runtime(runtime: str | None, device: torch.device, expected_slices: int | None = None) -> str:
+    """The runtime to use: ``auto`` is OpenVINO on the CPU when it is installed and ``expected_slices``
+    (how many slices the job will encode; None: unknown) reaches :data:`OPENVINO_MIN_SLICES`, else
+    torch. An explicit ``openvino`` is refused on a GPU."""
     key = (runtime or "auto").lower()
     if key not in RUNTIMES:
         raise InputError(f"generalist runtime {runtime!r} is not one of {', '.join(RUNTIMES)}.")
     if key == "auto":
-        return "torch"
+        pays = expected_slices is not None and expected_slices >= OPENVINO_MIN_SLICES
+        return "openvino" if device.type == "cpu" and pays and openvino_installed() else "torch"
     if key == "openvino" and device.type != "cpu":
         raise InputError(f"--generalist-runtime openvino runs on the CPU only; the device is {device}. "
                          "Use --generalist-runtime torch (or auto) on a GPU.")

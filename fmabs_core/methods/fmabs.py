@@ -39,10 +39,10 @@ class FMABSConfig(MeanTeacherConfig):
                                            "axial slices, as CFR does; the same label every round)")
     generalist_dtype: str = option("auto", "encoder precision: auto (bf16 on GPUs, float32 on CPUs), float32, "
                                            "bfloat16 (CPUs with bf16 units: ~2x faster, Dice within ~0.04)")
-    generalist_runtime: str = option("auto", "what runs the encoder: auto (= torch), torch, openvino (CPU only, "
-                                             "pip install openvino: 1.1x torch's fp32 speed here, the same "
-                                             "pseudo-labels, ~9 s to convert once; with --generalist-dtype "
-                                             "bfloat16 1.3x torch's bf16)")
+    generalist_runtime: str = option("auto", "what runs the encoder: auto (openvino on a CPU when it is installed "
+                                             "and the rounds will encode 200 slices or more, else torch), torch, "
+                                             "openvino (CPU only, pip install openvino: 1.35x torch's fp32 speed "
+                                             "here, the same pseudo-labels, ~8 s to convert once)")
     embedding_cache: str = option("auto", "where slice embeddings are kept between rounds so that each slice is "
                                           "encoded once: auto (by size), device, host, disk (run folder), off")
     embedding_cache_gb: float | None = option(None, "bound of the embedding cache in GB, least recently used "
@@ -108,12 +108,35 @@ class FMABS(MeanTeacher):
             from fmabs_core.generalist import pseudolabel  # noqa: F401  (a round must not fail on import)
             from fmabs_core.generalist.adapted import get_adapted
 
+            from fmabs_core.generalist.runtime import resolve_runtime
+
             cfg = self.config
+            runtime = resolve_runtime(cfg.generalist_runtime, tr.device, self.expected_encodes(tr))
             self._generalist = get_adapted(cfg.generalist, cfg.adapter, device=tr.device,
                                            checkpoint=cfg.generalist_checkpoint, dtype=cfg.generalist_dtype,
-                                           runtime=cfg.generalist_runtime)
+                                           runtime=runtime)
             log.info("generalist for pseudo-labels: %r", self._generalist)
         return self._generalist
+
+    def _slices_per_scan(self, tr: TrainContext) -> list[int]:
+        """Upper bound of the slices one round prompts in each training scan (all three views)."""
+        cap = self.config.pseudo_max_slices
+        return [sum(min(s, cap or s) for s in c.image.shape) for c in tr.train_cases]
+
+    def expected_encodes(self, tr: TrainContext) -> int:
+        """About how many slices this rank will encode over the run's rounds: what decides whether a
+        runtime with a one-off conversion cost pays (an upper bound: only slices with an object are
+        prompted). With the embedding cache, no slice is encoded twice."""
+        cfg = self.config
+        per_scan = self._slices_per_scan(tr)
+        if not per_scan:
+            return 0
+        rounds = max(0, -(-(min(self.stop, tr.cfg.iterations) - self.warmup) // self.every))
+        cases = min(len(per_scan), cfg.pseudo_max_cases or len(per_scan))
+        total = rounds * cases * sum(per_scan) / len(per_scan)
+        if cfg.embedding_cache != "off":
+            total = min(total, sum(per_scan))
+        return int(total) // max(1, tr.dist.world_size)
 
     def _build_cache(self, tr: TrainContext):
         """The run's embedding cache (None with ``embedding_cache='off'``), sized for every slice a round may prompt."""
@@ -126,8 +149,7 @@ class FMABS(MeanTeacher):
         cache = EmbeddingCache(g.device, cfg.embedding_cache_gb, cfg.embedding_cache, cfg.embedding_dtype,
                                folder=default_folder(tr.run_dir), name=file_name(g.identity, tr.dist.rank),
                                compute_dtype=g.amp_dtype)
-        per_scan = [sum(min(s, cfg.pseudo_max_slices or s) for s in c.image.shape) for c in tr.train_cases]
-        cache.expect(sum(per_scan))
+        cache.expect(sum(self._slices_per_scan(tr)))
         return cache
 
     def _scan_id(self, case) -> str:
@@ -250,6 +272,8 @@ class FMABS(MeanTeacher):
         dices = np.array([v[1] for v in merged.values() if v[1] is not None])
         if len(dices):
             info.update(teacher_dice=float(dices[:, 0].mean()), pseudo_dice=float(dices[:, 1].mean()))
+        if self._generalist is not None:
+            info["generalist"] = self._generalist.precision  # e.g. "fp32 on cpu (openvino)": what ran the encoder
         if self._cache is not None:
             self._cache.flush()
             info["embedding_cache"] = self._cache.stats()

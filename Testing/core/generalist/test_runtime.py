@@ -62,9 +62,18 @@ def test_litemedsam_encoder_folded_gives_the_same_embeddings():
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
-def test_runtime_choices_are_checked():
+def test_runtime_choices_are_checked(monkeypatch):
+    from fmabs_core.generalist import runtime
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_runtime("auto", cpu) == "torch" and resolve_runtime(None, cuda) == "torch"
+    many, few = runtime.OPENVINO_MIN_SLICES, runtime.OPENVINO_MIN_SLICES - 1
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: True)
+    assert resolve_runtime("auto", cpu, many) == "openvino"  # the conversion pays
+    assert resolve_runtime("auto", cpu, few) == "torch" and resolve_runtime("auto", cpu, None) == "torch"
+    assert resolve_runtime("auto", cuda, many) == "torch" and resolve_runtime("torch", cpu, many) == "torch"
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: False)
+    assert resolve_runtime("auto", cpu, many) == "torch"  # not installed: no error, torch
     assert resolve_runtime("openvino", cpu) == "openvino"
     with pytest.raises(InputError, match="CPU only"):
         resolve_runtime("openvino", cuda)

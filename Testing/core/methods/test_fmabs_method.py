@@ -37,6 +37,7 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     assert set(parts) == {"teacher", "encode", "decode", "prompts_and_fusion", "save"}
     assert parts["encode"] > 0 and parts["decode"] > 0 and min(parts.values()) >= 0
     assert sum(parts.values()) <= rounds[0]["seconds"] + 0.05
+    assert rounds[0]["generalist"] == "fp32+channels-last on cpu"  # 24 slices to encode: OpenVINO would not pay
     written = sorted(p.name for p in (run / "pseudo").iterdir())
     assert len(written) == 4 * rounds[0]["cases"] and all(n.endswith(("_axial.nii.gz", "_coronal.nii.gz", "_sagittal.nii.gz",
                                                  "_fused.nii.gz")) for n in written)
@@ -73,3 +74,21 @@ def test_demo_runs_end_to_end_tiny(tmp_path):
         assert preds
     assert (tmp_path / "demo" / "demo_results.json").exists()
     assert any("papers: 20000" in line for line in results["scaled"])
+
+
+def test_auto_runtime_converts_to_openvino_when_the_rounds_pay_for_it(tmp_path, phantom_data, monkeypatch):
+    """The default runtime follows the expected work: the same run with the threshold lowered to 1
+    slice runs its encoder on OpenVINO, and says so in the round's event."""
+    pytest.importorskip("openvino")
+    from fmabs_core.generalist import runtime
+
+    monkeypatch.setattr(runtime, "OPENVINO_MIN_SLICES", 1)
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
+    rc = main(["train", "--project", str(proj), "--method", "fmabs", "--iterations", "2", "--run", "o",
+               "--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
+               "--device", "cpu", "--pseudo-warmup", "0.5", "--pseudo-max-cases", "2", "--pseudo-max-slices", "1"])
+    assert rc == 0
+    rounds = [e for e in read_events(Project(proj).run_dir("o")) if e["type"] == "pseudo_label"]
+    assert len(rounds) == 1 and rounds[0]["generalist"] == "fp32 on cpu (openvino)"
