@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fmabs_core.contract import check_name
+from fmabs_core.errors import InputError
 from fmabs_core.training.api import Hook
 
 log = logging.getLogger(__name__)
@@ -233,9 +235,13 @@ def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, fol
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.embcache import EmbeddingCache
     from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
+    from fmabs_core.generalist.runtime import resolve_runtime
     from fmabs_core.training.sampler import zscore
 
-    g = get_generalist("litemedsam", device=device)
+    # the runtime an FM-ABS run would choose for this many slices (OpenVINO on a CPU where it pays)
+    cap = sizes.round_slices
+    expected = sum(min(n, cap or n) for _c, img, _l in cases for n in img.shape)
+    g = get_generalist("litemedsam", device=device, runtime=resolve_runtime("auto", device, expected))
     prepared = [(cid, zscore(img), lab) for cid, img, lab in cases]
     g.encode(np.zeros((1, 64, 64), np.float32), (0.0, 1.0))  # warm-up: kernels, allocator
 
@@ -292,13 +298,20 @@ def engine_run_name(method: str, variant: str) -> str:
 
 def run_suite(device: str = "auto", la_dir: str | None = None, scans: int | None = None, quick: bool = False,
               parts: tuple[str, ...] = ("train", "round", "infer"), methods: tuple[str, ...] = ("sup", "mt", "fmabs"),
-              progress: Callable[[str], None] | None = None) -> dict:
-    """Every row of the suite; ratios are taken between rows of this one run."""
+              progress: Callable[[str], None] | None = None, round_slices: int | None = None) -> dict:
+    """Every row of the suite; ratios are taken between rows of this one run.
+
+    ``round_slices``: slices per view and scan in the rounds (0: every slice with foreground, as the
+    paper's rounds; default: the device's size)."""
     from fmabs_core.cli.bench import load_la_cases
     from fmabs_core.device import resolve_device
 
     dev = resolve_device(device)
     sizes = Sizes.for_device(dev, quick)
+    if round_slices is not None:
+        if round_slices < 0:
+            raise InputError(f"--round-slices {round_slices}: give 0 (every slice with foreground) or a positive count.")
+        sizes = dataclasses.replace(sizes, round_slices=round_slices or None)
     say = progress or (lambda msg: log.info("%s", msg))
     rows: list[dict] = []
     t_start = time.perf_counter()

@@ -101,6 +101,8 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--device", default="auto")
     p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018)")
     p.add_argument("--scans", type=int, help="LA scans in the pseudo-label round (default 4 on CUDA, 1 on CPU)")
+    p.add_argument("--round-slices", type=int, help="slices per view and scan in the rounds (0: every slice with "
+                                                    "foreground, as the paper; default: all on CUDA, 2 on CPU)")
     p.add_argument("--parts", nargs="+", default=["train", "round", "infer"], choices=["train", "round", "infer"])
     p.add_argument("--methods", nargs="+", default=["sup", "mt", "fmabs"], choices=["sup", "mt", "fmabs"])
     p.add_argument("--quick", action="store_true", help="the CPU sizes on any device (a smoke run)")
@@ -321,7 +323,7 @@ def _bench_suite(args: argparse.Namespace) -> int:
     if args.scans is not None and args.scans < 1:
         raise InputError(f"--scans must be >= 1 (got {args.scans}).")
     report = run_suite(args.device, args.la, args.scans, args.quick, tuple(args.parts), tuple(args.methods),
-                       progress=lambda msg: print(msg, flush=True))
+                       progress=lambda msg: print(msg, flush=True), round_slices=args.round_slices)
     print(format_suite(report))
     _write_json(args.json, report)
     return 0
