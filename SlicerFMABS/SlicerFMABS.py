@@ -730,7 +730,7 @@ class SlicerFMABSLogic(ScriptedLoadableModuleLogic):
             outcome = deps.install(plan, confirm, install_torch, run_pip, progress=self._showProgress)
             if outcome.declined:
                 return False
-            self._unavailable |= {r.dist for r in outcome.not_installed if r.generalists}
+            self._unavailable |= outcome.not_again
             if not outcome.ok:
                 show = slicer.util.warningDisplay if outcome.usable else slicer.util.errorDisplay
                 show(outcome.message, windowTitle="FM-ABS: Python packages")

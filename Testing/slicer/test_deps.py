@@ -33,8 +33,11 @@ def test_requirements_match_pyproject():
         import tomli as tomllib
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     wanted = {_name(r): r for r in meta["project"]["dependencies"] if _name(r) not in ("torch", "torchvision")}
-    ours = {_name(r.line): r.line for r in deps.REQUIREMENTS}
+    ours = {_name(r.line): r.line for r in deps.REQUIREMENTS if not r.cpu_speedup}
     assert ours == wanted, "update SlicerFMABSLib/deps.py REQUIREMENTS to match pyproject.toml"
+    # the optional CPU speed-ups are pyproject's extras of the same name
+    speedups = {_name(r.line): r.line for r in deps.REQUIREMENTS if r.cpu_speedup}
+    assert speedups and all(meta["project"]["optional-dependencies"][n] == [line] for n, line in speedups.items())
     torch = next(r for r in meta["project"]["dependencies"] if _name(r) == "torch")
     assert torch == deps.TORCH.line
     assert meta["project"]["requires-python"] == ">=" + ".".join(map(str, deps.MIN_PYTHON))
@@ -121,7 +124,9 @@ def test_install_one_at_a_time_with_torch_held():
     outcome = deps.install(plan, lambda text: True, env.install_torch, env.run_pip, env.installed, progress.append)
     assert env.calls[0] == ("torch", ">=2.2")  # PyTorch Utils first
     pip_calls = env.calls[1:]
-    assert [c[1] for c in pip_calls] == [r.line for r in deps.REQUIREMENTS if r.dist != "numpy"]  # one call each
+    # one call each; PyTorch Utils chose a CUDA build, so the CPU-only speed-up is left out
+    assert [c[1] for c in pip_calls] == [r.line for r in deps.REQUIREMENTS if r.dist != "numpy" and not r.cpu_speedup]
+    assert outcome.left_out == {"openvino>=2024.0": "not needed: PyTorch runs on the GPU here"}
     assert all(c[2][:2] == ["torch==2.6.0+cu126", "torchvision==0.21.0+cu126"] for c in pip_calls)  # torch held
     assert not any(c[1].startswith("torch") for c in pip_calls)  # never by pip
     assert env.versions["torch"] == "2.6.0+cu126"
@@ -129,7 +134,7 @@ def test_install_one_at_a_time_with_torch_held():
     assert "monai>=1.3" in outcome.installed and "tqdm>=4.60" in outcome.installed  # the rest went on
     assert not outcome.ok and not outcome.usable  # scipy is needed whatever the generalist
     assert "Could not install scipy>=1.10:\nERROR: No matching distribution found" in outcome.message
-    assert len(progress) == len(plan.steps) and progress[0].endswith("(step 1 of 11)")
+    assert len(progress) == len(plan.steps) and progress[0].endswith("(step 1 of 12)")
 
 
 def test_failed_generalist_package_leaves_the_others_usable():
@@ -346,3 +351,35 @@ def test_on_python_39_the_module_loads_and_says_why(tmp_path):
              "config.from_dict(config.NetConfig, {'width': 4})\n")
     failed = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert failed.returncode != 0 and ("UnionType" in failed.stderr or "unsupported operand" in failed.stderr)
+
+
+#: a Slicer whose PyTorch runs on the CPU (PyTorch Utils' choice without a GPU), everything else installed
+SLICER_ON_CPU = {**SLICER_WITH_CUDA_TORCH, "torch": "2.6.0+cpu", "torchvision": "0.21.0+cpu", "nibabel": "5.3.2",
+                 **{r.dist: "99.0" for r in deps.REQUIREMENTS if not r.cpu_speedup}}
+
+
+def test_cpu_speedup_is_offered_only_without_a_gpu_build_and_never_blocks():
+    assert deps.gpu_torch("2.5.1+cu124") and deps.gpu_torch("2.4.0+rocm6.1")
+    assert not deps.gpu_torch("2.6.0+cpu") and not deps.gpu_torch("2.6.0") and not deps.gpu_torch(None)
+    # a GPU build: nothing to offer, ready
+    gpu = {**SLICER_ON_CPU, "torch": "2.5.1+cu124"}
+    assert deps.plan(installed=table(gpu), python=(3, 12, 10)).steps == []
+    # a CPU build: OpenVINO is offered, as optional, and FM-ABS is ready without it
+    plan = deps.plan(installed=table(SLICER_ON_CPU), python=(3, 12, 10))
+    assert [s.requirement.dist for s in plan.steps] == ["openvino"]
+    assert "optional" in plan.text and "works without it" in plan.text and "needs Python packages" not in plan.text
+    assert deps.ready(installed=table(SLICER_ON_CPU), python=(3, 12, 10))
+    # declining it is not declining FM-ABS: the job goes on, and it is not asked again this session
+    env = FakeEnvironment(SLICER_ON_CPU)
+    declined = deps.install(plan, lambda t: False, env.install_torch, env.run_pip, env.installed)
+    assert declined.usable and declined.ok and not declined.declined and env.calls == []
+    assert declined.not_again == {"openvino"} and "Left out (optional): openvino>=2024.0 (declined)" in declined.message
+    # a failed install of it leaves FM-ABS usable, says so, and is not offered again this session
+    env = FakeEnvironment(SLICER_ON_CPU, fail={"openvino": "No matching distribution found for openvino>=2024.0"})
+    failed = deps.install(plan, lambda t: True, env.install_torch, env.run_pip, env.installed)
+    assert failed.usable and not failed.ok and failed.not_again == {"openvino"}
+    assert "is optional: FM-ABS works without it" in failed.message
+    # installed with the others when it is wanted
+    env = FakeEnvironment(SLICER_ON_CPU)
+    done = deps.install(plan, lambda t: True, env.install_torch, env.run_pip, env.installed)
+    assert done.ok and done.installed == ["openvino>=2024.0"] and env.calls[0][1] == "openvino>=2024.0"
