@@ -67,6 +67,11 @@ class Requirement:
         return f"{self.dist}{self.spec}"
 
     @property
+    def dispensable(self) -> bool:
+        """FM-ABS runs without it: a generalist's package (the others work) or a CPU speed-up."""
+        return bool(self.generalists or self.cpu_speedup)
+
+    @property
     def import_name(self) -> str:
         return self.module or self.dist.replace("-", "_")
 
@@ -318,13 +323,13 @@ class Outcome:
     @property
     def usable(self) -> bool:
         """FM-ABS can run: only generalist packages (the other generalists work) or speed-ups are missing."""
-        return not (self.declined or self.blocked) and all(r.generalists or r.cpu_speedup for r in self.not_installed)
+        return not (self.declined or self.blocked) and all(r.dispensable for r in self.not_installed)
 
     @property
     def not_again(self) -> set[str]:
         """Distributions not to offer again in this session: failed generalist packages, optional speed-ups
         that failed or were left out (FM-ABS runs without them)."""
-        out = {r.dist for r in self.not_installed if r.generalists or r.cpu_speedup}
+        out = {r.dist for r in self.not_installed if r.dispensable}
         return out | {r.dist for r in map(requirement, self.left_out) if r is not None}
 
     @property
@@ -442,8 +447,7 @@ def ready(for_jobs: bool = True, installed: Callable[[str], str | None] = instal
     if python_problem(python):
         return False
     reqs = REQUIREMENTS if for_jobs else [r for r in REQUIREMENTS if r.gui]
-    return all(step.requirement.generalists or step.requirement.cpu_speedup
-               for step in unmet(for_jobs, reqs, installed))
+    return all(step.requirement.dispensable for step in unmet(for_jobs, reqs, installed))
 
 
 # ---- fmabs_core ------------------------------------------------------------------------------------

@@ -59,15 +59,25 @@ def load_case(image: str | None = None, label: str | None = None) -> tuple[np.nd
     return img, lab, "synthetic 160x128x88 ellipsoid"
 
 
-def load_la_cases(la_dir: Path | None, n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(case, image, label) of the first ``n`` LA 2018 scans (canonical grid); one clear line if absent."""
+def load_la_cases(la_dir: Path | None, n: int,
+                  ids: list[str] | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(case, image, label) of the first ``n`` LA 2018 scans, or of the scans ``ids`` (canonical grid);
+    one clear line if absent. Only the scans returned are read."""
     from fmabs_core.data import io
     from fmabs_core.errors import InputError
 
     dirs = [Path(la_dir)] if la_dir else [Path(d) for d in LA_DIR_CANDIDATES if d]
     for d in dirs:
         if (d / "imagesTr").is_dir():
-            imgs = io.list_niftis(d / "imagesTr")[:n]
+            imgs = io.list_niftis(d / "imagesTr")
+            if ids:
+                missing = sorted(set(ids) - {p.name.split(".")[0] for p in imgs})
+                if missing:
+                    raise InputError(f"--cases: {', '.join(missing)} not in --la's imagesTr/; give case ids as the "
+                                     "file names without .nii.gz")
+                imgs = [p for p in imgs if p.name.split(".")[0] in ids]
+            else:
+                imgs = imgs[:n]
             return [(p.name.split(".")[0], io.load_image(p).array, io.load_label(d / "labelsTr" / p.name).array)
                     for p in imgs]
     raise InputError(f"no LA scans found (looked in {', '.join(map(str, dirs))}); give --la DIR "
@@ -218,10 +228,10 @@ def _precision_worker(name: str, device: str, la_dir: str | None, scans: int, sl
                       encoder_slices: int) -> dict:
     """One config in a fresh process: the CPU tuning is process-wide and cannot be undone in place."""
     from fmabs_core.device import ENV_CPU_TUNING
-    from fmabs_core.data.io import VIEW_AXIS, VIEWS
+    from fmabs_core.data.io import VIEWS
     from fmabs_core.generalist import get_generalist, intensity_range
     from fmabs_core.generalist.embcache import EmbeddingCache
-    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, view_slices
+    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, on_slices, view_slices
 
     pc = PRECISION_CONFIGS[name]
     os.environ[ENV_CPU_TUNING] = "1" if pc.tuned else "0"
@@ -247,10 +257,7 @@ def _precision_worker(name: str, device: str, la_dir: str | None, scans: int, sl
                                     cache=cache)
         seconds = time.perf_counter() - t0
         for view in VIEWS:
-            mask = np.zeros(label.shape, bool)
-            idx = [slice(None)] * 3
-            idx[VIEW_AXIS[view]] = res.slices[view]  # prompted slices, as indices on the canonical axis
-            mask[tuple(idx)] = True
+            mask = on_slices(label.shape, view, res.slices[view])  # the prompted slices
             rows.append({"case": cid, "config": name, "view": view, "dice": dice(res[view], label, mask),
                          "seconds": seconds, "slices": int(len(res.slices[view]))})
             masks[(cid, view)] = (np.packbits(res[view][mask]), np.packbits(mask))

@@ -43,19 +43,13 @@ def bench_ceiling(la_dir: str | None, scans: int = 2, generalist: str = "litemed
     from fmabs_core.cli.bench import load_la_cases
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.embcache import EmbeddingCache
-    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel
+    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, on_slices
 
     if scans < 1:
         raise InputError(f"--scans must be >= 1 (got {scans}).")
     if margin < 1:
         raise InputError(f"--margin must be >= 1 voxel (got {margin}).")
-    cases = load_la_cases(Path(la_dir) if la_dir else None, 10**6 if case_ids else scans)
-    if case_ids:
-        missing = sorted(set(case_ids) - {c[0] for c in cases})
-        if missing:
-            raise InputError(f"--cases: {', '.join(missing)} not in --la's imagesTr/; give case ids as the file names "
-                             "without .nii.gz")
-        cases = [c for c in cases if c[0] in case_ids]
+    cases = load_la_cases(Path(la_dir) if la_dir else None, scans, ids=case_ids)
     g = get_generalist(generalist, device=device, checkpoint=checkpoint)
     rows = []
     for case, image, truth in cases:
@@ -68,7 +62,7 @@ def bench_ceiling(la_dir: str | None, scans: int = 2, generalist: str = "litemed
             if max_slices is None:
                 row.update({v: dice(result[v], truth) for v in VIEWS_AND_FUSED})
             else:  # only some slices were prompted: each view on its prompted slices, no fused figure
-                row.update({v: dice(result[v], truth, _on_slices(truth.shape, v, result.slices[v])) for v in VIEWS})
+                row.update({v: dice(result[v], truth, on_slices(truth.shape, v, result.slices[v])) for v in VIEWS})
                 row["fused"] = float("nan")
             rows.append(row)
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
@@ -81,17 +75,6 @@ def bench_ceiling(la_dir: str | None, scans: int = 2, generalist: str = "litemed
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
-
-
-def _on_slices(shape: tuple[int, ...], view: str, index: np.ndarray) -> np.ndarray:
-    """A boolean volume that is True on ``view``'s slices ``index``."""
-    from fmabs_core.data.io import VIEW_AXIS
-
-    mask = np.zeros(shape, bool)
-    sel: list[Any] = [slice(None)] * len(shape)
-    sel[VIEW_AXIS[view]] = index
-    mask[tuple(sel)] = True
-    return mask
 
 
 def format_ceiling(report: dict[str, Any]) -> str:

@@ -234,13 +234,12 @@ def _reference_row(project, method: str, sizes: Sizes, device: torch.device) -> 
 def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, folder: Path) -> None:
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.embcache import EmbeddingCache
-    from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
+    from fmabs_core.generalist.pseudolabel import multiview_pseudolabel, prompted_slices_bound
     from fmabs_core.generalist.runtime import resolve_runtime
     from fmabs_core.training.sampler import zscore
 
     # the runtime an FM-ABS run would choose for this many slices (OpenVINO on a CPU where it pays)
-    cap = sizes.round_slices
-    expected = sum(min(n, cap or n) for _c, img, _l in cases for n in img.shape)
+    expected = sum(prompted_slices_bound(img.shape, sizes.round_slices) for _c, img, _l in cases)
     g = get_generalist("litemedsam", device=device, runtime=resolve_runtime("auto", device, expected))
     prepared = [(cid, zscore(img), lab) for cid, img, lab in cases]
     g.encode(np.zeros((1, 64, 64), np.float32), (0.0, 1.0))  # warm-up: kernels, allocator

@@ -243,6 +243,20 @@ def save_pseudolabels(
     }
 
 
+def on_slices(shape: tuple[int, ...], view: str, index: np.ndarray) -> np.ndarray:
+    """A boolean volume that is True on ``view``'s slices ``index`` (e.g. :attr:`PseudoLabels.slices`)."""
+    mask = np.zeros(shape, bool)
+    sel: list = [slice(None)] * len(shape)
+    sel[VIEW_AXIS[view]] = index
+    mask[tuple(sel)] = True
+    return mask
+
+
+def prompted_slices_bound(shape: tuple[int, ...], max_slices_per_view: int | None) -> int:
+    """Most slices a three-view pseudo-label of a scan of ``shape`` prompts (all, or the cap per view)."""
+    return sum(min(n, max_slices_per_view or n) for n in shape)
+
+
 def dice(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Foreground Dice (mean over the reference's classes); ``mask`` restricts the voxels counted.
 

@@ -107,7 +107,6 @@ class FMABS(MeanTeacher):
         if self._generalist is None:
             from fmabs_core.generalist import pseudolabel  # noqa: F401  (a round must not fail on import)
             from fmabs_core.generalist.adapted import get_adapted
-
             from fmabs_core.generalist.runtime import resolve_runtime
 
             cfg = self.config
@@ -120,8 +119,9 @@ class FMABS(MeanTeacher):
 
     def _slices_per_scan(self, tr: TrainContext) -> list[int]:
         """Upper bound of the slices one round prompts in each training scan (all three views)."""
-        cap = self.config.pseudo_max_slices
-        return [sum(min(s, cap or s) for s in c.image.shape) for c in tr.train_cases]
+        from fmabs_core.generalist.pseudolabel import prompted_slices_bound
+
+        return [prompted_slices_bound(c.image.shape, self.config.pseudo_max_slices) for c in tr.train_cases]
 
     def expected_encodes(self, tr: TrainContext) -> int:
         """About how many slices this rank will encode over the run's rounds: what decides whether a
