@@ -264,6 +264,12 @@ def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, fol
     with _row(rows, device, **base, variant="reuse, round 2") as row:
         row["seconds"], row["encoded"] = one_round(2, cache)
         row["cache"] = cache.stats()
+    g.folded_decoder = False  # the same warm round through SAM's stock decoder, for the ratio
+    try:
+        with _row(rows, device, **base, variant="reuse, round 2, stock decoder") as row:
+            row["seconds"], row["encoded"] = one_round(2, cache)
+    finally:
+        g.folded_decoder = True
     cache.close(remove=True)
 
 
@@ -357,6 +363,9 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     rounds = {r["variant"]: r for r in rows if r["kind"] == "round"}
     if {"reuse, round 1", "reuse, round 2"} <= set(rounds):
         out["round 2 / round 1 time"] = round(rounds["reuse, round 2"]["seconds"] / rounds["reuse, round 1"]["seconds"], 4)
+    if {"reuse, round 2", "reuse, round 2, stock decoder"} <= set(rounds):
+        out["warm round stock / folded decoder time"] = round(rounds["reuse, round 2, stock decoder"]["seconds"] /
+                                                              rounds["reuse, round 2"]["seconds"], 3)
     if {"no reuse", "reuse, round 2"} <= set(rounds):
         out["round without reuse / warm round time"] = round(rounds["no reuse"]["seconds"] /
                                                              rounds["reuse, round 2"]["seconds"], 2)
@@ -371,14 +380,14 @@ def format_suite(report: dict) -> str:
     lines = [f"device {report['device']} {report['gpu'] or ''} | torch {report['torch']} | {report['threads']} threads, "
              f"load {report['load_avg_1min']} | patch {'x'.join(map(str, s['patch']))} batch {s['batch']} width "
              f"{s['width']}, {s['timed_steps']} timed steps | {report['seconds']:.0f} s in all"]
-    lines.append(f"{'kind':<9} {'method':<6} {'variant':<22} {'it/s':>7} {'step s':>7} {'sampler s':>9} {'wait s':>7} "
+    lines.append(f"{'kind':<9} {'method':<6} {'variant':<30} {'it/s':>7} {'step s':>7} {'sampler s':>9} {'wait s':>7} "
                  f"{'seconds':>8} {'peak MiB':>9}")
     for r in report["rows"]:
         def f(key: str, fmt: str) -> str:
             v = r.get(key)
             width = int(fmt.split(".")[0])
             return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
-        lines.append(f"{r['kind']:<9} {r.get('method', '-'):<6} {r['variant']:<22} {f('its', '7.2f')} "
+        lines.append(f"{r['kind']:<9} {r.get('method', '-'):<6} {r['variant']:<30} {f('its', '7.2f')} "
                      f"{f('step_s', '7.3f')} {f('sampler_s', '9.4f')} {f('wait_s', '7.4f')} {f('seconds', '8.2f')} "
                      f"{f('peak_mib', '9.0f')}")
     for k, v in report["ratios"].items():

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from fmabs_core.errors import InputError
 from fmabs_core.generalist import precision
+from fmabs_core.generalist.decoder import decode_batched
 from fmabs_core.generalist.runtime import make_encoder, resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,11 @@ class Generalist:
     #: default number of slices per encoder call on CPU / CUDA (CPU: batching measured slower)
     default_batch_cpu: int = 1
     default_batch_cuda: int = 32
+    #: slices whose prompts decode in one call on the CPU: 8 measured 1.2x one at a time (larger GEMMs)
+    decode_slices_cpu: int = 8
+    #: decode with the projections folded into the prompt tokens (:mod:`~fmabs_core.generalist.decoder`);
+    #: False runs SAM's stock decoder (the benchmark's side-by-side baseline)
+    folded_decoder: bool = True
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", dtype: str = "auto",
                  layout: str = "auto", runtime: str = "auto") -> None:
@@ -203,6 +209,11 @@ class Generalist:
         if self.device.type == "cuda":
             return self.default_batch_cuda
         return getattr(self._encoder, "batch_slices", self.default_batch_cpu)
+
+    def decode_slices(self, encode_batch: int) -> int:
+        """Slices a pseudo-label pass groups per decoder call: at least the encoder's batch, so that
+        warm rounds (embeddings cached, nothing to encode) still decode several slices at once."""
+        return max(int(encode_batch), self.default_batch_cuda if self.device.type == "cuda" else self.decode_slices_cpu)
 
     def _autocast(self, decoder: bool = False) -> contextlib.AbstractContextManager:
         """The encoder's autocast; the decoder keeps fp32 on the CPU, where it is cheap and where bf16
@@ -311,12 +322,13 @@ class Generalist:
                 )
             with self._autocast(decoder=True):
                 sparse, dense = self.model.prompt_encoder(points=pts, boxes=b, masks=None)
-                logits, iou = _decode_batched(
+                logits, iou = decode_batched(
                     self.model.mask_decoder,
                     emb,
                     self.model.prompt_encoder.get_dense_pe(),
                     sparse,
                     dense,
+                    fast=self.folded_decoder,
                 )
             logits, iou = logits.float(), iou.float()
             if self.multimask:
@@ -370,38 +382,3 @@ def _pack_points(points: PointsArg, n: int, geom: SliceGeometry) -> tuple[np.nda
         coords[i, : len(p)] = geom.points_to_model(p)
         labels[i, : len(p)] = 1
     return coords, labels
-
-
-def _decode_batched(
-    decoder: torch.nn.Module,
-    image_embeddings: torch.Tensor,
-    image_pe: torch.Tensor,
-    sparse: torch.Tensor,
-    dense: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's ``MaskDecoder.predict_masks`` for B images with one prompt each.
-
-    The stock method assumes one image and many prompts (it ``repeat_interleave``s the image
-    embedding by the number of prompts); here image i pairs with prompt i, so B slices decode in one
-    call. Returns all ``num_mask_tokens`` masks (low-res logits) and their IoU predictions.
-    """
-    d = decoder
-    b = image_embeddings.shape[0]
-    output_tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0)
-    output_tokens = output_tokens.unsqueeze(0).expand(b, -1, -1)
-    tokens = torch.cat((output_tokens.to(sparse.dtype), sparse), dim=1)
-    src = image_embeddings + dense
-    pos_src = image_pe.expand(b, -1, -1, -1)
-    _, c, h, w = src.shape
-    hs, src = d.transformer(src, pos_src, tokens)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1 : (1 + d.num_mask_tokens), :]
-    src = src.transpose(1, 2).reshape(b, c, h, w)
-    upscaled = d.output_upscaling(src)
-    hyper_in = torch.stack(
-        [d.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in range(d.num_mask_tokens)], dim=1
-    )
-    _, c2, h2, w2 = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
-    iou_pred = d.iou_prediction_head(iou_token_out)
-    return masks, iou_pred

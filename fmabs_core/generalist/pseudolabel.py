@@ -129,9 +129,10 @@ def view_pseudolabel(
     out = np.zeros(pm_v.shape, np.uint8)
     n_pts = generalist.default_n_points if n_points is None else n_points
     bs = generalist.batch_size(batch_size)
+    per_call = generalist.decode_slices(bs)
     n_prompts = 0
-    for start in range(0, idx.size, bs):
-        chunk = idx[start : start + bs]
+    for start in range(0, idx.size, per_call):
+        chunk = idx[start : start + per_call]
         owners: list[tuple[int, int]] = []  # (position in chunk, class) per prompt
         boxes, points = [], []
         for j, k in enumerate(chunk):

@@ -29,6 +29,9 @@ def test_suite_rounds_reuse_embeddings(la_dir):
     assert rounds["no reuse"]["encoded"] == rounds["reuse, round 1"]["encoded"] > 0
     assert rounds["reuse, round 2"]["encoded"] == 0  # the second round only decodes
     assert "round 2 / round 1 time" in rep["ratios"]
+    stock = rounds["reuse, round 2, stock decoder"]
+    assert stock["encoded"] == 0 and stock["seconds"] > 0
+    assert "warm round stock / folded decoder time" in rep["ratios"]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -8,7 +8,7 @@ import torch
 
 from fmabs_core.errors import InputError, WeightsError
 from fmabs_core.generalist import SliceGeometry, get_generalist, jitter_box, mask_box, sample_points, slice_prompts
-from fmabs_core.generalist.base import _decode_batched
+from fmabs_core.generalist.decoder import decode_batched
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_batched_decoder_matches_stock_decoder(lite):
     pe = model.prompt_encoder.get_dense_pe()
     with torch.inference_mode():
         sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-        batched, iou_b = _decode_batched(model.mask_decoder, emb, pe, sparse, dense)
+        batched, iou_b = decode_batched(model.mask_decoder, emb, pe, sparse, dense)
         for i in range(3):
             for multi in (False, True):
                 stock, iou_s = model.mask_decoder(emb[i : i + 1], pe, sparse[i : i + 1], dense[i : i + 1], multi)

@@ -31,6 +31,9 @@ class BoxGeneralist:
     def batch_size(self, requested=None):
         return requested or 3
 
+    def decode_slices(self, encode_batch):
+        return max(encode_batch, 5)  # more than the encoder's 3: chunks of slices larger than an encoder call
+
     def encode(self, slices, intensity_window=None, batch_size=None):
         geom = SliceGeometry.for_shape(slices.shape[1], slices.shape[2], 256)
         self.encoded += [tuple(slices.shape[1:])] * slices.shape[0]
