@@ -234,7 +234,7 @@ def _reference_row(project, method: str, sizes: Sizes, device: torch.device) -> 
 def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, folder: Path) -> None:
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.embcache import EmbeddingCache
-    from fmabs_core.generalist.pseudolabel import multiview_pseudolabel, prompted_slices_bound
+    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, prompted_slices_bound
     from fmabs_core.generalist.runtime import resolve_runtime
     from fmabs_core.training.sampler import zscore
 
@@ -244,30 +244,33 @@ def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, fol
     prepared = [(cid, zscore(img), lab) for cid, img, lab in cases]
     g.encode(np.zeros((1, 64, 64), np.float32), (0.0, 1.0))  # warm-up: kernels, allocator
 
-    def one_round(seed: int, cache: EmbeddingCache | None) -> tuple[float, int]:
+    def one_round(seed: int, cache: EmbeddingCache | None, row: dict) -> None:
         enc0 = g.encoded_slices
+        fused = []
         _sync(device)
         t0 = time.perf_counter()
         for i, (_cid, img, lab) in enumerate(prepared):
-            multiview_pseudolabel(g, img, lab, np.random.default_rng([seed, i]), max_slices_per_view=sizes.round_slices,
-                                  cache=cache)
+            fused.append(multiview_pseudolabel(g, img, lab, np.random.default_rng([seed, i]),
+                                               max_slices_per_view=sizes.round_slices, cache=cache)["fused"])
         _sync(device)
-        return time.perf_counter() - t0, g.encoded_slices - enc0
+        row["seconds"], row["encoded"] = time.perf_counter() - t0, g.encoded_slices - enc0
+        # the fused pseudo-labels against the labels that prompted them: equal rows must agree
+        row["dice"] = round(float(np.mean([dice(f, lab) for f, (_c, _i, lab) in zip(fused, prepared)])), 4)
 
     base = dict(kind="round", scans=len(prepared), generalist=repr(g))
     with _row(rows, device, **base, variant="no reuse") as row:
-        row["seconds"], row["encoded"] = one_round(1, None)
+        one_round(1, None, row)
     cache = EmbeddingCache(g.device, tier="auto", folder=folder / "embedding_cache", compute_dtype=g.amp_dtype)
     cache.expect(sum(sum(img.shape) for _c, img, _l in prepared))
     with _row(rows, device, **base, variant="reuse, round 1") as row:
-        row["seconds"], row["encoded"] = one_round(1, cache)
+        one_round(1, cache, row)
     with _row(rows, device, **base, variant="reuse, round 2") as row:
-        row["seconds"], row["encoded"] = one_round(2, cache)
+        one_round(2, cache, row)
         row["cache"] = cache.stats()
     g.folded_decoder = False  # the same warm round through SAM's stock decoder, for the ratio
     try:
         with _row(rows, device, **base, variant="reuse, round 2, stock decoder") as row:
-            row["seconds"], row["encoded"] = one_round(2, cache)
+            one_round(2, cache, row)
     finally:
         g.folded_decoder = True
     cache.close(remove=True)
@@ -381,14 +384,14 @@ def format_suite(report: dict) -> str:
              f"load {report['load_avg_1min']} | patch {'x'.join(map(str, s['patch']))} batch {s['batch']} width "
              f"{s['width']}, {s['timed_steps']} timed steps | {report['seconds']:.0f} s in all"]
     lines.append(f"{'kind':<9} {'method':<6} {'variant':<30} {'it/s':>7} {'step s':>7} {'sampler s':>9} {'wait s':>7} "
-                 f"{'seconds':>8} {'peak MiB':>9}")
+                 f"{'seconds':>8} {'dice':>6} {'peak MiB':>9}")
     for r in report["rows"]:
         def f(key: str, fmt: str) -> str:
             v = r.get(key)
             width = int(fmt.split(".")[0])
             return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
         lines.append(f"{r['kind']:<9} {r.get('method', '-'):<6} {r['variant']:<30} {f('its', '7.2f')} "
-                     f"{f('step_s', '7.3f')} {f('sampler_s', '9.4f')} {f('wait_s', '7.4f')} {f('seconds', '8.2f')} "
+                     f"{f('step_s', '7.3f')} {f('sampler_s', '9.4f')} {f('wait_s', '7.4f')} {f('seconds', '8.2f')} {f('dice', '6.4f')} "
                      f"{f('peak_mib', '9.0f')}")
     for k, v in report["ratios"].items():
         lines.append(f"  {k}: {v}")
