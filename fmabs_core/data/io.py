@@ -66,6 +66,11 @@ class Volume:
     def with_array(self, array: np.ndarray) -> "Volume":
         return Volume(array, self.affine, self.source_affine, self.source_shape, self.path)
 
+    def grid(self) -> "Volume":
+        """This volume's grid without its voxels (a read-only, zero-stride placeholder of the same shape):
+        what :func:`save_like` needs to write on the grid, kept for many scans at no memory cost."""
+        return self.with_array(np.broadcast_to(np.zeros((), np.uint8), self.array.shape))
+
 
 #: the most memory one volume may take once loaded as float32, in bytes (``FMABS_MAX_VOLUME_BYTES``
 #: overrides it); a header claiming more is refused before anything is allocated

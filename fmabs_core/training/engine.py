@@ -201,7 +201,7 @@ class Trainer:
                              self.device, normalise=False)
 
     def save_pseudolabels(self, case: Case, result: dict[str, np.ndarray]) -> None:
-        ref = self.project.load_image(case.id)
+        ref = self._grids.get(case.id) or self.project.load_image(case.id)
         out = self.run_dir / PSEUDO_DIR
         for key, arr in result.items():
             io.save_like(arr.astype(np.uint8), ref, out / f"{case.id}_{key}.nii.gz")
@@ -228,9 +228,13 @@ class Trainer:
             raise InputError(f"--labelled-cases: {', '.join(sorted(chosen - set(train)))} not in the training split "
                              f"of {project.root}")
         self.train_cases: list[Case] = []
+        #: each training scan's grid, so that a round writes its pseudo-labels without reading the scan again
+        self._grids: dict[str, io.Volume] = {}
         labelled, unlabelled = [], []
         for cid in self.progress(train, desc="loading scans"):
-            case = Case(cid, zscore(project.load_image(cid).array))
+            volume = project.load_image(cid)
+            case = Case(cid, zscore(volume.array))
+            self._grids[cid] = volume.grid()
             if project.has_label(cid):
                 case.extra["label"] = project.load_label(cid).array  # evaluation and the simulated expert
             usable = chosen is None or cid in chosen
