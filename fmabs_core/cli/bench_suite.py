@@ -246,14 +246,21 @@ def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, fol
 
     def one_round(seed: int, cache: EmbeddingCache | None, row: dict) -> None:
         enc0 = g.encoded_slices
-        fused = []
+        fused, split = [], {"encode": 0.0, "decode": 0.0}
         _sync(device)
         t0 = time.perf_counter()
         for i, (_cid, img, lab) in enumerate(prepared):
-            fused.append(multiview_pseudolabel(g, img, lab, np.random.default_rng([seed, i]),
-                                               max_slices_per_view=sizes.round_slices, cache=cache)["fused"])
+            result = multiview_pseudolabel(g, img, lab, np.random.default_rng([seed, i]),
+                                           max_slices_per_view=sizes.round_slices, cache=cache)
+            fused.append(result["fused"])
+            for part in split:
+                split[part] += result.timing[part]
         _sync(device)
         row["seconds"], row["encoded"] = time.perf_counter() - t0, g.encoded_slices - enc0
+        # where the time went: the encoder (cache look-ups included), the decoder, and the rest on the host
+        # (prompts from the masks, per-slice labels, fusion): on a GPU the host part bounds a warm round
+        row["encode_s"], row["decode_s"] = round(split["encode"], 3), round(split["decode"], 3)
+        row["host_s"] = round(row["seconds"] - split["encode"] - split["decode"], 3)
         # the fused pseudo-labels against the labels that prompted them: equal rows must agree
         row["dice"] = round(float(np.mean([dice(f, lab) for f, (_c, _i, lab) in zip(fused, prepared)])), 4)
 
@@ -384,14 +391,14 @@ def format_suite(report: dict) -> str:
              f"load {report['load_avg_1min']} | patch {'x'.join(map(str, s['patch']))} batch {s['batch']} width "
              f"{s['width']}, {s['timed_steps']} timed steps | {report['seconds']:.0f} s in all"]
     lines.append(f"{'kind':<9} {'method':<6} {'variant':<30} {'it/s':>7} {'step s':>7} {'sampler s':>9} {'wait s':>7} "
-                 f"{'seconds':>8} {'dice':>6} {'peak MiB':>9}")
+                 f"{'seconds':>8} {'encode':>7} {'decode':>7} {'host':>6} {'dice':>6} {'peak MiB':>9}")
     for r in report["rows"]:
         def f(key: str, fmt: str) -> str:
             v = r.get(key)
             width = int(fmt.split(".")[0])
             return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
         lines.append(f"{r['kind']:<9} {r.get('method', '-'):<6} {r['variant']:<30} {f('its', '7.2f')} "
-                     f"{f('step_s', '7.3f')} {f('sampler_s', '9.4f')} {f('wait_s', '7.4f')} {f('seconds', '8.2f')} {f('dice', '6.4f')} "
+                     f"{f('step_s', '7.3f')} {f('sampler_s', '9.4f')} {f('wait_s', '7.4f')} {f('seconds', '8.2f')} {f('encode_s', '7.2f')} {f('decode_s', '7.2f')} {f('host_s', '6.2f')} {f('dice', '6.4f')} "
                      f"{f('peak_mib', '9.0f')}")
     for k, v in report["ratios"].items():
         lines.append(f"  {k}: {v}")

@@ -29,6 +29,10 @@ def test_suite_rounds_reuse_embeddings(la_dir):
     assert rounds["no reuse"]["encoded"] == rounds["reuse, round 1"]["encoded"] > 0
     assert rounds["reuse, round 2"]["encoded"] == 0  # the second round only decodes
     assert "round 2 / round 1 time" in rep["ratios"]
+    for r in rounds.values():  # the split adds up to the row's time
+        assert r["encode_s"] >= 0 and r["decode_s"] > 0 and r["host_s"] > 0
+        assert r["encode_s"] + r["decode_s"] + r["host_s"] == pytest.approx(r["seconds"], abs=0.01)
+    assert rounds["reuse, round 2"]["encode_s"] < rounds["reuse, round 1"]["encode_s"]
     stock = rounds["reuse, round 2, stock decoder"]
     assert stock["encoded"] == 0 and stock["seconds"] > 0
     assert "warm round stock / folded decoder time" in rep["ratios"]
