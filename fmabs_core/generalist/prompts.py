@@ -22,7 +22,8 @@ teacher's uncertain edge can pull SAM onto the neighbouring structure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import partial
+from typing import Callable, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -86,18 +87,27 @@ def slice_prompts(
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return []
+    # (tight box, the part's mask) per prompt; a component's box comes from find_objects and its mask is
+    # only built when points are drawn from it, so box-only prompts (LiteMedSAM's) copy nothing
     if mode == "slice":
-        parts = [mask]
+        parts: list[tuple[np.ndarray, Callable[[], np.ndarray]]] = [(mask_box(mask), lambda: mask)]
     elif mode == "component":
         lab, n = ndimage.label(mask)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
         keep = [i + 1 for i in np.argsort(-sizes) if sizes[i] >= min_component_px]
-        parts = [lab == k for k in keep] if keep else [mask]
+        found = ndimage.find_objects(lab)
+        parts = [(_box_of(found[k - 1]), partial(np.equal, lab, k)) for k in keep] or [(mask_box(mask), lambda: mask)]
     else:
         raise ValueError(f"prompt mode must be 'component' or 'slice', got {mode!r}")
     out = []
-    for part in parts:
+    for box, part in parts:
         k = int(rng.integers(n_points[0], n_points[1] + 1)) if isinstance(n_points, tuple) else int(n_points)
-        box = jitter_box(mask_box(part), mask.shape, rng, jitter)
-        out.append(Prompt(box=box, points=sample_points(part, rng, k)))
+        box = jitter_box(box, mask.shape, rng, jitter)
+        out.append(Prompt(box=box, points=sample_points(part(), rng, k) if k > 0 else np.zeros((0, 2))))
     return out
+
+
+def _box_of(bbox: tuple[slice, slice]) -> np.ndarray:
+    """:func:`mask_box` of a component from its ``find_objects`` bounding slices."""
+    rows, cols = bbox
+    return np.array([cols.start, rows.start, cols.stop - 1, rows.stop - 1], dtype=np.float64)

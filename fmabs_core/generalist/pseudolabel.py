@@ -60,6 +60,16 @@ def from_view_slices(slices: np.ndarray, view: str, orientation: Orientation = "
     return np.ascontiguousarray(np.moveaxis(s, 0, VIEW_AXIS[view]))
 
 
+def _classes(*labels: np.ndarray) -> list[int]:
+    """The foreground classes (not 0, not :data:`UNLABELLED`) that occur in any of ``labels`` (uint8)."""
+    found: set[int] = set()
+    for v in labels:
+        v = np.asarray(v)
+        found.update(np.flatnonzero(np.bincount(v.ravel(), minlength=256)).tolist() if v.dtype == np.uint8
+                     else np.unique(v).tolist())  # bincount: one pass, no sort, for the usual uint8 labels
+    return sorted(int(c) for c in found - {0, UNLABELLED})
+
+
 def fuse(views: Sequence[np.ndarray], fusion: Fusion = "mv") -> np.ndarray:
     """Fuse per-view label volumes: UA = every view agrees on the class, MV = more than half agree."""
     if fusion not in ("mv", "ua"):
@@ -68,8 +78,7 @@ def fuse(views: Sequence[np.ndarray], fusion: Fusion = "mv") -> np.ndarray:
         raise InputError("fuse: no views given.")
     need = len(views) if fusion == "ua" else len(views) // 2 + 1
     out = np.zeros(views[0].shape, np.uint8)
-    classes = sorted(set(np.unique(np.concatenate([np.unique(v) for v in views])).tolist()) - {0, UNLABELLED})
-    for c in classes:
+    for c in _classes(*views):
         votes = np.zeros(views[0].shape, np.uint8)
         for v in views:
             votes += v == c
@@ -126,6 +135,8 @@ def view_pseudolabel(
     pm_v = view_slices(prompt_mask, view, orientation)
     fg = (pm_v > 0) & (pm_v != UNLABELLED)
     idx = _pick(np.flatnonzero(fg.reshape(fg.shape[0], -1).any(axis=1)), max_slices)
+    # which classes each slice holds, for the whole view at once (a np.unique per slice cost more)
+    present = {c: (pm_v == c).reshape(pm_v.shape[0], -1).any(axis=1) for c in _classes(prompt_mask)} if idx.size else {}
     out = np.zeros(pm_v.shape, np.uint8)
     n_pts = generalist.default_n_points if n_points is None else n_points
     bs = generalist.batch_size(batch_size)
@@ -137,7 +148,7 @@ def view_pseudolabel(
         boxes, points = [], []
         for j, k in enumerate(chunk):
             sl = pm_v[k]
-            for c in np.unique(sl[fg[k]]).tolist():
+            for c in [c for c, has in present.items() if has[k]]:
                 for p in slice_prompts(sl == c, rng, box_jitter, n_pts, prompt_mode, min_component_px):
                     owners.append((j, int(c)))
                     boxes.append(p.box)

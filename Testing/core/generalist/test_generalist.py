@@ -259,6 +259,10 @@ def test_prompt_modes_and_empty_slices():
     m[20, 5] = True  # speckle: below min_component_px, no prompt of its own
     comp = slice_prompts(m, rng, jitter=0, n_points=0, mode="component")
     assert [p.box.tolist() for p in comp] == [[25, 25, 37, 34], [2, 2, 11, 11]]
+    for p in slice_prompts(m, rng, jitter=0, n_points=3, mode="component"):  # points from their own component
+        x0, y0, x1, y1 = p.box
+        assert len(p.points) == 3 and m[p.points[:, 1].astype(int), p.points[:, 0].astype(int)].all()
+        assert ((x0 <= p.points[:, 0]) & (p.points[:, 0] <= x1) & (y0 <= p.points[:, 1]) & (p.points[:, 1] <= y1)).all()
     whole = slice_prompts(m, rng, jitter=0, n_points=0, mode="slice")
     assert whole[0].box.tolist() == [2, 2, 37, 34]
     tiny = np.zeros((10, 10), bool)
