@@ -158,6 +158,9 @@ class Trainer:
         self.channels_last = os.environ.get("FMABS_CHANNELS_LAST", "0") == "1"
         self.compile = os.environ.get("FMABS_COMPILE", "0") == "1"
         self._batches: BatchPrefetcher | None = None
+        #: each training scan's grid (filled by load_data), so that a round writes its pseudo-labels
+        #: without reading the scan again
+        self._grids: dict[str, io.Volume] = {}
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._request_cancel)
@@ -228,8 +231,7 @@ class Trainer:
             raise InputError(f"--labelled-cases: {', '.join(sorted(chosen - set(train)))} not in the training split "
                              f"of {project.root}")
         self.train_cases: list[Case] = []
-        #: each training scan's grid, so that a round writes its pseudo-labels without reading the scan again
-        self._grids: dict[str, io.Volume] = {}
+        self._grids.clear()
         labelled, unlabelled = [], []
         for cid in self.progress(train, desc="loading scans"):
             volume = project.load_image(cid)
