@@ -71,14 +71,14 @@ def load_la_cases(la_dir: Path | None, n: int,
         if (d / "imagesTr").is_dir():
             imgs = io.list_niftis(d / "imagesTr")
             if ids:
-                missing = sorted(set(ids) - {p.name.split(".")[0] for p in imgs})
+                missing = sorted(set(ids) - {io.case_id(p) for p in imgs})
                 if missing:
                     raise InputError(f"--cases: {', '.join(missing)} not in --la's imagesTr/; give case ids as the "
                                      "file names without .nii.gz")
-                imgs = [p for p in imgs if p.name.split(".")[0] in ids]
+                imgs = [p for p in imgs if io.case_id(p) in ids]
             else:
                 imgs = imgs[:n]
-            return [(p.name.split(".")[0], io.load_image(p).array, io.load_label(d / "labelsTr" / p.name).array)
+            return [(io.case_id(p), io.load_image(p).array, io.load_label(d / "labelsTr" / p.name).array)
                     for p in imgs]
     raise InputError(f"no LA scans found (looked in {', '.join(map(str, dirs))}); give --la DIR "
                      "(a folder with imagesTr/ and labelsTr/).")
