@@ -398,7 +398,8 @@ def format_suite(report: dict) -> str:
             width = int(fmt.split(".")[0])
             return format(v, fmt) if isinstance(v, (int, float)) else "-".rjust(width)
         lines.append(f"{r['kind']:<9} {r.get('method', '-'):<6} {r['variant']:<30} {f('its', '7.2f')} "
-                     f"{f('step_s', '7.3f')} {f('sampler_s', '9.4f')} {f('wait_s', '7.4f')} {f('seconds', '8.2f')} {f('encode_s', '7.2f')} {f('decode_s', '7.2f')} {f('host_s', '6.2f')} {f('dice', '6.4f')} "
+                     f"{f('step_s', '7.3f')} {f('sampler_s', '9.4f')} {f('wait_s', '7.4f')} {f('seconds', '8.2f')} "
+                     f"{f('encode_s', '7.2f')} {f('decode_s', '7.2f')} {f('host_s', '6.2f')} {f('dice', '6.4f')} "
                      f"{f('peak_mib', '9.0f')}")
     for k, v in report["ratios"].items():
         lines.append(f"  {k}: {v}")

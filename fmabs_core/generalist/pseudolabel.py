@@ -136,7 +136,8 @@ def view_pseudolabel(
     fg = (pm_v > 0) & (pm_v != UNLABELLED)
     idx = _pick(np.flatnonzero(fg.reshape(fg.shape[0], -1).any(axis=1)), max_slices)
     # which classes each slice holds, for the whole view at once (a np.unique per slice cost more)
-    present = {c: (pm_v == c).reshape(pm_v.shape[0], -1).any(axis=1) for c in _classes(prompt_mask)} if idx.size else {}
+    present = ({c: (pm_v == c).reshape(pm_v.shape[0], -1).any(axis=1) for c in _classes(prompt_mask)}
+               if idx.size else {})
     out = np.zeros(pm_v.shape, np.uint8)
     n_pts = generalist.default_n_points if n_points is None else n_points
     bs = generalist.batch_size(batch_size)
