@@ -588,6 +588,8 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainingStateLabel.text = jobs.status_line(status)
         self.ui.etaLabel.text = f"ETA: {status.eta_text or '-'}"
         self.ui.diceLabel.text = f"val Dice: {status.val_dice:.3f}" if status.val_dice is not None else "val Dice: -"
+        self.ui.planesLabel.text = jobs.planes_text(status)  # pseudo-labels vs teacher on the drawn slices
+        self.ui.planesLabel.styleSheet = jobs.planes_style(status)
         if core.watcher.last_suggestion is not None:
             self.setSuggestions(jobs.parse_suggestions(core.watcher.last_suggestion))
             core.watcher.last_suggestion = None

@@ -33,6 +33,9 @@ PSEUDO_DIR = "pseudo"
 #: their fusion; CFR: the fine-tuned generalist's prompt-free label)
 GENERALIST_LAYER = "generalist"
 PSEUDO_LAYERS = ("axial", "coronal", "sagittal", "fused", GENERALIST_LAYER)
+#: ``pseudo/<case>_teacher.nii.gz``: the teacher's probabilities a round fused with (X, Y, Z, C+1 uint8, 255 = 1),
+#: the input that ``fmabs pseudo-label --teacher-probs`` replays a round from (not a label layer)
+TEACHER_FILE_KEY = "teacher"
 ADAPTER_FILE = "generalist_adapter.pt"  # CFR: the fine-tuned generalist's LoRA adapter in the run folder
 LOG_FILE = "train.log"
 JOB_FILE = "job.json"
@@ -70,6 +73,23 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "failed": ("error", "traceback"),
 }
 EVENT_TYPES = tuple(EVENT_FIELDS)
+
+def planes_line(event: dict) -> str | None:
+    """What a ``pseudo_label`` event says to the user about their drawn slices (None when it has no planes).
+
+    The round scores the teacher and the fused pseudo-labels against the expert's drawn planes of the
+    cross-labelled scans; the gain is the evidence, on the user's own data, of what the generalist adds.
+    One definition for ``fmabs jobs status``, the Slicer and the browser Train panels.
+    """
+    gain, t, f = event.get("planes_gain"), event.get("planes_teacher_dice"), event.get("planes_pseudo_dice")
+    if not isinstance(gain, (int, float)) or not isinstance(t, (int, float)) or not isinstance(f, (int, float)):
+        return None
+    line = (f"round {event.get('round', '?')}: pseudo-labels vs teacher on your drawn slices: {100 * gain:+.1f} Dice "
+            f"({100 * f:.1f} vs {100 * t:.1f}, {event.get('planes_scans', '?')} scans)")
+    if event.get("warning"):
+        line += f"; WARNING: {event['warning']}"
+    return line
+
 COMMON_EVENT_FIELDS = ("type", "time", "iteration")
 
 # ---- exit codes of the ``fmabs`` command -----------------------------------------------------------
@@ -86,7 +106,7 @@ GENERALISTS = ("litemedsam", "mobilesam", "sam_vit_b", "sam_vit_l", "sam_vit_h",
 #: next-scan strategies of active cross-labelling (fmabs_core.active.strategies holds the scores)
 STRATEGIES = ("her", "he", "lc", "random")
 EXPERTS = ("simulated", "human")
-FUSIONS = ("mv", "ua")
+FUSIONS = ("mv", "ua", "soft", "gate", "staple")
 DEVICE_HINT = "cpu, cuda or cuda:N (default: cuda when available)"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -65,6 +65,10 @@ class JobStatus:
     metrics: dict[str, Any] = field(default_factory=dict)
     waiting_for: list[str] = field(default_factory=list)  # scans the expert must cross-label to resume
     stage: str | None = None  # a pipeline's stage (CFR: finetune, pseudo, retrain)
+    #: per pseudo-label round, oldest first: pseudo-labels vs teacher on the expert's drawn slices
+    #: (:func:`fmabs_core.contract.planes_line`); a round written again after a resume replaces its line
+    planes: list[str] = field(default_factory=list)
+    planes_warning: str | None = None  # the latest scored round's warning (pseudo-labels worse than the teacher)
 
     @property
     def stage_title(self) -> str:
@@ -91,6 +95,20 @@ def status_line(status: JobStatus) -> str:
     done = f"{status.iteration}/{status.total}" if status.total else ""
     state = f"{status.state} ({status.stage_title})" if status.stage_title else status.state
     return f"{state} {done}".strip()
+
+
+def planes_text(status: JobStatus) -> str:
+    """The Train panel's pseudo-label line: the latest round's score on the drawn slices, or ''."""
+    return status.planes[-1] if status.planes else ""
+
+
+#: how the Train panels show a round whose pseudo-labels are worse than the teacher on the drawn slices
+WARNING_STYLE = "color: #e65100; font-weight: bold;"
+
+
+def planes_style(status: JobStatus) -> str:
+    """The pseudo-label line's style sheet: :data:`WARNING_STYLE` when the latest round has a warning."""
+    return WARNING_STYLE if status.planes and status.planes_warning else ""
 
 
 def format_eta(seconds: float | None) -> str:
@@ -245,9 +263,11 @@ def format_event(event: Mapping[str, Any]) -> str:
         dice = _as_float(event.get("dice"))
         return f"{prefix}validation Dice {dice:.4f}" if dice is not None else f"{prefix}validation"
     if kind == "pseudo_label":
-        cases = event.get("cases")
-        n = len(cases) if isinstance(cases, list) else event.get("n_cases", "?")
-        return f"{prefix}SAM pseudo-labels refreshed for {n} scans"
+        cases = event.get("cases")  # a count in current runs; a list of scans in older ones
+        n = len(cases) if isinstance(cases, list) else _as_int(cases)
+        n = event.get("n_cases", "?") if n is None else n
+        planes = contract.planes_line(event)
+        return f"{prefix}SAM pseudo-labels refreshed for {n} scans" + (f"; {planes}" if planes else "")
     if kind == "suggestion":
         names = [s.case for s in parse_suggestions(event)]
         return f"{prefix}next scans to label: {', '.join(names) if names else '(none)'}"
@@ -283,6 +303,8 @@ class RunWatcher:
         self.status = JobStatus()
         self.last_suggestion: dict[str, Any] | None = None
         self.last_event_state: str | None = None
+        self._planes: dict[Any, str] = {}  # round -> its planes line (a resumed round replaces its line)
+        self._planes_warning: str | None = None
         #: why following the run stopped (reading its files raised); the panel shows it once and stops polling
         self.failed: str | None = None
 
@@ -303,6 +325,12 @@ class RunWatcher:
                     self.status.val_dice = dice
             elif kind == "suggestion":
                 self.last_suggestion = event
+            elif kind == "pseudo_label":
+                planes = contract.planes_line(event)
+                if planes is not None:
+                    key = event.get("round")
+                    self._planes[key if isinstance(key, (int, str)) else len(self._planes)] = planes
+                    self._planes_warning = str(event["warning"]) if event.get("warning") else None
             elif kind in (DONE, CANCELLED):
                 self.last_event_state = kind
             elif kind == WAITING:
@@ -336,6 +364,7 @@ class RunWatcher:
             if not fresh.waiting_for:
                 fresh.waiting_for = self.status.waiting_for
             self.status = fresh
+        self.status.planes, self.status.planes_warning = list(self._planes.values()), self._planes_warning
         if self.last_event_state and self.status.state not in (DONE, FAILED, CANCELLED, WAITING):
             self.status.state = self.last_event_state
         if self.status.state == RUNNING:

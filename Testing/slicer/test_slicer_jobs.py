@@ -432,3 +432,41 @@ def test_watcher_keeps_waiting_state_after_the_pause_event(tmp_path):
                                       + json.dumps({"type": "cancelled", "time": 2.0, "iteration": 3}) + "\n")
     status, _ = jobs.RunWatcher(run).poll(process_running=False)
     assert status.state == jobs.WAITING and status.waiting_for == ["a", "b"]
+
+
+def test_pseudo_label_rounds_on_the_drawn_slices(tmp_path):
+    """A pseudo_label event's line says how many scans were refreshed (``cases``: a count, or a list in older runs)
+    and, when the round scored the expert's drawn slices, contract.planes_line; the watcher keeps every round's
+    line (newest last) and the latest round's warning for the Train panel."""
+    plain = {"type": "pseudo_label", "iteration": 36, "round": 1, "cases": 4}
+    assert jobs.format_event(plain) == "[36] SAM pseudo-labels refreshed for 4 scans"
+    assert jobs.format_event({**plain, "cases": ["a", "b"]}) == "[36] SAM pseudo-labels refreshed for 2 scans"
+    scored = {**plain, "planes_scans": 4, "planes_teacher_dice": 0.828, "planes_pseudo_dice": 0.84, "planes_gain": 0.012}
+    assert jobs.format_event(scored) == ("[36] SAM pseudo-labels refreshed for 4 scans; round 1: pseudo-labels vs "
+                                         "teacher on your drawn slices: +1.2 Dice (84.0 vs 82.8, 4 scans)")
+    worse = {**scored, "iteration": 72, "round": 2, "planes_pseudo_dice": 0.75, "planes_teacher_dice": 0.8,
+             "planes_gain": -0.05, "warning": "the pseudo-labels are worse than the teacher"}
+    assert jobs.format_event(worse).endswith("; WARNING: the pseudo-labels are worse than the teacher")
+    assert jobs.contract.planes_line(worse) in jobs.format_event(worse)  # one wording, the contract's
+
+    run = tmp_path / "run"
+    run.mkdir()
+    events = run / "events.jsonl"
+    events.write_text(json.dumps(plain) + "\n" + json.dumps(scored) + "\n")
+    watcher = jobs.RunWatcher(run)
+    status, lines = watcher.poll(process_running=True)
+    assert status.planes == [jobs.contract.planes_line(scored)] and status.planes_warning is None
+    assert jobs.planes_text(status) == jobs.contract.planes_line(scored) and jobs.planes_style(status) == ""
+    with open(events, "a") as fh:
+        fh.write(json.dumps(worse) + "\n")
+    (run / "status.json").write_text(json.dumps({"state": "running", "iteration": 80, "iterations": 100}))
+    status, lines = watcher.poll(process_running=True)  # status.json read: the rounds are kept
+    assert status.planes == [jobs.contract.planes_line(scored), jobs.contract.planes_line(worse)]
+    assert jobs.planes_text(status).startswith("round 2:") and "WARNING" in jobs.planes_text(status)
+    assert status.planes_warning and jobs.planes_style(status) == jobs.WARNING_STYLE
+    with open(events, "a") as fh:  # round 2 again after a resume, better this time: it replaces its line
+        fh.write(json.dumps({**scored, "round": 2, "iteration": 72}) + "\n")
+    status, _ = watcher.poll(process_running=True)
+    assert len(status.planes) == 2 and status.planes[-1].startswith("round 2:") and "WARNING" not in status.planes[-1]
+    assert status.planes_warning is None and jobs.planes_style(status) == ""
+    assert jobs.planes_text(jobs.JobStatus()) == ""

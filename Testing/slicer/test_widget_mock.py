@@ -152,6 +152,31 @@ def test_train_panel_reads_run_files(widget, tmp_path):
     assert widget.ui.startTrainingButton.enabled and not widget.ui.cancelTrainingButton.enabled
 
 
+def test_train_panel_shows_the_latest_pseudo_label_round(widget, widget_module, tmp_path):
+    """The Train panel's pseudo-label line: the latest round's score on the drawn slices (contract.planes_line),
+    styled as a warning when that round's pseudo-labels are worse than the teacher; every round is in the log."""
+    from fmabs_core.contract import planes_line
+    from fmabs_core.runs.events import RunLog
+
+    core = widget.logic.core
+    core.create_project(tmp_path / "proj", {1: "x"})
+    log = RunLog(core.project.run_dir("r2"))
+    first = log.event("pseudo_label", iteration=40, round=1, cases=4, planes_scans=4, planes_teacher_dice=0.828,
+                      planes_pseudo_dice=0.84, planes_gain=0.012)
+    log.update_status(state="running", iteration=40, iterations=120, pid=_own_pid())
+    widget.ui.runNameLineEdit.text = "r2"
+    widget.onWatchRun()
+    widget.onTimer()
+    assert widget.ui.planesLabel.text == planes_line(first) and widget.ui.planesLabel.styleSheet == ""
+    worse = log.event("pseudo_label", iteration=80, round=2, cases=4, planes_scans=4, planes_teacher_dice=0.8,
+                      planes_pseudo_dice=0.75, planes_gain=-0.05, warning="worse than the teacher on your slices")
+    widget.onTimer()
+    assert widget.ui.planesLabel.text == planes_line(worse) and "WARNING: worse than the teacher" in planes_line(worse)
+    assert widget.ui.planesLabel.styleSheet == jobs_of(widget_module).WARNING_STYLE
+    logged = [line for line in widget.ui.trainingLogTextEdit.lines if "pseudo-labels refreshed for 4 scans" in line]
+    assert [line.split("; ", 1)[1] for line in logged] == [planes_line(first), planes_line(worse)]
+
+
 def _own_pid() -> int:
     import os
 

@@ -150,6 +150,24 @@ def test_web_end_to_end(phantom_project, server_factory, browser_page, tmp_path)
     assert "started" in log or "resumed" in log, log
     run_dir = phantom_project / "runs" / "web1"
     assert (run_dir / "model.pt").is_file()
+
+    # the per-round line on the drawn slices (contract.planes_line). The run above is sup-dense, which has no
+    # pseudo-label rounds (an fmabs run needs a generalist's weights and minutes): two pseudo_label events, as
+    # FM-ABS writes them, are appended to its events.jsonl with RunLog, then "Watch run" re-reads the run.
+    from fmabs_core.contract import planes_line
+    from fmabs_core.runs.events import RunLog
+
+    rounds = [RunLog(run_dir).event("pseudo_label", iteration=60, round=1, cases=1, planes_scans=1,
+                                    planes_teacher_dice=0.828, planes_pseudo_dice=0.84, planes_gain=0.012),
+              RunLog(run_dir).event("pseudo_label", iteration=60, round=2, cases=1, planes_scans=1,
+                                    planes_teacher_dice=0.8, planes_pseudo_dice=0.75, planes_gain=-0.05,
+                                    warning="the pseudo-labels are worse than the teacher on your drawn slices")]
+    page.click("#btn-train-watch")
+    wait_text(page, "#train-rounds", r"round 2: .*WARNING", 60)
+    assert text_of(page, "#train-rounds").splitlines() == [planes_line(e) for e in rounds]  # newest last
+    assert "worse than the teacher" in text_of(page, "#train-rounds-warning")
+    assert "60/60" in text_of(page, "#train-state") and planes_line(rounds[1]) in page.input_value("#train-log")
+    shot(page, "3-train-rounds")
     train_s = time.time() - started - label_s
 
     # the reference: what the command line writes for the same model and scan

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmabs_core.contract import FUSIONS
 from fmabs_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,28 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
                    "adapter's)")
     p.add_argument("--checkpoint", help="local weights file for the generalist (offline use; with --adapter: the "
                    "base weights it was tuned on)")
-    p.add_argument("--fusion", default="mv", choices=["mv", "ua"], help="mv: >= 2 of 3 views; ua: all 3")
+    p.add_argument("--teacher-probs", help="a teacher's probabilities (a round's pseudo/<case>_teacher.nii.gz): they "
+                   "prompt, as --prompt-from does, and take part in the soft, gate and staple fusions; with the "
+                   "round's --seed and options this writes the round's label again")
+    p.add_argument("--fusion", default="mv", choices=list(FUSIONS), help="mv: >= 2 of 3 views; ua: all 3; soft, gate, "
+                   "staple: the teacher takes part (see fmabs train --help-method fmabs)")
+    p.add_argument("--teacher-weight", type=float, default=0.5, help="with --fusion soft: the teacher's share")
+    p.add_argument("--gate-confidence", type=float, default=0.9, help="with --fusion gate: the teacher's "
+                   "probability above which its label stands")
+    p.add_argument("--crosslabel", help="the scan's cross-label: print the teacher's and the pseudo-label's Dice on "
+                   "the drawn planes")
+    p.add_argument("--embedding-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="precision the slice embeddings are decoded from, as fmabs train's --embedding-dtype "
+                   "(float32 for a run trained with --embedding-cache off)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--output", required=True, help="output folder for <case>_{axial,coronal,sagittal,fused}.nii.gz "
                    "(with --adapter: a .nii.gz file, or a folder for <case>_tiled.nii.gz)")
     p.add_argument("--case", help="case name in the output files (default: from the image file name)")
     p.add_argument("--label", help="ground truth: print the Dice of each view and of the fused result")
     p.add_argument("--max-slices", type=int, help="prompt at most N foreground slices per view (CPU checks)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, nargs="+", default=[0], help="generator seed; a round's scan uses SEED "
+                   "ITERATION INDEX (pseudo/round.json lists them)")
     p.add_argument("--jitter", type=int, default=10, help="max random box expansion per side, px (default 10)")
     p.add_argument("--points", type=int, help="positive points per box (default: the generalist's)")
     p.add_argument("--prompt-mode", default="component", choices=["component", "slice"])
@@ -126,6 +141,25 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
                                                   "as a round; fewer for a quick look)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_bench_ceiling)
+    p = bsub.add_parser("teachers", help="the generalist's pseudo-labels against the teacher that prompted them, for "
+                                         "teachers of several qualities and kinds, under every fusion rule")
+    p.add_argument("--project", required=True, help="project folder whose labelled training scans are used (a "
+                                                   "reproduction cell's project is the protocol's training split)")
+    p.add_argument("--cases", nargs="+", metavar="ID", help="these training scans (default: the first --scans)")
+    p.add_argument("--scans", type=int, default=6, help="training scans, in the project's order (default 6)")
+    p.add_argument("--runs", nargs="+", metavar="RUN", help="run folders whose checkpoints are real teachers")
+    p.add_argument("--iterations", nargs="+", type=int, help="the checkpoints of --runs to use (default: all)")
+    p.add_argument("--no-made", action="store_true", help="only the real teachers of --runs")
+    p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--box-jitter", type=int, default=10, help="random box enlargement, px per side (default 10)")
+    p.add_argument("--max-slices", type=int, help="prompted slices per view (default: every foreground slice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", help="keep slice embeddings in this folder, so a later run encodes nothing")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.set_defaults(func=_bench_teachers)
 
 
 def _weights_list(args: argparse.Namespace) -> int:
@@ -175,33 +209,60 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, save_pseudolabels
 
-    if not args.prompt_from:
-        raise InputError("pseudo-label needs --prompt-from (a mask that prompts the generalist), or --adapter "
-                         "(a tuned LoRA adapter, prompt-free).")
+    from fmabs_core.generalist.embcache import EmbeddingCache
+    from fmabs_core.generalist.fusion import (FusionRule, combine, fill_unprompted, plane_dice, probs_from_uint8,
+                                              teacher_probs_of)
+    from fmabs_core.training.sampler import zscore
+
+    if bool(args.prompt_from) == bool(args.teacher_probs):
+        raise InputError("pseudo-label needs one of --prompt-from (a mask that prompts the generalist) or "
+                         "--teacher-probs (a round's <case>_teacher.nii.gz), or --adapter (a tuned LoRA adapter, "
+                         "prompt-free).")
     if args.patch_size is not None:
         raise InputError("--patch-size is for the prompt-free mode (--adapter) only.")
+    rule = FusionRule(args.fusion, args.teacher_weight, args.gate_confidence).check()
     args.generalist = args.generalist or "litemedsam"
     image = io.load_image(args.image)
-    prompt = io.load_label(args.prompt_from, allow_unlabelled=True)
-    problems = io.check_pair(image, prompt)
-    gt = None
+    given = io.load_probabilities(args.teacher_probs) if args.teacher_probs else io.load_label(
+        args.prompt_from, allow_unlabelled=True)
+    problems = io.check_pair(image, given)
+    gt = cross = None
     if args.label:
         gt = io.load_label(args.label)
         problems += io.check_pair(image, gt)
+    if args.crosslabel:
+        cross = io.load_label(args.crosslabel, allow_unlabelled=True)
+        problems += io.check_pair(image, cross)
     if problems:
         raise InputError(" ".join(problems))
     if args.max_slices is not None and args.max_slices < 1:
         raise InputError(f"--max-slices must be >= 1, got {args.max_slices}.")
-    g = get_generalist(args.generalist, device=args.device, checkpoint=args.checkpoint)
-    result = multiview_pseudolabel(
-        g, image.array, prompt.array, np.random.default_rng(args.seed), fusion=args.fusion,
-        box_jitter=args.jitter, n_points=args.points, max_slices_per_view=args.max_slices,
-        batch_size=args.batch_size, prompt_mode=args.prompt_mode,
-    )
     case = args.case or io.case_id(args.image)
-    protect = tuple(Path(p) for p in (args.image, args.prompt_from, args.label) if p)
     out = Path(args.output)
+    targets = [out / f"{case}_{key}.nii.gz" for key in (*io.VIEWS, "fused")]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"{', '.join(existing)} exist(s); give --overwrite to replace them, or another --output.")
+    teacher = probs_from_uint8(given.array) if args.teacher_probs else teacher_probs_of(given.array)
+    prompt = teacher.argmax(0).astype(np.uint8)
+    g = get_generalist(args.generalist, device=args.device, checkpoint=args.checkpoint)
+    # The same steps as a round: the scan z-scored as training sees it, and the slices decoded from embeddings
+    # stored at the round's precision (its embedding cache), so a round's inputs give the round's label.
+    cache = EmbeddingCache(g.device, tier="host", dtype=args.embedding_dtype, compute_dtype=g.amp_dtype)
+    result = multiview_pseudolabel(
+        g, zscore(image.array), prompt, np.random.default_rng(args.seed), fusion="mv",
+        box_jitter=args.jitter, n_points=args.points, max_slices_per_view=args.max_slices,
+        batch_size=args.batch_size, prompt_mode=args.prompt_mode, keep_probs=rule.needs_probs, cache=cache,
+    )
+    if args.max_slices is not None:
+        fill_unprompted(result, teacher)
+    result["fused"] = combine({v: result[v] for v in io.VIEWS}, teacher, rule, result.probs)
+    protect = tuple(Path(p) for p in (args.image, args.prompt_from, args.teacher_probs, args.label, args.crosslabel)
+                    if p)
     save_pseudolabels(result, image, out, case, protect=protect)
+    if cross is not None:
+        t, f = plane_dice(prompt, cross.array), plane_dice(result["fused"], cross.array)
+        print(f"on the drawn planes of {args.crosslabel}: teacher {t:.4f}, pseudo-label {f:.4f} ({f - t:+.4f})")
     n = sum(v.size for v in result.slices.values())
     print(f"{case}: {n} slices, {result.prompts} prompts, {result.seconds:.1f} s -> {out}")
     if gt is not None:
@@ -224,7 +285,10 @@ def _pseudo_label(args: argparse.Namespace) -> int:
 #: options of the prompted mode that mean nothing to the prompt-free one (flag -> its default)
 _PROMPTED_ONLY = {"--max-slices": ("max_slices", None), "--points": ("points", None),
                   "--jitter": ("jitter", 10), "--prompt-mode": ("prompt_mode", "component"),
-                  "--fusion": ("fusion", "mv"), "--batch-size": ("batch_size", None)}
+                  "--fusion": ("fusion", "mv"), "--batch-size": ("batch_size", None),
+                  "--teacher-probs": ("teacher_probs", None), "--teacher-weight": ("teacher_weight", 0.5),
+                  "--gate-confidence": ("gate_confidence", 0.9), "--crosslabel": ("crosslabel", None),
+                  "--embedding-dtype": ("embedding_dtype", "auto")}
 
 
 def _pseudo_label_tuned(args: argparse.Namespace) -> int:
@@ -313,6 +377,22 @@ def _bench_ceiling(args: argparse.Namespace) -> int:
     report = bench_ceiling(args.la, args.scans, args.generalist, args.device, args.checkpoint, args.margin,
                            args.fusion, args.box_jitter, args.max_slices, case_ids=args.cases)
     print(format_ceiling(report))
+    _write_json(args.json, report)
+    return 0
+
+
+def _bench_teachers(args: argparse.Namespace) -> int:
+    from fmabs_core.cli.bench_teachers import bench_teachers, format_teachers
+    from fmabs_core.cli.common import progress
+
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise InputError(f"--json {args.json} exists; give --overwrite to replace it, or another path.")
+    if args.scans is not None and args.scans < 1:
+        raise InputError(f"--scans must be >= 1 (got {args.scans}).")
+    report = bench_teachers(args.project, args.cases, args.scans, args.runs, args.iterations, not args.no_made,
+                            args.generalist, args.checkpoint, args.device, args.box_jitter, args.max_slices,
+                            args.seed, args.cache_dir, progress=progress)
+    print(format_teachers(report))
     _write_json(args.json, report)
     return 0
 

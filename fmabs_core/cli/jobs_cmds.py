@@ -64,11 +64,15 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = jobs.job_status(_run_dir(args))
+    run_dir = _run_dir(args)
+    status = jobs.job_status(run_dir)
+    rounds = jobs.planes_rounds(run_dir)  # pseudo-labels vs teacher on the expert's drawn slices, per round
     if args.json:
-        print_json(status)
+        print_json({**status, "pseudo_label_rounds": rounds})
     else:
         print(jobs.summary_line(status))
+        for r in rounds:
+            print(f"  {r['line']}")
     return 1 if status["state"] in ("failed", "crashed") else 0
 
 
@@ -114,7 +118,8 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     s = jsub.add_parser("status", help="state, progress and ETA of a run (detects crashed jobs)")
     s.add_argument("--project", required=True)
     s.add_argument("--run", required=True)
-    s.add_argument("--json", action="store_true", help="the full status as JSON")
+    s.add_argument("--json", action="store_true",
+                   help="the full status as JSON, with pseudo_label_rounds (scores on your drawn slices per round)")
     s.set_defaults(func=cmd_status)
 
     s = jsub.add_parser("cancel", help="SIGTERM a running job: it checkpoints and exits")

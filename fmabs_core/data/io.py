@@ -94,8 +94,10 @@ def _gib(n: float) -> str:
     return f"{n / 1024 ** 3:.1f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
 
 
-def read_header(path: str | os.PathLike) -> nib.Nifti1Image:
+def read_header(path: str | os.PathLike, channels: bool = False) -> nib.Nifti1Image:
     """Open a NIfTI file and check everything its header says, without reading the voxels.
+
+    ``channels``: a 4D file of 3D volumes (X, Y, Z, K) is expected instead of a 3D one.
 
     Refused, naming the file: missing or not a file, not NIfTI, unreadable header, voxels that are not
     single numbers (RGB, complex), not 3D, a claimed size beyond the memory ceiling or beyond what the
@@ -124,10 +126,13 @@ def read_header(path: str | os.PathLike) -> nib.Nifti1Image:
         raise InputError(f"{path}: voxels of type {dtype.descr if dtype.fields else dtype} are {what} values, not "
                          "single numbers. Save the volume as one grey-level channel (e.g. 'Scalar volume' in "
                          "3D Slicer).")
-    if len(shape) != 3:
+    if channels:
+        if len(shape) != 4:
+            raise InputError(f"{path}: expected 4D channels (X, Y, Z, K), got shape {shape}.")
+    elif len(shape) != 3:
         extra = " (a 4D file: split its channels or time points into 3D files)" if len(shape) == 4 else ""
         raise InputError(f"{path}: expected a 3D volume, got shape {shape}{extra}.")
-    if min(shape) < 2:
+    if min(shape[:3]) < 2:
         raise InputError(f"{path}: shape {shape} has fewer than 2 voxels along an axis (a single slice, or a "
                          "damaged header), not a 3D volume.")
     n_voxels = int(np.prod(shape, dtype=np.float64))
@@ -283,10 +288,26 @@ def load_label(
     return _to_volume(img, path, data.astype(np.uint8))
 
 
+def load_probabilities(path: str | os.PathLike, channels: int | None = None) -> Volume:
+    """Load a 4D probability volume (``X, Y, Z, C+1``, uint8 with 255 = 1.0, as a round writes the teacher's) on
+    the canonical grid, checking its layout."""
+    path = Path(path)
+    img = read_header(path, channels=True)
+    if img.shape[3] < 2:
+        raise InputError(f"{path}: expected 4D probabilities (X, Y, Z, classes + background), found shape "
+                         f"{tuple(img.shape)}; use a <case>_teacher.nii.gz written by a pseudo-label round.")
+    if channels is not None and img.shape[3] != channels:
+        raise InputError(f"{path}: {img.shape[3]} probability channels, expected {channels} (background + classes).")
+    data = _read_voxels(img, path, as_float=False)
+    if data.dtype != np.uint8:
+        raise InputError(f"{path}: probabilities must be stored as uint8 (255 = 1.0), found {data.dtype}.")
+    return _to_volume(img, path, data)
+
+
 def check_pair(image: Volume, label: Volume, atol: float = 1e-3) -> list[str]:
     """Problems that make ``label`` unusable with ``image`` (empty when they match)."""
     problems = []
-    if image.source_shape != label.source_shape:
+    if tuple(image.source_shape[:3]) != tuple(label.source_shape[:3]):
         problems.append(
             f"{label.path}: shape {label.source_shape} differs from its image {image.path} "
             f"{image.source_shape}; resample the label onto the image grid."

@@ -33,6 +33,7 @@ from fmabs_core.contract import UNLABELLED
 from fmabs_core.errors import InputError
 from fmabs_core.generalist.base import Embeddings, Generalist, SliceGeometry, intensity_range
 from fmabs_core.generalist.embcache import EmbeddingCache, encode_cached, scan_digest, slice_key
+from fmabs_core.generalist.fusion import vote
 from fmabs_core.generalist.prompts import Mode, slice_prompts
 from fmabs_core.data.io import VIEW_AXIS, VIEWS, Volume, save_like
 
@@ -71,19 +72,12 @@ def _classes(*labels: np.ndarray) -> list[int]:
 
 
 def fuse(views: Sequence[np.ndarray], fusion: Fusion = "mv") -> np.ndarray:
-    """Fuse per-view label volumes: UA = every view agrees on the class, MV = more than half agree."""
+    """Fuse per-view label volumes by vote: UA = every view agrees on the class, MV = more than half agree.
+
+    The rules that let the teacher take part are in :mod:`fmabs_core.generalist.fusion`."""
     if fusion not in ("mv", "ua"):
         raise InputError(f"fusion must be 'mv' or 'ua', got {fusion!r}.")
-    if not views:
-        raise InputError("fuse: no views given.")
-    need = len(views) if fusion == "ua" else len(views) // 2 + 1
-    out = np.zeros(views[0].shape, np.uint8)
-    for c in _classes(*views):
-        votes = np.zeros(views[0].shape, np.uint8)
-        for v in views:
-            votes += v == c
-        out[votes >= need] = c
-    return out
+    return vote(views, fusion)
 
 
 class PseudoLabels(dict):
@@ -94,6 +88,7 @@ class PseudoLabels(dict):
     seconds: float
     fusion: str
     timing: dict[str, float]  # seconds encoding (cache look-ups included) and decoding, over the three views
+    probs: dict[str, dict[int, np.ndarray]]  # view -> class -> generalist probability (with keep_probs)
 
 
 def _pick(idx: np.ndarray, limit: int | None) -> np.ndarray:
@@ -123,9 +118,12 @@ def view_pseudolabel(
     cache: EmbeddingCache | None = None,
     scan_id: str | None = None,
     timing: dict[str, float] | None = None,
+    probs: dict[int, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One view's 3D pseudo-label (XYZ uint8), the prompted slice indices and the number of prompts.
 
+    ``probs``: if given, filled with class -> the generalist's probability of that class (XYZ float16; 0 on
+    slices it was not asked about), for the soft fusions of :mod:`fmabs_core.generalist.fusion`.
     With ``cache`` (and ``scan_id``, the scan's content hash) slices encoded before are only decoded.
     ``timing``: seconds spent encoding (cache look-ups included) and decoding are added to its "encode" and
     "decode" entries (on a GPU after a synchronisation, so that the split says where a round's time goes).
@@ -139,6 +137,7 @@ def view_pseudolabel(
     present = ({c: (pm_v == c).reshape(pm_v.shape[0], -1).any(axis=1) for c in _classes(prompt_mask)}
                if idx.size else {})
     out = np.zeros(pm_v.shape, np.uint8)
+    soft = {c: np.zeros(pm_v.shape, np.float16) for c in present} if probs is not None else None
     n_pts = generalist.default_n_points if n_points is None else n_points
     bs = generalist.batch_size(batch_size)
     per_call = generalist.decode_slices(bs)
@@ -164,7 +163,7 @@ def view_pseudolabel(
             emb = Embeddings(feats, SliceGeometry.for_shape(img_v.shape[1], img_v.shape[2], generalist.image_size))
         _synchronize(generalist)
         t_dec = time.perf_counter()
-        probs = generalist.decode(emb.select([o[0] for o in owners]), np.stack(boxes), points, return_probs=True)
+        answers = generalist.decode(emb.select([o[0] for o in owners]), np.stack(boxes), points, return_probs=True)
         timing["encode"] = timing.get("encode", 0.0) + t_dec - t_enc
         timing["decode"] = timing.get("decode", 0.0) + time.perf_counter() - t_dec
         n_prompts += len(owners)
@@ -172,11 +171,15 @@ def view_pseudolabel(
             best = np.full(out.shape[1:], 0.5, np.float32)  # a class needs p > 0.5 to claim a pixel
             lab = np.zeros(out.shape[1:], np.uint8)
             for c in sorted({c for (jj, c) in owners if jj == j}):
-                pc = np.max(probs[[i for i, o in enumerate(owners) if o == (j, c)]], axis=0)  # union of components
+                pc = np.max(answers[[i for i, o in enumerate(owners) if o == (j, c)]], axis=0)  # union of parts
+                if soft is not None:
+                    soft[c][k] = pc
                 win = pc > best
                 lab[win] = c
                 best[win] = pc[win]
             out[k] = lab
+    if soft is not None:
+        probs.update({c: from_view_slices(v, view, orientation) for c, v in soft.items()})
     return from_view_slices(out, view, orientation), idx, n_prompts
 
 
@@ -202,6 +205,7 @@ def multiview_pseudolabel(
     intensity_window: tuple[float, float] | None = None,
     cache: EmbeddingCache | None = None,
     scan_id: str | None = None,
+    keep_probs: bool = False,
 ) -> PseudoLabels:
     """Axial, coronal and sagittal generalist pseudo-labels of one scan, and their fusion.
 
@@ -212,6 +216,8 @@ def multiview_pseudolabel(
     background, so the result under-segments). ``batch_size``: slices per encoder call (None: the
     generalist's default, 1 on CPU where batching measured slower, larger on CUDA). ``cache``:
     embeddings kept across calls (rounds) under ``scan_id`` (default: the image's content hash).
+    ``keep_probs``: also keep each view's per-class probabilities (``result.probs[view][class]``, float16),
+    which the soft fusions need.
     """
     image = np.asarray(image)
     prompt_mask = np.asarray(prompt_mask)
@@ -228,11 +234,13 @@ def multiview_pseudolabel(
     result = PseudoLabels()
     result.slices, result.prompts, result.fusion = {}, 0, fusion
     result.timing = {"encode": 0.0, "decode": 0.0}
+    result.probs = {}
     for view in VIEWS:
         tv = time.perf_counter()
         vol, idx, n = view_pseudolabel(
             generalist, image, prompt_mask, view, rng, window, box_jitter, n_points, max_slices_per_view,
             batch_size, prompt_mode, min_component_px, orientation, cache, scan_id, result.timing,
+            result.probs.setdefault(view, {}) if keep_probs else None,
         )
         result[view], result.slices[view] = vol, idx
         result.prompts += n

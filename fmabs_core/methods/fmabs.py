@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fmabs_core.contract import FUSIONS, UNLABELLED, VIEW_AXIS, VIEWS
+from fmabs_core.contract import FUSIONS, UNLABELLED, VIEWS
 from fmabs_core.methods import losses, register
 from fmabs_core.methods.base import option
 from fmabs_core.methods.mean_teacher import MeanTeacher, MeanTeacherConfig
@@ -49,7 +49,13 @@ class FMABSConfig(MeanTeacherConfig):
                                                     "slices evicted (default: half the free memory of its tier)")
     embedding_dtype: str = option("auto", "stored embeddings: auto (bf16 if the encoder runs in bf16, else "
                                           "float16), bfloat16, float16, float32")
-    fusion: str = option("mv", f"how the three views' pseudo-labels are fused: {', '.join(FUSIONS)}")
+    fusion: str = option("mv", "how the teacher and the three views' answers become one pseudo-label: mv (2 of 3 "
+                               "views), ua (all 3), soft (the teacher's and the views' probabilities averaged, "
+                               "see --teacher-weight), gate (the teacher where it is confident, else mv), staple "
+                               "(SimpleITK's STAPLE over the teacher and the views); docs/pseudo-labels.md")
+    teacher_weight: float = option(0.5, "with --fusion soft: the teacher's share of the vote (0: the views alone, 1: "
+                                        "the teacher alone)")
+    gate_confidence: float = option(0.9, "with --fusion gate: the teacher's probability above which its label stands")
     sam_weight: float = option(0.5, "weight of the pseudo-label loss at the start (it decays to 0)")
     nt_gamma: float = option(1.5, "exponent of the noise-tolerant Dice (2 = plain Dice)")
     pseudo_warmup: float = option(0.06, "fraction of the iterations before the first pseudo-label round")
@@ -177,56 +183,58 @@ class FMABS(MeanTeacher):
         self.partial = {"iteration": it, "cases": [c.id for c in cases], "done": {}}
         return cases
 
-    def _label_case(self, tr, it: int, i: int, case) -> tuple[np.ndarray, tuple[float, float] | None]:
-        """One scan of a round: teacher prompt -> three views -> fused pseudo-label (written to the run folder)."""
+    def _label_case(self, tr, it: int, i: int, case) -> tuple[np.ndarray, dict | None]:
+        """One scan of a round: teacher -> three views -> fused pseudo-label (written to the run folder), and its
+        scores: Dice against the scan's label when it has one, counts on the expert's drawn planes when drawn."""
         if self._tuned is not None:
             return self._label_case_tiled(tr, case)
-        from fmabs_core.inference.metrics import dice_jaccard
+        from fmabs_core.generalist.fusion import FusionRule, combine, fill_unprompted, quantise_probs
 
         cfg = self.config
         clock = self._clock
         t = time.perf_counter()
-        prompt = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
+        # quantised as they are written (pseudo/<case>_teacher.nii.gz), so `fmabs pseudo-label` replays a round exactly
+        teacher = quantise_probs(tr.predict(self.teacher, case.image))
+        prompt = teacher.argmax(0).astype(np.uint8)
         clock["teacher"] += time.perf_counter() - t
-        label = case.extra.get("label")
         if cfg.pseudo_source == "teacher":
             tr.save_pseudolabels(case, {"fused": prompt})
-            return prompt, None if label is None else (dice_jaccard(prompt, label)[0],) * 2
+            return prompt, _round_scores(case, prompt, prompt)
         from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
 
-        rng = np.random.default_rng([tr.cfg.seed, it, i])  # per scan: results do not depend on the rank count
+        rule = FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence)
+        rng = np.random.default_rng(round_seed(tr.cfg.seed, it, i))  # per scan: results do not depend on the ranks
         cache = self._cache
+        t = time.perf_counter()
         result = multiview_pseudolabel(
-            self.generalist(tr), case.image, prompt, rng, fusion=cfg.fusion, box_jitter=cfg.box_jitter,
+            self.generalist(tr), case.image, prompt, rng, fusion="mv", box_jitter=cfg.box_jitter,
             n_points=cfg.n_points, max_slices_per_view=cfg.pseudo_max_slices, cache=cache,
-            scan_id=self._scan_id(case) if cache is not None else None)
+            scan_id=self._scan_id(case) if cache is not None else None, keep_probs=rule.needs_probs)
         if cfg.pseudo_max_slices is not None:
-            fill_unprompted(result, prompt, cfg.fusion)
+            fill_unprompted(result, teacher)
+        result["fused"] = combine({v: result[v] for v in VIEWS}, teacher, rule, result.probs)
         clock["encode"] += result.timing["encode"]
         clock["decode"] += result.timing["decode"]
-        clock["prompts_and_fusion"] += result.seconds - result.timing["encode"] - result.timing["decode"]
+        clock["prompts_and_fusion"] += time.perf_counter() - t - result.timing["encode"] - result.timing["decode"]
         t = time.perf_counter()
-        tr.save_pseudolabels(case, result)  # each rank writes the scans it labelled (distinct files)
+        tr.save_pseudolabels(case, result, teacher_probs=teacher)  # each rank writes the scans it labelled
         clock["save"] += time.perf_counter() - t
-        scores = None if label is None else (dice_jaccard(prompt, label)[0], dice_jaccard(result["fused"], label)[0])
-        return result["fused"].astype(np.uint8), scores
+        return result["fused"].astype(np.uint8), _round_scores(case, prompt, result["fused"])
 
-    def _label_case_tiled(self, tr, case) -> tuple[np.ndarray, tuple[float, float] | None]:
+    def _label_case_tiled(self, tr, case) -> tuple[np.ndarray, dict | None]:
         """Prompt-free mode: the tuned generalist's label of the whole scan (tiled sliding windows). The scan and
         the adapter do not change between rounds, so it is computed (and written) once per scan and process."""
         from fmabs_core.contract import GENERALIST_LAYER
-        from fmabs_core.inference.metrics import dice_jaccard
 
         label = self._tiled.get(case.id)
         if label is None:
             label = tr.predict(self._tuned, case.image).argmax(0).astype(np.uint8)
             self._tiled[case.id] = label
             tr.save_pseudolabels(case, {GENERALIST_LAYER: label, "fused": label})
-        truth = case.extra.get("label")
-        if truth is None:
+        if case.extra.get("label") is None and case.target is None:
             return label, None
         teacher = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
-        return label, (dice_jaccard(teacher, truth)[0], dice_jaccard(label, truth)[0])
+        return label, _round_scores(case, teacher, label)
 
     def before_step(self, tr, it):
         if not self.round_due(it):
@@ -263,15 +271,19 @@ class FMABS(MeanTeacher):
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         for case in cases:
             case.pseudo = merged[case.id][0]
+        if tr.dist.rank == 0 and self._tuned is None and cfg_uses_generalist(self.config):
+            self._write_round_inputs(tr, it, cases)
         self.rounds_done += 1
         self.partial = None
         info = {"round": self.rounds_done, "iteration": it, "cases": len(cases), "seconds": time.time() - start,
                 "seconds_by_part": {k: round(v, 3) for k, v in self._clock.items()}}  # this rank's scans
         if resumed:
             info["resumed_after"] = resumed
-        dices = np.array([v[1] for v in merged.values() if v[1] is not None])
-        if len(dices):
-            info.update(teacher_dice=float(dices[:, 0].mean()), pseudo_dice=float(dices[:, 1].mean()))
+        info.update(round_summary([v[1] for v in merged.values()]))
+        if info.get("planes_gain") is not None and info["planes_gain"] < -PLANES_WARN:
+            info["warning"] = (f"the generalist made the pseudo-labels worse than the teacher on your drawn slices "
+                               f"({info['planes_gain']:+.3f} Dice); try --fusion soft or --pseudo-source teacher")
+            log.warning("pseudo-label round %d: %s", self.rounds_done, info["warning"])
         if self._generalist is not None:
             info["generalist"] = self._generalist.precision  # e.g. "fp32 on cpu (openvino)": what ran the encoder
         if self._cache is not None:
@@ -279,6 +291,22 @@ class FMABS(MeanTeacher):
             info["embedding_cache"] = self._cache.stats()
         tr.runlog.event("pseudo_label", **info)
         log.info("pseudo-label round %d: %s", self.rounds_done, info)
+
+    def _write_round_inputs(self, tr, it: int, cases: list) -> None:
+        """``pseudo/round.json``: what ``fmabs pseudo-label`` needs, beside ``<case>_teacher.nii.gz``, to write a
+        scan's label of this round again (its generator key and the round's options)."""
+        import json
+
+        from fmabs_core.contract import PSEUDO_DIR
+        from fmabs_core.data.io import atomic_write_text
+
+        cfg = self.config
+        index = {c.id: i for i, c in enumerate(cases)}  # i: the scan's place in the round, as _label_case uses
+        doc = {"round": self.rounds_done + 1, "iteration": it, "fusion": cfg.fusion,
+               "teacher_weight": cfg.teacher_weight, "gate_confidence": cfg.gate_confidence,
+               "box_jitter": cfg.box_jitter, "n_points": cfg.n_points, "max_slices": cfg.pseudo_max_slices,
+               "generalist": cfg.generalist, "seeds": {cid: round_seed(tr.cfg.seed, it, i) for cid, i in index.items()}}
+        atomic_write_text(tr.run_dir / PSEUDO_DIR / "round.json", json.dumps(doc, indent=2))
 
     def _stop_mid_round(self, tr, it: int, total: int) -> None:
         """A cancel during a round: checkpoint what is done (the next start finishes the round) and stop.
@@ -320,14 +348,16 @@ class FMABS(MeanTeacher):
     def state_dict(self) -> dict:
         partial = None
         if self.partial is not None:
-            partial = {**self.partial, "done": {k: None if v is None else [float(x) for x in v]
-                                                for k, v in self.partial["done"].items()}}
+            partial = {**self.partial, "done": dict(self.partial["done"])}  # scores: plain floats and lists
         return {**super().state_dict(), "rounds_done": self.rounds_done, "partial_round": partial}
 
     def load_state_dict(self, state: dict, tr) -> None:
         super().load_state_dict(state, tr)
         self.rounds_done = int(state.get("rounds_done", 0))
         self.partial = state.get("partial_round")
+        if self.partial is not None:  # checkpoints of earlier versions kept [teacher Dice, pseudo Dice] per scan
+            self.partial["done"] = {k: {"teacher": v[0], "pseudo": v[1]} if isinstance(v, (list, tuple)) else v
+                                    for k, v in self.partial["done"].items()}
 
 
 def _new_clock() -> dict[str, float]:
@@ -357,6 +387,9 @@ def _check_options(cfg: FMABSConfig) -> None:
         raise InputError(f"--adapter-mode {cfg.adapter_mode!r}: choose one of {', '.join(ADAPTER_MODES)}")
     if cfg.adapter_mode == "tiled" and not cfg.adapter:
         raise InputError("--adapter-mode tiled needs --adapter FILE (the model.pt of a sam-lora run)")
+    from fmabs_core.generalist.fusion import FusionRule
+
+    FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence).check()
     if cfg.embedding_cache_gb is not None and not cfg.embedding_cache_gb > 0:
         raise InputError(f"--embedding-cache-gb must be a positive number of GB (got {cfg.embedding_cache_gb})")
 
@@ -374,22 +407,49 @@ def _load_tiled(adapter: str, tr: TrainContext):
     return net
 
 
-def fill_unprompted(result: dict, prompt: np.ndarray, fusion: str) -> None:
-    """Where slices were skipped to save generalist calls, keep the teacher's own mask there, then re-fuse.
+#: a round whose pseudo-labels score this much below the teacher on the drawn planes gets a warning
+PLANES_WARN = 0.005
 
-    Leaving skipped foreground slices empty would teach the student that the object stops there; the
-    teacher's mask is the best guess we have for them (it is what the generalist would have been shown).
-    """
-    from fmabs_core.generalist.pseudolabel import fuse
 
-    for view in VIEWS:
-        axis = VIEW_AXIS[view]
-        other = tuple(a for a in range(3) if a != axis)
-        has_fg = np.flatnonzero((prompt > 0).any(axis=other))
-        prompted = set(np.asarray(result.slices[view]).tolist()) if hasattr(result, "slices") else set()
-        vol = np.moveaxis(result[view], axis, 0)  # a view: writes go through
-        src = np.moveaxis(prompt, axis, 0)
-        for k in has_fg:
-            if int(k) not in prompted:
-                vol[k] = src[k]
-    result["fused"] = fuse([result[v] for v in VIEWS], fusion)
+def cfg_uses_generalist(cfg: FMABSConfig) -> bool:
+    """Whether the rounds prompt the generalist (not the teacher-only ablation)."""
+    return cfg.pseudo_source == "generalist"
+
+
+def round_seed(seed: int, it: int, i: int) -> list[int]:
+    """The generator key of scan ``i`` in the round at iteration ``it`` (``fmabs pseudo-label --seed`` takes it)."""
+    return [int(seed), int(it), int(i)]
+
+
+def _round_scores(case, teacher: np.ndarray, fused: np.ndarray) -> dict | None:
+    """A scan's evidence for the round's event: Dice against its dense label (evaluation projects) and the
+    overlap counts of the teacher and the fused label with the expert's drawn planes (what the user sees)."""
+    from fmabs_core.generalist.fusion import plane_counts
+    from fmabs_core.inference.metrics import dice_jaccard
+
+    out: dict = {}
+    label = case.extra.get("label")
+    if label is not None:
+        out.update(teacher=float(dice_jaccard(teacher, label)[0]), pseudo=float(dice_jaccard(fused, label)[0]))
+    if case.target is not None and (case.target == UNLABELLED).any():  # a cross-label (dense targets: no planes)
+        out.update(planes_teacher=plane_counts(teacher, case.target), planes_pseudo=plane_counts(fused, case.target))
+    return out or None
+
+
+def round_summary(scores: list[dict | None]) -> dict:
+    """The round's event fields: mean Dice against the labels, and the pooled Dice on the drawn planes."""
+    from fmabs_core.generalist.fusion import counts_dice, merge_counts
+
+    scores = [s for s in scores if s]
+    out: dict = {}
+    dense = [s for s in scores if "teacher" in s]
+    if dense:
+        out.update(teacher_dice=float(np.mean([s["teacher"] for s in dense])),
+                   pseudo_dice=float(np.mean([s["pseudo"] for s in dense])))
+    drawn = [s for s in scores if "planes_teacher" in s]
+    if drawn:
+        t = counts_dice(merge_counts([s["planes_teacher"] for s in drawn]))
+        f = counts_dice(merge_counts([s["planes_pseudo"] for s in drawn]))
+        out.update(planes_scans=len(drawn), planes_teacher_dice=t, planes_pseudo_dice=f,
+                   planes_gain=None if np.isnan(t) or np.isnan(f) else f - t)
+    return out

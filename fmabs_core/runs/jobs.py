@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from fmabs_core.contract import (CRASHED, FINAL_STATES, JOB_FILE, LOCK_FILE, LOG_FILE, RUNNING, RUNS_DIR, STARTING,
-                                 fmabs_argv)
+from fmabs_core.contract import (CRASHED, EVENTS_FILE, FINAL_STATES, JOB_FILE, LOCK_FILE, LOG_FILE, RUNNING, RUNS_DIR,
+                                 STARTING, fmabs_argv, planes_line)
 from fmabs_core.errors import FmabsError
 from fmabs_core.runs import process
 from fmabs_core.runs.events import read_status
 from fmabs_core.runs.lock import RunBusyError, RunLock, lock_holder, pid_alive, read_json
 
 __all__ = ["CRASHED", "FINAL_STATES", "JOB_FILE", "LOCK_FILE", "LOG_FILE", "Job", "RunBusyError", "RunLock",
-           "cancel_job", "job_status", "list_runs", "lock_holder", "pid_alive", "resume_hint", "start_job",
-           "summary_line"]
+           "cancel_job", "job_status", "list_runs", "lock_holder", "pid_alive", "planes_rounds", "resume_hint",
+           "start_job", "summary_line"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,43 @@ def summary_line(status: dict[str, Any]) -> str:
     if status.get("note"):
         line += f"\n  note: {status['note']}"
     return line
+
+
+#: what ``fmabs jobs status --json`` keeps of a pseudo_label event that scored the expert's drawn planes
+PLANES_FIELDS = ("round", "iteration", "planes_scans", "planes_teacher_dice", "planes_pseudo_dice", "planes_gain",
+                 "warning")
+
+
+def planes_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The pseudo-label rounds of a run that scored the expert's drawn slices, oldest first.
+
+    Each is :data:`PLANES_FIELDS` of its ``pseudo_label`` event plus ``line``, the user-facing sentence
+    (:func:`fmabs_core.contract.planes_line`). A round written again after a resume replaces the earlier
+    one. Cheap on a long events.jsonl: only the lines that mention ``pseudo_label`` are parsed.
+    """
+    rounds: dict[Any, dict[str, Any]] = {}
+    try:
+        with open(Path(run_dir) / EVENTS_FILE, "rb") as fh:
+            for raw in fh:
+                if b'"pseudo_label"' not in raw:
+                    continue
+                try:
+                    event = json.loads(raw)
+                except (ValueError, UnicodeDecodeError):
+                    continue  # a line cut short by a killed writer, or one being written now
+                if not isinstance(event, dict) or event.get("type") != "pseudo_label":
+                    continue
+                line = planes_line(event)
+                if line is None:
+                    continue
+                key = event.get("round")
+                key = key if isinstance(key, (int, str)) else len(rounds)
+                rounds[key] = {**{k: event.get(k) for k in PLANES_FIELDS if k in event}, "line": line}
+    except FileNotFoundError:
+        return []
+    except OSError as exc:  # unreadable events: the status itself is still worth showing
+        log.warning("%s: cannot read the pseudo-label rounds: %s", run_dir, exc)
+    return list(rounds.values())
 
 
 def _fmt_s(seconds: float) -> str:

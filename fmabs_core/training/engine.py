@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fmabs_core.contract import (CANCELLED, CHECKPOINTS_DIR, CONFIG_FILE, DONE, FAILED, MODEL_FILE, PSEUDO_DIR, RUNNING,
-                                  STARTING, WAITING)
+                                  STARTING, TEACHER_FILE_KEY, WAITING)
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
 from fmabs_core.device import resolve_device, tune_cpu_allocator
@@ -203,11 +203,18 @@ class Trainer:
         return predict_proba(model, image, self.patch, overlap if overlap is not None else self.cfg.val_overlap,
                              self.device, normalise=False)
 
-    def save_pseudolabels(self, case: Case, result: dict[str, np.ndarray]) -> None:
+    def save_pseudolabels(self, case: Case, result: dict[str, np.ndarray], teacher_probs: np.ndarray | None = None
+                          ) -> None:
+        """``pseudo/<case>_<key>.nii.gz`` per label of ``result``; with ``teacher_probs`` also
+        ``<case>_teacher.nii.gz``, the teacher's probabilities (X, Y, Z, C+1 as uint8), so a round can be replayed."""
+        from fmabs_core.generalist.fusion import probs_to_uint8
+
         ref = self._grids.get(case.id) or self.project.load_image(case.id)
         out = self.run_dir / PSEUDO_DIR
         for key, arr in result.items():
             io.save_like(arr.astype(np.uint8), ref, out / f"{case.id}_{key}.nii.gz")
+        if teacher_probs is not None:
+            io.save_like(probs_to_uint8(teacher_probs), ref, out / f"{case.id}_{TEACHER_FILE_KEY}.nii.gz")
 
     def load_pseudolabel(self, case: Case, key: str = "fused") -> np.ndarray:
         """A pseudo-label this run wrote for ``case`` (uint8, as written)."""

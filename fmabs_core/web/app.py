@@ -92,7 +92,8 @@ class WebApp:
         s.update({"message": "", "message_kind": "info", "label_status": "", "label_warnings": [], "label_edits": 0,
                   "suggestions": [], "train_progress": 0, "train_line": "not started", "train_state": "not started",
                   "train_iteration": 0, "train_eta": "-", "train_dice": "-", "train_losses": "-", "train_plot": "",
-                  "train_log": "", "review_layers": [], "review_status": "", "segment_status": "",
+                  "train_rounds": [], "train_rounds_warning": "", "train_log": "", "review_layers": [],
+                  "review_status": "", "segment_status": "",
                   "upload_status": "", "exported": False, "exported_nifti": "", "exported_nrrd": "",
                   "max_upload_mb": self.options.max_upload_mb, "segment_choices": [], "label_case": "",
                   "review_case": "", "review_run": "", "model_run": "", "segment_scan": ""})
@@ -194,11 +195,12 @@ class WebApp:
                    "expert": s.expert}
         self.session.start_training(choices, s.train_options or "")
         s.train_log, s.train_line, s.train_progress = "", "starting", 0
+        s.train_rounds, s.train_rounds_warning = [], ""
         self.say(f"Started training run '{choices['run']}'.")
 
     def watch_run(self) -> None:
         self.session.watch_run((self.state.run or "").strip())
-        self.state.train_log = ""
+        self.state.train_log, self.state.train_rounds, self.state.train_rounds_warning = "", [], ""
 
     def cancel_training(self) -> None:
         self.state.train_line = self.session.cancel_training()
@@ -211,6 +213,8 @@ class WebApp:
         s.train_state, s.train_line, s.train_progress = view["state"], view["line"], view["progress"]
         s.train_iteration, s.train_eta, s.train_dice = view["iteration"], view["eta"], view["dice"]
         s.train_losses, s.train_plot = view["losses"], view["plot"]
+        if s.train_rounds != view["rounds"] or s.train_rounds_warning != view["rounds_warning"]:
+            s.train_rounds, s.train_rounds_warning = view["rounds"], view["rounds_warning"]
         if view["lines"]:
             s.train_log = "\n".join(((s.train_log or "").splitlines() + view["lines"])[-200:])
         if view["suggestions"] is not None:

@@ -241,6 +241,9 @@ class WebSession:
             "eta": status.eta_text or "-",
             "dice": f"{status.val_dice:.3f}" if status.val_dice is not None else "-",
             "losses": ", ".join(f"{k} {v:.4g}" for k, v in self.losses.last.items()) or "-",
+            # every pseudo-label round's score on the drawn slices (contract.planes_line), newest last
+            "rounds": list(status.planes),
+            "rounds_warning": status.planes_warning or "",
             "finished": finished,
             "lines": lines,
             "plot": self.losses.svg_points(),

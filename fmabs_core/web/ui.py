@@ -122,6 +122,12 @@ def _train(a: Mapping[str, Callable[..., Any]], choices: Mapping[str, Any]) -> N
     html.Div("iteration {{ train_iteration }}", id="train-iteration", classes="text-caption")
     html.Div("ETA: {{ train_eta }} | val Dice: {{ train_dice }}", id="train-eta", classes="text-body-2")
     html.Div("losses: {{ train_losses }}", id="train-losses", classes="text-caption")
+    # each pseudo-label round: pseudo-labels vs teacher on the drawn slices (contract.planes_line), newest last;
+    # the latest round's warning (pseudo-labels worse than the teacher there) also in a warning box
+    with html.Div(v_if=("train_rounds.length",), id="train-rounds", classes="text-caption my-1"):
+        html.Div("{{ line }}", v_for="(line, i) in train_rounds", key="i")
+    v3.VAlert(v_if=("train_rounds_warning",), type="warning", density="compact", id="train-rounds-warning",
+              title="Latest pseudo-label round", text=("train_rounds_warning",))
     html.Div("<svg width='300' height='80' style='background:#222'><polyline fill='none' stroke='#4fc3f7' "
              "stroke-width='1.5' :points='train_plot'/></svg>", id="train-plot", classes="my-1")
     v3.VTextarea(model_value=("train_log", ""), readonly=True, rows=6, density="compact", id="train-log",

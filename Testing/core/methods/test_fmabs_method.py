@@ -13,8 +13,6 @@ from fmabs_core.cli import main
 from fmabs_core.data.project import Project
 from fmabs_core.cli.demo import DemoConfig, run_demo
 from fmabs_core.runs.events import read_events
-from fmabs_core.methods.fmabs import fill_unprompted
-from fmabs_core.generalist.pseudolabel import PseudoLabels
 
 
 pytestmark = pytest.mark.slow  # trains, starts processes or runs LiteMedSAM
@@ -38,9 +36,9 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     assert parts["encode"] > 0 and parts["decode"] > 0 and min(parts.values()) >= 0
     assert sum(parts.values()) <= rounds[0]["seconds"] + 0.05
     assert rounds[0]["generalist"] == "fp32+channels-last on cpu"  # 24 slices to encode: OpenVINO would not pay
-    written = sorted(p.name for p in (run / "pseudo").iterdir())
-    assert len(written) == 4 * rounds[0]["cases"] and all(n.endswith(("_axial.nii.gz", "_coronal.nii.gz", "_sagittal.nii.gz",
-                                                 "_fused.nii.gz")) for n in written)
+    written = sorted(p.name for p in (run / "pseudo").iterdir() if p.name != "round.json")
+    assert len(written) == 5 * rounds[0]["cases"] and all(n.endswith(("_axial.nii.gz", "_coronal.nii.gz", "_sagittal.nii.gz",
+                                                 "_fused.nii.gz", "_teacher.nii.gz")) for n in written)
     case = written[0].rsplit("_", 1)[0]
     img = nib.load(str(Project(proj).image_path(case)))
     fused = nib.load(str(run / "pseudo" / f"{case}_fused.nii.gz"))
@@ -51,16 +49,40 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     assert json.loads((run / "config.json").read_text())["method_options"]["generalist"] == "litemedsam"
 
 
-def test_fill_unprompted_keeps_teacher_mask_on_skipped_slices():
-    prompt = np.zeros((6, 6, 6), np.uint8)
-    prompt[1:5, 1:5, 1:5] = 1
-    result = PseudoLabels({v: np.zeros_like(prompt) for v in ("axial", "coronal", "sagittal")})
-    result.slices = {"axial": np.array([2]), "coronal": np.array([], int), "sagittal": np.array([], int)}
-    fill_unprompted(result, prompt, "mv")
-    # the prompted axial slice keeps the generalist's (empty) answer; every other slice gets the teacher's
-    assert not result["axial"][:, :, 2].any() and result["axial"][:, :, 3].sum() == prompt[:, :, 3].sum()
-    np.testing.assert_array_equal(result["coronal"], prompt)
-    np.testing.assert_array_equal(result["fused"], prompt)  # 2 of 3 views agree with the teacher everywhere
+def test_a_round_is_replayed_bit_for_bit_by_pseudo_label(tmp_path, phantom_data):
+    """`fmabs pseudo-label` given a round's inputs (the teacher's probabilities it wrote, its generator key and
+    options from round.json) writes the round's fused label again; the round scores the drawn planes."""
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "3"])
+    rc = main(["train", "--project", str(proj), "--method", "fmabs", "--iterations", "4", "--run", "r",
+               "--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
+               "--device", "cpu", "--pseudo-warmup", "0.5", "--pseudo-every", "0.5", "--pseudo-stop", "0.9",
+               "--pseudo-max-slices", "2", "--fusion", "soft", "--teacher-weight", "0.4"])
+    assert rc == 0
+    run = Project(proj).run_dir("r")
+    rounds = [e for e in read_events(run) if e["type"] == "pseudo_label"]
+    assert len(rounds) == 1
+    info = json.loads((run / "pseudo" / "round.json").read_text())
+    assert info["fusion"] == "soft" and info["teacher_weight"] == 0.4
+    assert sorted(info["seeds"]) == sorted(Project(proj).split("train"))
+    # the three cross-labelled scans are scored on their drawn planes
+    assert rounds[0]["planes_scans"] == 3 == sum(Project(proj).crosslabel_path(c).exists() for c in info["seeds"])
+    gain = rounds[0]["planes_pseudo_dice"] - rounds[0]["planes_teacher_dice"]
+    assert 0 <= rounds[0]["planes_teacher_dice"] <= 1 and rounds[0]["planes_gain"] == pytest.approx(gain)
+    case = sorted(info["seeds"])[0]
+    out = tmp_path / "replay"
+    argv = ["pseudo-label", "--image", str(Project(proj).image_path(case)),
+            "--teacher-probs", str(run / "pseudo" / f"{case}_teacher.nii.gz"), "--output", str(out),
+            "--seed", *map(str, info["seeds"][case]), "--max-slices", str(info["max_slices"]),
+            "--fusion", info["fusion"], "--teacher-weight", str(info["teacher_weight"]),
+            "--jitter", str(info["box_jitter"]), "--device", "cpu"]
+    assert main(argv) == 0
+    for key in ("fused", "axial", "coronal", "sagittal"):
+        mine = np.asarray(nib.load(str(out / f"{case}_{key}.nii.gz")).dataobj)
+        theirs = np.asarray(nib.load(str(run / "pseudo" / f"{case}_{key}.nii.gz")).dataobj)
+        np.testing.assert_array_equal(mine, theirs)
+    assert main(argv) != 0  # the files exist now: refused without --overwrite
 
 
 def test_demo_runs_end_to_end_tiny(tmp_path):

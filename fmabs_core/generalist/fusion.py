@@ -1,0 +1,271 @@
+"""How a round turns the teacher and the generalist's three views into one pseudo-label.
+
+FM-ABS fuses the three views' masks by vote (``mv``: 2 of 3, ``ua``: all 3) and ignores the teacher
+that prompted them. Measured on LA (``fmabs bench teachers``, docs/pseudo-labels.md), that vote is
+worse than the teacher once the teacher is decent: the generalist then adds its own errors (the
+coronal view is weak on LA) where the teacher was already right. The other rules here let the
+teacher take part:
+
+- ``soft``: per voxel and class, ``w * P_teacher + (1 - w) * mean over views of P_view`` and the
+  highest score wins. Where the teacher is confident its term alone decides (with ``w = 0.5`` a
+  teacher at 0.9 needs the three views to average below 0.1 to be overruled); where it hesitates the
+  generalist decides. ``w = 0`` is a soft vote of the views alone, ``w = 1`` the teacher's own mask.
+- ``gate``: the teacher's label wherever its probability of its own class is at least ``confidence``,
+  the views' majority vote elsewhere.
+- ``staple``: SimpleITK's multi-label STAPLE over the teacher's mask and the three views (each rater's
+  reliability estimated from the agreement, by EM); voxels STAPLE leaves undecided keep the teacher's label.
+
+On slices a view did not prompt (``--pseudo-max-slices``) the view holds the teacher's answer (see
+:func:`fill_unprompted`), so a view that was not asked never votes for background.
+
+:func:`plane_scores` scores the teacher, each view and the fused label on the expert's drawn planes
+of a cross-labelled scan: the only truth a round has, and the user's evidence of whether the
+generalist helps on their data. ``calibrated_weight`` uses it to choose ``w`` for a round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fmabs_core.contract import FUSIONS, UNLABELLED, VIEW_AXIS, VIEWS
+from fmabs_core.errors import InputError
+
+#: the teacher weights ``calibrated_weight`` chooses from (0: views alone, 1: the teacher alone)
+WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class FusionRule:
+    """A fusion and its knobs, as a round and ``fmabs pseudo-label`` use it."""
+
+    fusion: str = "mv"
+    teacher_weight: float = 0.5  # soft
+    confidence: float = 0.9  # gate
+
+    def check(self) -> "FusionRule":
+        if self.fusion not in FUSIONS:
+            raise InputError(f"--fusion {self.fusion!r}: choose one of {', '.join(FUSIONS)}")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise InputError(f"--teacher-weight must be between 0 and 1 (got {self.teacher_weight})")
+        if not 0.5 <= self.confidence <= 1.0:
+            raise InputError(f"--gate-confidence must be between 0.5 and 1 (got {self.confidence})")
+        return self
+
+    @property
+    def needs_probs(self) -> bool:
+        """Whether the views' probabilities must be kept (the vote rules use only their labels)."""
+        return self.fusion == "soft"
+
+
+def teacher_probs_of(mask: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+    """One-hot ``(C+1, X, Y, Z)`` float32 probabilities of a label mask (a teacher known only by its mask)."""
+    mask = np.asarray(mask)
+    c = int(num_classes if num_classes is not None else max(1, int(mask[mask != UNLABELLED].max(initial=0))))
+    out = np.zeros((c + 1, *mask.shape), np.float32)
+    for k in range(c + 1):
+        out[k] = mask == k
+    out[0][mask == UNLABELLED] = 1.0
+    return out
+
+
+def vote(views: Sequence[np.ndarray], fusion: str = "mv") -> np.ndarray:
+    """Fuse per-view label volumes: ``ua`` = every view agrees on the class, ``mv`` = more than half agree."""
+    if fusion not in ("mv", "ua"):
+        raise InputError(f"a vote is 'mv' or 'ua', got {fusion!r}.")
+    if not views:
+        raise InputError("fuse: no views given.")
+    need = len(views) if fusion == "ua" else len(views) // 2 + 1
+    out = np.zeros(views[0].shape, np.uint8)
+    classes = set()
+    for v in views:
+        classes.update(np.flatnonzero(np.bincount(np.asarray(v, np.uint8).ravel(), minlength=256)).tolist())
+    for c in sorted(classes - {0, UNLABELLED}):
+        votes = np.zeros(views[0].shape, np.uint8)
+        for v in views:
+            votes += v == c
+        out[votes >= need] = c
+    return out
+
+
+def soft_scores(view_probs: Mapping[str, Mapping[int, np.ndarray]], teacher_probs: np.ndarray,
+                weight: float) -> np.ndarray:
+    """``(C+1, X, Y, Z)`` scores ``w * P_teacher + (1 - w) * mean_views P_view`` (background = 1 - sum of classes)."""
+    scores = teacher_probs.astype(np.float32) * weight
+    n = len(view_probs)
+    if n == 0 or weight >= 1.0:
+        return scores
+    share = (1.0 - weight) / n
+    for probs in view_probs.values():
+        fg = np.zeros(teacher_probs.shape[1:], np.float32)
+        for c, p in probs.items():
+            p32 = p.astype(np.float32)
+            scores[c] += share * p32
+            fg += p32
+        scores[0] += share * np.clip(1.0 - fg, 0.0, 1.0)
+    return scores
+
+
+def combine(views: Mapping[str, np.ndarray], teacher_probs: np.ndarray, rule: FusionRule,
+            view_probs: Mapping[str, Mapping[int, np.ndarray]] | None = None) -> np.ndarray:
+    """The round's fused pseudo-label (uint8) under ``rule`` from the three views and the teacher."""
+    labels = [views[v] for v in VIEWS if v in views]
+    if rule.fusion in ("mv", "ua"):
+        return vote(labels, rule.fusion)
+    teacher = teacher_probs.argmax(0).astype(np.uint8)
+    if rule.fusion == "soft":
+        if view_probs is None:
+            raise InputError("the soft fusion needs the views' probabilities (keep_probs=True).")
+        return soft_scores(view_probs, teacher_probs, rule.teacher_weight).argmax(0).astype(np.uint8)
+    if rule.fusion == "gate":
+        sure = teacher_probs.max(0) >= rule.confidence
+        return np.where(sure, teacher, vote(labels, "mv")).astype(np.uint8)
+    if rule.fusion == "staple":
+        return staple([teacher, *labels], undecided=teacher)
+    raise InputError(f"--fusion {rule.fusion!r}: choose one of {', '.join(FUSIONS)}")
+
+
+def staple(raters: Sequence[np.ndarray], undecided: np.ndarray) -> np.ndarray:
+    """SimpleITK's MultiLabelSTAPLE over label volumes; undecided voxels take ``undecided``'s label."""
+    import SimpleITK as sitk
+
+    flag = 254  # never a class (classes are 1..C < 255, and 255 is UNLABELLED)
+    f = sitk.MultiLabelSTAPLEImageFilter()
+    f.SetLabelForUndecidedPixels(flag)
+    out = sitk.GetArrayFromImage(f.Execute([sitk.GetImageFromArray(np.ascontiguousarray(r, np.uint8))
+                                            for r in raters]))
+    return np.where(out == flag, undecided, out).astype(np.uint8)
+
+
+def fill_unprompted(result, teacher_probs: np.ndarray) -> None:
+    """Where a view skipped foreground slices to save generalist calls, give it the teacher's answer there.
+
+    Leaving them empty would outvote the object in every skipped slice; the teacher's mask (and its
+    probabilities) is the best guess we have for them: it is what the generalist would have been shown.
+    """
+    teacher = teacher_probs.argmax(0).astype(np.uint8)
+    probs = getattr(result, "probs", None) or {}
+    for view in VIEWS:
+        axis = VIEW_AXIS[view]
+        other = tuple(a for a in range(3) if a != axis)
+        has_fg = np.flatnonzero((teacher > 0).any(axis=other))
+        prompted = set(np.asarray(result.slices[view]).tolist()) if hasattr(result, "slices") else set()
+        skipped = np.array([k for k in has_fg if int(k) not in prompted], int)
+        if skipped.size == 0:
+            continue
+        vol = np.moveaxis(result[view], axis, 0)  # a view of the array: writes go through
+        vol[skipped] = np.moveaxis(teacher, axis, 0)[skipped]
+        for c in range(1, teacher_probs.shape[0]):
+            if view in probs:
+                p = probs[view].setdefault(c, np.zeros(teacher.shape, np.float16))
+                np.moveaxis(p, axis, 0)[skipped] = np.moveaxis(teacher_probs[c], axis, 0)[skipped]
+
+
+def drawn_planes(crosslabel: np.ndarray) -> np.ndarray:
+    """The voxels the expert labelled (not :data:`UNLABELLED`) of a cross-label, as a boolean volume."""
+    return np.asarray(crosslabel) != UNLABELLED
+
+
+def plane_dice(pred: np.ndarray, crosslabel: np.ndarray) -> float:
+    """Foreground Dice (mean over the classes drawn) of ``pred`` on the drawn planes; NaN if nothing is drawn."""
+    drawn = drawn_planes(crosslabel)
+    p, t = pred[drawn], crosslabel[drawn]
+    scores = []
+    for c in sorted(set(np.unique(t).tolist()) - {0}):
+        s = int((p == c).sum() + (t == c).sum())
+        scores.append(2.0 * int(((p == c) & (t == c)).sum()) / s if s else float("nan"))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+@dataclass
+class PlaneSample:
+    """What the calibration needs of one cross-labelled scan: everything restricted to its drawn planes."""
+
+    truth: np.ndarray  # uint8, the drawn voxels' labels
+    teacher: np.ndarray  # (C+1, n) float32
+    views: dict[str, np.ndarray]  # view -> uint8 (n,)
+    view_probs: dict[str, dict[int, np.ndarray]]  # view -> class -> float16 (n,)
+
+
+def plane_sample(crosslabel: np.ndarray, teacher_probs: np.ndarray, views: Mapping[str, np.ndarray],
+                 view_probs: Mapping[str, Mapping[int, np.ndarray]] | None = None) -> PlaneSample:
+    """The drawn planes' voxels of a scan's round inputs (a few thousand voxels: cheap to keep per round)."""
+    drawn = drawn_planes(crosslabel)
+    return PlaneSample(crosslabel[drawn].astype(np.uint8), teacher_probs[:, drawn].astype(np.float32),
+                       {v: np.asarray(m)[drawn] for v, m in views.items()},
+                       {v: {c: p[drawn] for c, p in ps.items()} for v, ps in (view_probs or {}).items()})
+
+
+def sample_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean foreground Dice of flat label arrays (NaN when a class is absent from both)."""
+    scores = []
+    for c in sorted(set(np.unique(truth).tolist()) - {0}):
+        s = int((pred == c).sum() + (truth == c).sum())
+        scores.append(2.0 * int(((pred == c) & (truth == c)).sum()) / s if s else float("nan"))
+    return float(np.nanmean(scores)) if scores and not np.all(np.isnan(scores)) else float("nan")
+
+
+def pooled_plane_dice(samples: Sequence[PlaneSample], rule: FusionRule) -> float:
+    """Dice of ``rule``'s fused label on the drawn planes of all ``samples`` pooled (voxels counted together)."""
+    if not samples:
+        return float("nan")
+    preds, truths = [], []
+    for s in samples:
+        preds.append(combine(s.views, s.teacher, rule, s.view_probs))
+        truths.append(s.truth)
+    return sample_dice(np.concatenate(preds), np.concatenate(truths))
+
+
+def calibrated_weight(samples: Sequence[PlaneSample], grid: Sequence[float] = WEIGHT_GRID) -> tuple[float, dict]:
+    """The teacher weight of the soft fusion that scores best on the drawn planes (ties: the larger weight,
+    i.e. trust the teacher unless the generalist shows it helps); and each candidate's pooled Dice."""
+    scores = {float(w): pooled_plane_dice(samples, FusionRule("soft", teacher_weight=float(w))) for w in grid}
+    finite = {w: s for w, s in scores.items() if not np.isnan(s)}
+    if not finite:
+        return 1.0, scores
+    best = max(finite.items(), key=lambda kv: (round(kv[1], 6), kv[0]))[0]
+    return best, scores
+
+
+def quantise_probs(probs: np.ndarray) -> np.ndarray:
+    """Probabilities on the 1/255 steps they are stored with (uint8 in ``<case>_teacher.nii.gz``), as float32.
+
+    A round fuses with the quantised teacher, so the file it writes is exactly what it used."""
+    return (np.rint(np.clip(probs, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+
+
+def probs_to_uint8(probs: np.ndarray) -> np.ndarray:
+    """``(C+1, X, Y, Z)`` probabilities -> ``X, Y, Z, C+1`` uint8 (255 = 1.0), the layout of the teacher file."""
+    return np.moveaxis(np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8), 0, -1)
+
+
+def probs_from_uint8(stored: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`probs_to_uint8` (equal to :func:`quantise_probs` of the original)."""
+    return (np.moveaxis(np.asarray(stored), -1, 0).astype(np.float32) / 255.0).astype(np.float32)
+
+
+def plane_counts(pred: np.ndarray, crosslabel: np.ndarray) -> dict[str, list[int]]:
+    """Per drawn class: [voxels in both, voxels in pred, voxels in the drawing] on the drawn planes (poolable)."""
+    drawn = drawn_planes(crosslabel)
+    p, t = np.asarray(pred)[drawn], np.asarray(crosslabel)[drawn]
+    return {str(c): [int(((p == c) & (t == c)).sum()), int((p == c).sum()), int((t == c).sum())]
+            for c in sorted(set(np.unique(t).tolist()) - {0})}
+
+
+def merge_counts(parts: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, list[int]]:
+    """Sum :func:`plane_counts` of several scans (voxels pooled)."""
+    out: dict[str, list[int]] = {}
+    for part in parts:
+        for c, v in part.items():
+            acc = out.setdefault(c, [0, 0, 0])
+            for k in range(3):
+                acc[k] += int(v[k])
+    return out
+
+
+def counts_dice(counts: Mapping[str, Sequence[int]]) -> float:
+    """Mean over classes of the Dice of pooled :func:`plane_counts`; NaN when nothing is drawn."""
+    scores = [2.0 * v[0] / (v[1] + v[2]) for v in counts.values() if v[1] + v[2] > 0]
+    return float(np.mean(scores)) if scores else float("nan")
