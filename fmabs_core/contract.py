@@ -86,6 +86,11 @@ def planes_line(event: dict) -> str | None:
         return None
     line = (f"round {event.get('round', '?')}: pseudo-labels vs teacher on your drawn slices: {100 * gain:+.1f} Dice "
             f"({100 * f:.1f} vs {100 * t:.1f}, {event.get('planes_scans', '?')} scans)")
+    if isinstance(event.get("fusion"), str) and isinstance(event.get("fusion_scores"), dict):
+        held = event.get("planes_gain_heldout")
+        line += f"; fusion chosen on them: {event['fusion']}"
+        if isinstance(held, (int, float)):
+            line += f" (held-out estimate {100 * held:+.1f})"
     if event.get("warning"):
         line += f"; WARNING: {event['warning']}"
     return line
@@ -106,7 +111,7 @@ GENERALISTS = ("litemedsam", "mobilesam", "sam_vit_b", "sam_vit_l", "sam_vit_h",
 #: next-scan strategies of active cross-labelling (fmabs_core.active.strategies holds the scores)
 STRATEGIES = ("her", "he", "lc", "random")
 EXPERTS = ("simulated", "human")
-FUSIONS = ("mv", "ua", "soft", "gate", "staple")
+FUSIONS = ("auto", "mv", "ua", "soft", "gate", "staple")
 DEVICE_HINT = "cpu, cuda or cuda:N (default: cuda when available)"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

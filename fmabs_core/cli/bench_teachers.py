@@ -30,18 +30,9 @@ from fmabs_core.errors import InputError
 
 #: bands of teacher quality the issue's targets are stated for
 BAND_EDGE = 0.85
-#: the rules scored on every teacher: name -> FusionRule arguments ("calibrated" is added per teacher)
-RULES: dict[str, dict[str, Any]] = {
-    "mv": {"fusion": "mv"},
-    "ua": {"fusion": "ua"},
-    "staple": {"fusion": "staple"},
-    "gate 0.9": {"fusion": "gate", "confidence": 0.9},
-    "gate 0.7": {"fusion": "gate", "confidence": 0.7},
-    "soft 0": {"fusion": "soft", "teacher_weight": 0.0},
-    "soft 0.25": {"fusion": "soft", "teacher_weight": 0.25},
-    "soft 0.5": {"fusion": "soft", "teacher_weight": 0.5},
-    "soft 0.75": {"fusion": "soft", "teacher_weight": 0.75},
-}
+#: the column of --fusion auto (each teacher is one round: chosen on the drawn planes of the project's cross-labelled
+#: scans among the bench's scans, or of all of them when none is cross-labelled)
+AUTO = "auto"
 
 
 def soft_teacher(mask: np.ndarray, num_classes: int, softness: float = 1.5) -> np.ndarray:
@@ -139,7 +130,7 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
     from fmabs_core.data.project import Project
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.embcache import EmbeddingCache
-    from fmabs_core.generalist.fusion import (FusionRule, calibrated_weight, combine, fill_unprompted,
+    from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, choose_rule, combine, fill_unprompted, heldout_gain,
                                               plane_dice, plane_sample)
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel
     from fmabs_core.training.sampler import zscore
@@ -153,6 +144,7 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
     g = get_generalist(generalist, device=device, checkpoint=checkpoint)
     cache = EmbeddingCache(g.device, tier="disk" if cache_dir else "auto", folder=cache_dir,
                            name=f"bench-{g.identity[:16]}" if cache_dir else "embeddings")
+    rules = {k: v for k, v in AUTO_CANDIDATES.items() if k != "teacher"}
     rows, samples = [], {}
     steps = progress(ids, desc="scans") if progress else ids
     for case in steps:
@@ -180,31 +172,33 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
             row = {"case": case, "teacher": name, "planes": planes, "teacher_dice": dice(prompt, truth),
                    "teacher_planes": plane_dice(prompt, cross), "seconds": 0.0, "prompts": result.prompts}
             row.update({v: dice(views[v], truth) for v in VIEWS})
-            for rule_name, kw in RULES.items():
-                fused = combine(views, probs, FusionRule(**kw), result.probs)
-                row[rule_name] = dice(fused, truth)
-                row[f"{rule_name} planes"] = plane_dice(fused, cross)
+            fused_by = {}
+            for rule_name, rule in rules.items():
+                fused_by[rule_name] = combine(views, probs, rule, result.probs)
+                row[rule_name] = dice(fused_by[rule_name], truth)
+                row[f"{rule_name} planes"] = plane_dice(fused_by[rule_name], cross)
+            row["_drawn"] = planes == "drawn"
             samples.setdefault(name, []).append((len(rows), plane_sample(cross, probs, views, result.probs),
-                                                 views, probs, result.probs))
+                                                 {k: dice(v, truth) for k, v in fused_by.items()}))
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
         cache.flush()
         for r in rows:
             if r["case"] == case:
                 r["scan_seconds"] = time.perf_counter() - t_scan
-    # calibrated: per teacher (a round), the soft weight that scores best on every scan's drawn planes pooled
+    # auto: per teacher (one round), the rule chosen on the drawn planes pooled, as a round chooses it
     chosen = {}
     for name, items in samples.items():
-        w, _ = calibrated_weight([s[1] for s in items])
-        chosen[name] = w
-        for i, _, views, probs, vprobs in items:
-            fused = combine(views, probs, FusionRule("soft", teacher_weight=w), vprobs)
-            rows[i]["calibrated"] = dice(fused, project.load_label(rows[i]["case"]).array.astype(np.uint8))
-            rows[i]["calibrated weight"] = w
+        drawn = [s for i, s, _ in items if rows[i].pop("_drawn")] or [s for _, s, _ in items]
+        pick, _ = choose_rule(drawn)
+        chosen[name] = {"rule": pick, "heldout_gain": heldout_gain(drawn), "scans": len(drawn)}
+        for i, _, scores in items:
+            rows[i][AUTO] = rows[i]["teacher_dice"] if pick == "teacher" else scores[pick]
     cache.close()
+    names = [*rules, AUTO]
     return {"project": str(project.root), "generalist": repr(g), "device": str(g.device), "box_jitter": box_jitter,
-            "max_slices_per_view": max_slices, "seed": seed, "rules": [*RULES, "calibrated"], "rows": rows,
-            "chosen_weights": chosen, "summary": summarise(rows, [*RULES, "calibrated"])}
+            "max_slices_per_view": max_slices, "seed": seed, "rules": names, "rows": rows,
+            "auto": chosen, "summary": summarise(rows, names)}
 
 
 def _chain(*its):
@@ -249,6 +243,6 @@ def format_teachers(report: dict[str, Any]) -> str:
                      + " ".join(f"{e[v]['gain']:+9.4f}" if v in e else f"{'':>9}" for v in (*VIEWS, *rules)))
         lines.append(f"{'  worst gain':<22} {'':>4} {'':>8} "
                      + " ".join(f"{e[v]['worst']:+9.4f}" if v in e else f"{'':>9}" for v in (*VIEWS, *rules)))
-    lines.append("calibrated: the soft teacher weight chosen per teacher on the drawn planes: "
-                 + ", ".join(f"{k} {w:g}" for k, w in report["chosen_weights"].items()))
+    lines.append("auto: the rule chosen per teacher on the drawn planes (held-out gain on those planes): "
+                 + "; ".join(f"{k}: {v['rule']} ({v['heldout_gain']:+.3f})" for k, v in report["auto"].items()))
     return "\n".join(lines)

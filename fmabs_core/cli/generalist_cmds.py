@@ -61,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--teacher-probs", help="a teacher's probabilities (a round's pseudo/<case>_teacher.nii.gz): they "
                    "prompt, as --prompt-from does, and take part in the soft, gate and staple fusions; with the "
                    "round's --seed and options this writes the round's label again")
-    p.add_argument("--fusion", default="mv", choices=list(FUSIONS), help="mv: >= 2 of 3 views; ua: all 3; soft, gate, "
-                   "staple: the teacher takes part (see fmabs train --help-method fmabs)")
+    p.add_argument("--fusion", default="mv", choices=[*FUSIONS, "teacher"], help="mv: >= 2 of 3 views; ua: all 3; "
+                   "soft, gate, staple: the teacher takes part; auto (needs --crosslabel): the rule that scores best on "
+                   "this scan's drawn planes; teacher: the teacher's own mask (what a round of auto may keep)")
     p.add_argument("--teacher-weight", type=float, default=0.5, help="with --fusion soft: the teacher's share")
     p.add_argument("--gate-confidence", type=float, default=0.9, help="with --fusion gate: the teacher's "
                    "probability above which its label stands")
@@ -210,8 +211,8 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, save_pseudolabels
 
     from fmabs_core.generalist.embcache import EmbeddingCache
-    from fmabs_core.generalist.fusion import (FusionRule, combine, fill_unprompted, plane_dice, probs_from_uint8,
-                                              teacher_probs_of)
+    from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, FusionRule, choose_rule, combine, fill_unprompted,
+                                              plane_dice, plane_sample, probs_from_uint8, teacher_probs_of)
     from fmabs_core.training.sampler import zscore
 
     if bool(args.prompt_from) == bool(args.teacher_probs):
@@ -220,7 +221,12 @@ def _pseudo_label(args: argparse.Namespace) -> int:
                          "prompt-free).")
     if args.patch_size is not None:
         raise InputError("--patch-size is for the prompt-free mode (--adapter) only.")
-    rule = FusionRule(args.fusion, args.teacher_weight, args.gate_confidence).check()
+    rule = FusionRule(args.fusion, args.teacher_weight, args.gate_confidence)
+    if args.fusion != "teacher":
+        rule.check()
+    if args.fusion == "auto" and not args.crosslabel:
+        raise InputError("--fusion auto chooses the rule on the drawn planes: give --crosslabel (the scan's "
+                         "cross-label), or name a rule.")
     args.generalist = args.generalist or "litemedsam"
     image = io.load_image(args.image)
     given = io.load_probabilities(args.teacher_probs) if args.teacher_probs else io.load_label(
@@ -256,7 +262,12 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     )
     if args.max_slices is not None:
         fill_unprompted(result, teacher)
-    result["fused"] = combine({v: result[v] for v in io.VIEWS}, teacher, rule, result.probs)
+    views = {v: result[v] for v in io.VIEWS}
+    if rule.fusion == "auto":
+        name, _ = choose_rule([plane_sample(cross.array, teacher, views, result.probs)])
+        print(f"--fusion auto: {name} scores best on the drawn planes of {args.crosslabel}")
+        rule = AUTO_CANDIDATES[name]
+    result["fused"] = combine(views, teacher, rule, result.probs)
     protect = tuple(Path(p) for p in (args.image, args.prompt_from, args.teacher_probs, args.label, args.crosslabel)
                     if p)
     save_pseudolabels(result, image, out, case, protect=protect)

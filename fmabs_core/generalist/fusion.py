@@ -14,13 +14,18 @@ teacher take part:
   the views' majority vote elsewhere.
 - ``staple``: SimpleITK's multi-label STAPLE over the teacher's mask and the three views (each rater's
   reliability estimated from the agreement, by EM); voxels STAPLE leaves undecided keep the teacher's label.
+- ``auto`` (the default): each round, every rule above (several weights and thresholds) and the teacher's
+  own mask are scored on the expert's drawn planes of the cross-labelled scans, and the best is used,
+  provided it beats the teacher's mask there by :data:`AUTO_MARGIN`; else the round keeps the teacher's
+  mask. The drawn planes are the only truth a round has; :func:`heldout_gain` says, without the
+  optimism of choosing and scoring on the same planes, what the choice gains.
 
 On slices a view did not prompt (``--pseudo-max-slices``) the view holds the teacher's answer (see
 :func:`fill_unprompted`), so a view that was not asked never votes for background.
 
 :func:`plane_scores` scores the teacher, each view and the fused label on the expert's drawn planes
 of a cross-labelled scan: the only truth a round has, and the user's evidence of whether the
-generalist helps on their data. ``calibrated_weight`` uses it to choose ``w`` for a round.
+generalist helps on their data; :func:`choose_rule` uses it for ``--fusion auto``.
 """
 
 from __future__ import annotations
@@ -33,9 +38,6 @@ import numpy as np
 from fmabs_core.contract import FUSIONS, UNLABELLED, VIEW_AXIS, VIEWS
 from fmabs_core.errors import InputError
 
-#: the teacher weights ``calibrated_weight`` chooses from (0: views alone, 1: the teacher alone)
-WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
-
 
 @dataclass(frozen=True)
 class FusionRule:
@@ -46,7 +48,7 @@ class FusionRule:
     confidence: float = 0.9  # gate
 
     def check(self) -> "FusionRule":
-        if self.fusion not in FUSIONS:
+        if self.fusion not in FUSIONS:  # ("teacher" is a candidate of auto, not an option)
             raise InputError(f"--fusion {self.fusion!r}: choose one of {', '.join(FUSIONS)}")
         if not 0.0 <= self.teacher_weight <= 1.0:
             raise InputError(f"--teacher-weight must be between 0 and 1 (got {self.teacher_weight})")
@@ -57,7 +59,7 @@ class FusionRule:
     @property
     def needs_probs(self) -> bool:
         """Whether the views' probabilities must be kept (the vote rules use only their labels)."""
-        return self.fusion == "soft"
+        return self.fusion in ("soft", "auto")
 
 
 def teacher_probs_of(mask: np.ndarray, num_classes: int | None = None) -> np.ndarray:
@@ -115,6 +117,8 @@ def combine(views: Mapping[str, np.ndarray], teacher_probs: np.ndarray, rule: Fu
     if rule.fusion in ("mv", "ua"):
         return vote(labels, rule.fusion)
     teacher = teacher_probs.argmax(0).astype(np.uint8)
+    if rule.fusion == "teacher":  # a candidate of --fusion auto: the generalist does not help this round
+        return teacher
     if rule.fusion == "soft":
         if view_probs is None:
             raise InputError("the soft fusion needs the views' probabilities (keep_probs=True).")
@@ -124,6 +128,8 @@ def combine(views: Mapping[str, np.ndarray], teacher_probs: np.ndarray, rule: Fu
         return np.where(sure, teacher, vote(labels, "mv")).astype(np.uint8)
     if rule.fusion == "staple":
         return staple([teacher, *labels], undecided=teacher)
+    if rule.fusion == "auto":
+        raise InputError("--fusion auto is chosen per round (choose_rule) before fusing.")
     raise InputError(f"--fusion {rule.fusion!r}: choose one of {', '.join(FUSIONS)}")
 
 
@@ -132,10 +138,12 @@ def staple(raters: Sequence[np.ndarray], undecided: np.ndarray) -> np.ndarray:
     import SimpleITK as sitk
 
     flag = 254  # never a class (classes are 1..C < 255, and 255 is UNLABELLED)
+    shape = np.shape(undecided)
+    grid = shape if len(shape) in (2, 3) else (1, int(np.prod(shape)))  # SimpleITK images are 2D or 3D
     f = sitk.MultiLabelSTAPLEImageFilter()
     f.SetLabelForUndecidedPixels(flag)
-    out = sitk.GetArrayFromImage(f.Execute([sitk.GetImageFromArray(np.ascontiguousarray(r, np.uint8))
-                                            for r in raters]))
+    out = sitk.GetArrayFromImage(f.Execute([sitk.GetImageFromArray(np.ascontiguousarray(r, np.uint8).reshape(grid))
+                                            for r in raters])).reshape(shape)
     return np.where(out == flag, undecided, out).astype(np.uint8)
 
 
@@ -218,15 +226,52 @@ def pooled_plane_dice(samples: Sequence[PlaneSample], rule: FusionRule) -> float
     return sample_dice(np.concatenate(preds), np.concatenate(truths))
 
 
-def calibrated_weight(samples: Sequence[PlaneSample], grid: Sequence[float] = WEIGHT_GRID) -> tuple[float, dict]:
-    """The teacher weight of the soft fusion that scores best on the drawn planes (ties: the larger weight,
-    i.e. trust the teacher unless the generalist shows it helps); and each candidate's pooled Dice."""
-    scores = {float(w): pooled_plane_dice(samples, FusionRule("soft", teacher_weight=float(w))) for w in grid}
-    finite = {w: s for w, s in scores.items() if not np.isnan(s)}
+#: the rules ``--fusion auto`` chooses from, in order of preference on equal scores ("teacher": its own mask)
+AUTO_CANDIDATES: dict[str, FusionRule] = {
+    "teacher": FusionRule("teacher"),
+    "soft 0.75": FusionRule("soft", teacher_weight=0.75),
+    "soft 0.5": FusionRule("soft", teacher_weight=0.5),
+    "soft 0.25": FusionRule("soft", teacher_weight=0.25),
+    "soft 0": FusionRule("soft", teacher_weight=0.0),
+    "gate 0.9": FusionRule("gate", confidence=0.9),
+    "gate 0.7": FusionRule("gate", confidence=0.7),
+    "mv": FusionRule("mv"),
+    "ua": FusionRule("ua"),
+    "staple": FusionRule("staple"),
+}
+#: how much better than the teacher's own mask (pooled Dice on the drawn planes) a rule must be to be chosen
+AUTO_MARGIN = 0.01
+
+
+def choose_rule(samples: Sequence[PlaneSample], candidates: Mapping[str, FusionRule] | None = None,
+                margin: float = AUTO_MARGIN) -> tuple[str, dict[str, float]]:
+    """``--fusion auto``: the candidate whose fused labels score best on the drawn planes of ``samples`` pooled,
+    kept only if it beats the teacher's own mask by ``margin``; else "teacher". Returns it and every score."""
+    candidates = AUTO_CANDIDATES if candidates is None else candidates
+    scores = {name: pooled_plane_dice(samples, rule) for name, rule in candidates.items()}
+    finite = {k: v for k, v in scores.items() if not np.isnan(v)}
     if not finite:
-        return 1.0, scores
-    best = max(finite.items(), key=lambda kv: (round(kv[1], 6), kv[0]))[0]
-    return best, scores
+        return "teacher", scores
+    order = list(candidates)
+    best = max(finite, key=lambda k: (round(finite[k], 6), -order.index(k)))
+    base = finite.get("teacher", float("-inf"))
+    return (best if finite[best] >= base + margin else "teacher"), scores
+
+
+def heldout_gain(samples: Sequence[PlaneSample], margin: float = AUTO_MARGIN) -> float:
+    """An honest estimate of what ``--fusion auto`` gains over the teacher: each scan's planes scored with the rule
+    chosen on the *other* scans, pooled (the choice's own score is optimistic: it was picked on those planes).
+    NaN with fewer than two scans."""
+    if len(samples) < 2:
+        return float("nan")
+    fused, teacher, truth = [], [], []
+    for k, s in enumerate(samples):
+        name, _ = choose_rule([x for j, x in enumerate(samples) if j != k], margin=margin)
+        fused.append(combine(s.views, s.teacher, AUTO_CANDIDATES[name], s.view_probs))
+        teacher.append(s.teacher.argmax(0).astype(np.uint8))
+        truth.append(s.truth)
+    t = np.concatenate(truth)
+    return sample_dice(np.concatenate(fused), t) - sample_dice(np.concatenate(teacher), t)
 
 
 def quantise_probs(probs: np.ndarray) -> np.ndarray:

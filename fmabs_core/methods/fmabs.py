@@ -49,8 +49,9 @@ class FMABSConfig(MeanTeacherConfig):
                                                     "slices evicted (default: half the free memory of its tier)")
     embedding_dtype: str = option("auto", "stored embeddings: auto (bf16 if the encoder runs in bf16, else "
                                           "float16), bfloat16, float16, float32")
-    fusion: str = option("mv", "how the teacher and the three views' answers become one pseudo-label: mv (2 of 3 "
-                               "views), ua (all 3), soft (the teacher's and the views' probabilities averaged, "
+    fusion: str = option("auto", "how the teacher and the three views' answers become one pseudo-label: auto (each "
+                                 "round, the rule below, or the teacher's own mask, that scores best on the expert's "
+                                 "drawn slices), mv (2 of 3 views, the paper's), ua (all 3), soft (the teacher's and the views' probabilities averaged, "
                                "see --teacher-weight), gate (the teacher where it is confident, else mv), staple "
                                "(SimpleITK's STAPLE over the teacher and the views); docs/pseudo-labels.md")
     teacher_weight: float = option(0.5, "with --fusion soft: the teacher's share of the vote (0: the views alone, 1: "
@@ -183,43 +184,85 @@ class FMABS(MeanTeacher):
         self.partial = {"iteration": it, "cases": [c.id for c in cases], "done": {}}
         return cases
 
-    def _label_case(self, tr, it: int, i: int, case) -> tuple[np.ndarray, dict | None]:
-        """One scan of a round: teacher -> three views -> fused pseudo-label (written to the run folder), and its
-        scores: Dice against the scan's label when it has one, counts on the expert's drawn planes when drawn."""
-        if self._tuned is not None:
-            return self._label_case_tiled(tr, case)
-        from fmabs_core.generalist.fusion import FusionRule, combine, fill_unprompted, quantise_probs
+    def _generalist_views(self, tr, it: int, k: int, case, keep_probs: bool):
+        """The teacher's (quantised) probabilities and the generalist's three views of one scan, as a round makes
+        them; ``k``: the scan's place in the training scans (its generator key: the same in every phase and rank)."""
+        from fmabs_core.generalist.fusion import fill_unprompted, quantise_probs
+        from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
 
         cfg = self.config
         clock = self._clock
         t = time.perf_counter()
         # quantised as they are written (pseudo/<case>_teacher.nii.gz), so `fmabs pseudo-label` replays a round exactly
         teacher = quantise_probs(tr.predict(self.teacher, case.image))
-        prompt = teacher.argmax(0).astype(np.uint8)
         clock["teacher"] += time.perf_counter() - t
         if cfg.pseudo_source == "teacher":
-            tr.save_pseudolabels(case, {"fused": prompt})
-            return prompt, _round_scores(case, prompt, prompt)
-        from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
-
-        rule = FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence)
-        rng = np.random.default_rng(round_seed(tr.cfg.seed, it, i))  # per scan: results do not depend on the ranks
+            return teacher, None
+        rng = np.random.default_rng(round_seed(tr.cfg.seed, it, k))  # per scan: results do not depend on the ranks
         cache = self._cache
         t = time.perf_counter()
         result = multiview_pseudolabel(
-            self.generalist(tr), case.image, prompt, rng, fusion="mv", box_jitter=cfg.box_jitter,
-            n_points=cfg.n_points, max_slices_per_view=cfg.pseudo_max_slices, cache=cache,
-            scan_id=self._scan_id(case) if cache is not None else None, keep_probs=rule.needs_probs)
+            self.generalist(tr), case.image, teacher.argmax(0).astype(np.uint8), rng, fusion="mv",
+            box_jitter=cfg.box_jitter, n_points=cfg.n_points, max_slices_per_view=cfg.pseudo_max_slices, cache=cache,
+            scan_id=self._scan_id(case) if cache is not None else None, keep_probs=keep_probs)
         if cfg.pseudo_max_slices is not None:
             fill_unprompted(result, teacher)
-        result["fused"] = combine({v: result[v] for v in VIEWS}, teacher, rule, result.probs)
         clock["encode"] += result.timing["encode"]
         clock["decode"] += result.timing["decode"]
         clock["prompts_and_fusion"] += time.perf_counter() - t - result.timing["encode"] - result.timing["decode"]
+        return teacher, result
+
+    def _label_case(self, tr, it: int, k: int, case) -> tuple[np.ndarray, dict | None]:
+        """One scan of a round: teacher -> three views -> fused pseudo-label (written to the run folder), and its
+        scores: Dice against the scan's label when it has one, counts on the expert's drawn planes when drawn."""
+        if self._tuned is not None:
+            return self._label_case_tiled(tr, case)
+        from fmabs_core.generalist.fusion import combine
+
+        rule = self._round_rule()
+        teacher, result = self._generalist_views(tr, it, k, case, rule.needs_probs)
+        prompt = teacher.argmax(0).astype(np.uint8)
+        if result is None:  # --pseudo-source teacher
+            tr.save_pseudolabels(case, {"fused": prompt})
+            return prompt, _round_scores(case, prompt, prompt)
         t = time.perf_counter()
+        result["fused"] = combine({v: result[v] for v in VIEWS}, teacher, rule, result.probs)
         tr.save_pseudolabels(case, result, teacher_probs=teacher)  # each rank writes the scans it labelled
-        clock["save"] += time.perf_counter() - t
+        self._clock["save"] += time.perf_counter() - t
         return result["fused"].astype(np.uint8), _round_scores(case, prompt, result["fused"])
+
+    def _round_rule(self):
+        """The fusion of this round: the option's, or the one ``--fusion auto`` chose for it."""
+        from fmabs_core.generalist.fusion import AUTO_CANDIDATES, FusionRule
+
+        cfg = self.config
+        if cfg.fusion != "auto":
+            return FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence)
+        return AUTO_CANDIDATES[self.partial["auto"]["rule"]]
+
+    def _choose_fusion(self, tr, it: int) -> None:
+        """``--fusion auto``: before a round labels its scans, score every candidate rule on the drawn planes of all
+        cross-labelled training scans (sharded over the ranks) and keep the best (see fusion.choose_rule)."""
+        from fmabs_core.generalist.fusion import AUTO_CANDIDATES, choose_rule, heldout_gain, plane_sample, \
+            pooled_plane_dice
+        from fmabs_core.training import distributed
+
+        t = time.perf_counter()
+        position = {c.id: k for k, c in enumerate(tr.train_cases)}
+        drawn = [c for c in tr.train_cases if c.target is not None and (c.target == UNLABELLED).any()]
+        mine = []
+        for case in distributed.shard(drawn):
+            teacher, result = self._generalist_views(tr, it, position[case.id], case, keep_probs=True)
+            mine.append(plane_sample(case.target, teacher, {v: result[v] for v in VIEWS}, result.probs))
+        samples = [s for part in distributed.all_gather_object(mine) for s in part]
+        if not samples:
+            self.partial["auto"] = {"rule": "mv", "scans": 0, "why": "no drawn planes: the paper's majority vote"}
+            return
+        name, scores = choose_rule(samples)
+        teacher_dice = pooled_plane_dice(samples, AUTO_CANDIDATES["teacher"])
+        self.partial["auto"] = {"rule": name, "scans": len(samples), "scores": scores, "teacher": teacher_dice,
+                                "chosen": scores[name], "heldout_gain": heldout_gain(samples),
+                                "seconds": time.perf_counter() - t}
 
     def _label_case_tiled(self, tr, case) -> tuple[np.ndarray, dict | None]:
         """Prompt-free mode: the tuned generalist's label of the whole scan (tiled sliding windows). The scan and
@@ -252,8 +295,11 @@ class FMABS(MeanTeacher):
         distributed.broadcast_module(self.teacher)  # BN statistics drift per rank: prompt from rank 0's teacher
         start = time.time()
         self._clock = _new_clock()
-        mine: dict[str, tuple[np.ndarray, tuple[float, float] | None]] = {}
-        shard = distributed.shard(list(enumerate(cases)))
+        if self._uses_auto() and "auto" not in self.partial:
+            self._choose_fusion(tr, it)
+        mine: dict[str, tuple[np.ndarray, dict | None]] = {}
+        position = {c.id: k for k, c in enumerate(tr.train_cases)}
+        shard = distributed.shard([(position[c.id], c) for c in cases])
         steps = -(-len(cases) // tr.dist.world_size)  # shares differ by one: every rank checks as often
         for n in tr.progress(range(steps), desc=f"pseudo-labels (round {self.rounds_done + 1})"):
             if n < len(shard):
@@ -273,6 +319,7 @@ class FMABS(MeanTeacher):
             case.pseudo = merged[case.id][0]
         if tr.dist.rank == 0 and self._tuned is None and cfg_uses_generalist(self.config):
             self._write_round_inputs(tr, it, cases)
+        auto = self.partial.get("auto")
         self.rounds_done += 1
         self.partial = None
         info = {"round": self.rounds_done, "iteration": it, "cases": len(cases), "seconds": time.time() - start,
@@ -280,9 +327,14 @@ class FMABS(MeanTeacher):
         if resumed:
             info["resumed_after"] = resumed
         info.update(round_summary([v[1] for v in merged.values()]))
+        if self._uses_auto():
+            info.update(auto_fields(auto))
+        elif self._tuned is None and cfg_uses_generalist(self.config):
+            info["fusion"] = self.config.fusion
         if info.get("planes_gain") is not None and info["planes_gain"] < -PLANES_WARN:
             info["warning"] = (f"the generalist made the pseudo-labels worse than the teacher on your drawn slices "
-                               f"({info['planes_gain']:+.3f} Dice); try --fusion soft or --pseudo-source teacher")
+                               f"({info['planes_gain']:+.3f} Dice); use --fusion auto (the default), which falls back to the "
+                               "teacher's own mask when the generalist does not help")
             log.warning("pseudo-label round %d: %s", self.rounds_done, info["warning"])
         if self._generalist is not None:
             info["generalist"] = self._generalist.precision  # e.g. "fp32 on cpu (openvino)": what ran the encoder
@@ -291,6 +343,10 @@ class FMABS(MeanTeacher):
             info["embedding_cache"] = self._cache.stats()
         tr.runlog.event("pseudo_label", **info)
         log.info("pseudo-label round %d: %s", self.rounds_done, info)
+
+    def _uses_auto(self) -> bool:
+        """Whether this run's rounds choose their fusion on the drawn planes."""
+        return self.config.fusion == "auto" and self._tuned is None and cfg_uses_generalist(self.config)
 
     def _write_round_inputs(self, tr, it: int, cases: list) -> None:
         """``pseudo/round.json``: what ``fmabs pseudo-label`` needs, beside ``<case>_teacher.nii.gz``, to write a
@@ -301,11 +357,15 @@ class FMABS(MeanTeacher):
         from fmabs_core.data.io import atomic_write_text
 
         cfg = self.config
-        index = {c.id: i for i, c in enumerate(cases)}  # i: the scan's place in the round, as _label_case uses
-        doc = {"round": self.rounds_done + 1, "iteration": it, "fusion": cfg.fusion,
-               "teacher_weight": cfg.teacher_weight, "gate_confidence": cfg.gate_confidence,
+        position = {c.id: k for k, c in enumerate(tr.train_cases)}  # the generator keys _label_case uses
+        index = {c.id: position[c.id] for c in cases}
+        rule = self._round_rule()
+        doc = {"round": self.rounds_done + 1, "iteration": it, "fusion": rule.fusion,
+               "teacher_weight": rule.teacher_weight, "gate_confidence": rule.confidence,
                "box_jitter": cfg.box_jitter, "n_points": cfg.n_points, "max_slices": cfg.pseudo_max_slices,
                "generalist": cfg.generalist, "seeds": {cid: round_seed(tr.cfg.seed, it, i) for cid, i in index.items()}}
+        if cfg.fusion == "auto":
+            doc["auto"] = self.partial["auto"]["rule"]  # the rule chosen on the drawn planes (its options are above)
         atomic_write_text(tr.run_dir / PSEUDO_DIR / "round.json", json.dumps(doc, indent=2))
 
     def _stop_mid_round(self, tr, it: int, total: int) -> None:
@@ -362,7 +422,7 @@ class FMABS(MeanTeacher):
 
 def _new_clock() -> dict[str, float]:
     """Seconds per part of a round on this rank: where a round's time goes, in its event."""
-    return dict.fromkeys(("teacher", "encode", "decode", "prompts_and_fusion", "save"), 0.0)
+    return dict.fromkeys(("teacher", "encode", "decode", "prompts_and_fusion", "save"), 0.0)  # auto's pass included
 
 
 def _check_options(cfg: FMABSConfig) -> None:
@@ -434,6 +494,21 @@ def _round_scores(case, teacher: np.ndarray, fused: np.ndarray) -> dict | None:
     if case.target is not None and (case.target == UNLABELLED).any():  # a cross-label (dense targets: no planes)
         out.update(planes_teacher=plane_counts(teacher, case.target), planes_pseudo=plane_counts(fused, case.target))
     return out or None
+
+
+def auto_fields(auto: dict) -> dict:
+    """The event fields of ``--fusion auto``: the rule chosen, every candidate's pooled Dice on the drawn planes,
+    and the teacher's and the chosen rule's (which replace the round's own plane scores: they cover every
+    cross-labelled scan, not only this round's), with the held-out estimate of the gain."""
+    out = {"fusion": auto["rule"]}
+    if not auto.get("scans"):
+        out["fusion_note"] = auto.get("why", "")
+        return out
+    out.update(fusion_scores={k: (None if np.isnan(v) else round(float(v), 4)) for k, v in auto["scores"].items()},
+               planes_scans=auto["scans"], planes_teacher_dice=auto["teacher"], planes_pseudo_dice=auto["chosen"],
+               planes_gain=auto["chosen"] - auto["teacher"],
+               planes_gain_heldout=None if np.isnan(auto["heldout_gain"]) else auto["heldout_gain"])
+    return out
 
 
 def round_summary(scores: list[dict | None]) -> dict:

@@ -9,8 +9,8 @@ import pytest
 
 from fmabs_core.contract import FUSIONS, UNLABELLED, VIEWS
 from fmabs_core.errors import InputError
-from fmabs_core.generalist.fusion import (FusionRule, calibrated_weight, combine, counts_dice, fill_unprompted,
-                                          merge_counts, plane_counts, plane_dice, plane_sample, probs_from_uint8,
+from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, FusionRule, choose_rule, combine, counts_dice, fill_unprompted,
+                                          heldout_gain, merge_counts, plane_counts, plane_dice, plane_sample, probs_from_uint8,
                                           probs_to_uint8, quantise_probs, teacher_probs_of, vote)
 
 
@@ -88,13 +88,15 @@ def test_staple_through_simpleitk_outvotes_the_wrong_rater(scene):
 
 
 def test_every_fusion_is_offered_and_checked():
-    assert set(FUSIONS) == {"mv", "ua", "soft", "gate", "staple"}
+    assert set(FUSIONS) == {"auto", "mv", "ua", "soft", "gate", "staple"}
     with pytest.raises(InputError, match="--fusion"):
         FusionRule("median").check()
     with pytest.raises(InputError, match="--teacher-weight"):
         FusionRule("soft", teacher_weight=1.5).check()
     with pytest.raises(InputError, match="--gate-confidence"):
         FusionRule("gate", confidence=0.2).check()
+    with pytest.raises(InputError, match="chosen per round"):
+        combine({"axial": ball()}, soft_probs(ball(), 0.9), FusionRule("auto"))
     with pytest.raises(InputError, match="probabilities"):
         combine({"axial": ball()}, soft_probs(ball(), 0.9), FusionRule("soft"))
 
@@ -157,17 +159,43 @@ def test_drawn_plane_scores_pool_voxels_over_scans():
     assert np.isnan(counts_dice({}))
 
 
-def test_calibration_picks_the_weight_the_drawn_planes_support(scene):
-    truth, views = scene
+def planes_of(truth: np.ndarray, at: int = 12) -> np.ndarray:
     cross = np.full(truth.shape, UNLABELLED, np.uint8)
     for axis in range(3):
         sl = [slice(None)] * 3
-        sl[axis] = 12
+        sl[axis] = at
         cross[tuple(sl)] = truth[tuple(sl)]
-    # a hesitant over-segmenting teacher: the views should get a say
-    w, scores = calibrated_weight([plane_sample(cross, soft_probs(ball(r=9.0), 0.6), views, view_probs_of(views))])
-    assert w < 1.0 and scores[w] > scores[1.0]
-    # a perfect teacher and wrong views: trust the teacher
+    return cross
+
+
+def test_auto_chooses_a_rule_the_drawn_planes_support(scene):
+    truth, views = scene
+    cross = planes_of(truth)
+    # a hesitant over-segmenting teacher, two right views and one wrong: a rule with the views must win
+    sample = plane_sample(cross, soft_probs(ball(r=9.0), 0.6), views, view_probs_of(views))
+    name, scores = choose_rule([sample])
+    assert name != "teacher" and scores[name] >= scores["teacher"] + 0.01
+    assert dice(combine(views, soft_probs(ball(r=9.0), 0.6), AUTO_CANDIDATES[name], view_probs_of(views)),
+                truth) > dice(ball(r=9.0), truth)
+
+
+def test_auto_keeps_the_teacher_when_the_generalist_does_not_help():
+    truth = ball()
+    cross = planes_of(truth)
+    wrong = dict.fromkeys(VIEWS, ball(r=10.0))  # every view wrong: no rule beats a right teacher on the planes
+    name, scores = choose_rule([plane_sample(cross, soft_probs(truth, 0.97), wrong, view_probs_of(wrong))])
+    assert name == "teacher" and scores["teacher"] == 1.0
+    # a rule that is only a little better than the teacher is not enough (the margin)
+    name, _ = choose_rule([plane_sample(cross, soft_probs(truth, 0.97), wrong, view_probs_of(wrong))], margin=0.0)
+    assert name in ("teacher", "soft 0.75", "soft 0.5", "gate 0.9", "gate 0.7")  # they equal the teacher here
+
+
+def test_heldout_gain_scores_each_scan_with_a_rule_chosen_on_the_others(scene):
+    truth, views = scene
+    cross = planes_of(truth)
+    helped = [plane_sample(cross, soft_probs(ball(r=9.0), 0.6), views, view_probs_of(views)) for _ in range(3)]
+    assert heldout_gain(helped) > 0.05
+    assert np.isnan(heldout_gain(helped[:1]))
     wrong = dict.fromkeys(VIEWS, ball(r=10.0))
-    w, _ = calibrated_weight([plane_sample(cross, soft_probs(truth, 0.97), wrong, view_probs_of(wrong))])
-    assert w >= 0.5
+    hurt = [plane_sample(cross, soft_probs(truth, 0.97), wrong, view_probs_of(wrong)) for _ in range(3)]
+    assert heldout_gain(hurt) == 0.0  # the teacher is kept on every held-out scan

@@ -13,6 +13,7 @@ from fmabs_core.cli import main
 from fmabs_core.data.project import Project
 from fmabs_core.cli.demo import DemoConfig, run_demo
 from fmabs_core.runs.events import read_events
+from fmabs_core.generalist.fusion import AUTO_CANDIDATES
 
 
 pytestmark = pytest.mark.slow  # trains, starts processes or runs LiteMedSAM
@@ -36,6 +37,13 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     assert parts["encode"] > 0 and parts["decode"] > 0 and min(parts.values()) >= 0
     assert sum(parts.values()) <= rounds[0]["seconds"] + 0.05
     assert rounds[0]["generalist"] == "fp32+channels-last on cpu"  # 24 slices to encode: OpenVINO would not pay
+    # the default fusion, auto: every candidate scored on the two cross-labelled scans' drawn planes, one kept
+    assert set(rounds[0]["fusion_scores"]) == set(AUTO_CANDIDATES) and rounds[0]["fusion"] in AUTO_CANDIDATES
+    assert rounds[0]["planes_scans"] == 2 and rounds[0]["planes_gain"] >= 0  # the teacher is a candidate
+    best = max(v for v in rounds[0]["fusion_scores"].values() if v is not None)
+    chosen = rounds[0]["fusion_scores"][rounds[0]["fusion"]]
+    assert chosen == best or rounds[0]["fusion"] == "teacher"
+    assert json.loads((run / "pseudo" / "round.json").read_text())["auto"] == rounds[0]["fusion"]
     written = sorted(p.name for p in (run / "pseudo").iterdir() if p.name != "round.json")
     assert len(written) == 5 * rounds[0]["cases"] and all(n.endswith(("_axial.nii.gz", "_coronal.nii.gz", "_sagittal.nii.gz",
                                                  "_fused.nii.gz", "_teacher.nii.gz")) for n in written)
