@@ -235,7 +235,9 @@ def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, fol
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.embcache import EmbeddingCache
     from fmabs_core.contract import VIEWS
-    from fmabs_core.generalist.fusion import FusionRule, combine, fill_unprompted, quantise_probs, teacher_probs_of
+    from fmabs_core.data.crosslabel import simulate
+    from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, FusionRule, choose_rule, combine, fill_unprompted,
+                                              plane_sample, quantise_probs, teacher_probs_of)
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, prompted_slices_bound
     from fmabs_core.generalist.runtime import resolve_runtime
     from fmabs_core.methods.fmabs import FMABSConfig
@@ -248,10 +250,12 @@ def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, fol
     g.encode(np.zeros((1, 64, 64), np.float32), (0.0, 1.0))  # warm-up: kernels, allocator
 
     teachers = [quantise_probs(teacher_probs_of(lab, 1)) for _c, _i, lab in prepared]  # made before the clock
+    crosses = [simulate(lab, "centre")[0] for _c, _i, lab in prepared]
 
     def one_round(seed: int, cache: EmbeddingCache | None, row: dict, rule: FusionRule = FusionRule("mv")) -> None:
         enc0 = g.encoded_slices
         fused, split = [], {"encode": 0.0, "decode": 0.0}
+        samples, kept = [], []
         _sync(device)
         t0 = time.perf_counter()
         for i, (_cid, img, lab) in enumerate(prepared):
@@ -261,10 +265,20 @@ def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, fol
             if rule.fusion != "mv":  # a round's own steps for a fusion with the teacher
                 if sizes.round_slices is not None:
                     fill_unprompted(result, teachers[i])
-                result["fused"] = combine({v: result[v] for v in VIEWS}, teachers[i], rule, result.probs)
+                views = {v: result[v] for v in VIEWS}
+                if rule.fusion == "auto":  # every scan cross-labelled (the simulated expert): its answers kept
+                    samples.append(plane_sample(crosses[i], teachers[i], views, result.probs))
+                    kept.append((views, result.probs))
+                    result["fused"] = None
+                else:
+                    result["fused"] = combine(views, teachers[i], rule, result.probs)
             fused.append(result["fused"])
             for part in split:
                 split[part] += result.timing[part]
+        if samples:  # --fusion auto: the rule chosen on the drawn planes, then every scan fused with it
+            row["fusion"] = choose_rule(samples)[0]
+            chosen = AUTO_CANDIDATES[row["fusion"]]
+            fused = [combine(views, teachers[i], chosen, probs) for i, (views, probs) in enumerate(kept)]
         _sync(device)
         row["seconds"], row["encoded"] = time.perf_counter() - t0, g.encoded_slices - enc0
         # where the time went: the encoder (cache look-ups included), the decoder, and the rest on the host

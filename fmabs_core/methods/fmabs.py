@@ -8,6 +8,7 @@ the axial, coronal and sagittal slices of each training scan; the three 3D resul
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -220,7 +221,7 @@ class FMABS(MeanTeacher):
         from fmabs_core.generalist.fusion import combine
 
         rule = self._round_rule()
-        teacher, result = self._generalist_views(tr, it, k, case, rule.needs_probs)
+        teacher, result = self._unstash(tr, case) or self._generalist_views(tr, it, k, case, rule.needs_probs)
         prompt = teacher.argmax(0).astype(np.uint8)
         if result is None:  # --pseudo-source teacher
             tr.save_pseudolabels(case, {"fused": prompt})
@@ -236,6 +237,8 @@ class FMABS(MeanTeacher):
         from fmabs_core.generalist.fusion import AUTO_CANDIDATES, FusionRule
 
         cfg = self.config
+        if not cfg_uses_generalist(cfg):  # the ablation: the teacher's own mask
+            return AUTO_CANDIDATES["teacher"]
         if cfg.fusion != "auto":
             return FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence)
         return AUTO_CANDIDATES[self.partial["auto"]["rule"]]
@@ -250,10 +253,13 @@ class FMABS(MeanTeacher):
         t = time.perf_counter()
         position = {c.id: k for k, c in enumerate(tr.train_cases)}
         drawn = [c for c in tr.train_cases if c.target is not None and (c.target == UNLABELLED).any()]
+        in_round = set(self.partial["cases"])
         mine = []
         for case in distributed.shard(drawn):
             teacher, result = self._generalist_views(tr, it, position[case.id], case, keep_probs=True)
             mine.append(plane_sample(case.target, teacher, {v: result[v] for v in VIEWS}, result.probs))
+            if case.id in in_round:  # labelled again below: keep its answers rather than decode them twice
+                self._stash(tr, case, teacher, result)
         samples = [s for part in distributed.all_gather_object(mine) for s in part]
         if not samples:
             self.partial["auto"] = {"rule": "mv", "scans": 0, "why": "no drawn planes: the paper's majority vote"}
@@ -263,6 +269,38 @@ class FMABS(MeanTeacher):
         self.partial["auto"] = {"rule": name, "scans": len(samples), "scores": scores, "teacher": teacher_dice,
                                 "chosen": scores[name], "heldout_gain": heldout_gain(samples),
                                 "seconds": time.perf_counter() - t}
+
+    def _stash(self, tr, case, teacher: np.ndarray, result) -> None:
+        """Keep a scan's answers of ``--fusion auto``'s pass for the round (on disk: memory stays one scan's)."""
+        from fmabs_core.data.io import atomic_path
+        from fmabs_core.generalist.fusion import probs_to_uint8
+
+        arrays = {"teacher": probs_to_uint8(teacher), **{v: result[v] for v in VIEWS}}
+        arrays.update({f"p_{v}_{c}": p for v, ps in result.probs.items() for c, p in ps.items()})
+        with atomic_path(_stash_dir(tr) / f"{case.id}.npz") as tmp:
+            np.savez(tmp, **arrays)
+
+    def _unstash(self, tr, case):
+        """``(teacher, result)`` that :meth:`_stash` kept for ``case`` in this round, or None (then recomputed)."""
+        from fmabs_core.generalist.fusion import probs_from_uint8
+        from fmabs_core.generalist.pseudolabel import PseudoLabels
+
+        path = _stash_dir(tr) / f"{case.id}.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                result = PseudoLabels({v: z[v] for v in VIEWS})
+                result.probs = {v: {} for v in VIEWS}
+                for key in z.files:
+                    if key.startswith("p_"):
+                        _, view, c = key.split("_")
+                        result.probs[view][int(c)] = z[key]
+                teacher = probs_from_uint8(z["teacher"])
+        except (OSError, ValueError, KeyError) as exc:  # torn by a kill: compute it again
+            log.warning("%s: unreadable (%s); labelling the scan again", path, exc)
+            return None
+        return teacher, result
 
     def _label_case_tiled(self, tr, case) -> tuple[np.ndarray, dict | None]:
         """Prompt-free mode: the tuned generalist's label of the whole scan (tiled sliding windows). The scan and
@@ -320,6 +358,8 @@ class FMABS(MeanTeacher):
         if tr.dist.rank == 0 and self._tuned is None and cfg_uses_generalist(self.config):
             self._write_round_inputs(tr, it, cases)
         auto = self.partial.get("auto")
+        if auto is not None and tr.dist.rank == 0:
+            shutil.rmtree(_stash_dir(tr), ignore_errors=True)
         self.rounds_done += 1
         self.partial = None
         info = {"round": self.rounds_done, "iteration": it, "cases": len(cases), "seconds": time.time() - start,
@@ -471,6 +511,13 @@ def _load_tiled(adapter: str, tr: TrainContext):
 PLANES_WARN = 0.005
 
 
+def _stash_dir(tr) -> "Path":
+    """Where ``--fusion auto``'s pass keeps the answers of the round's cross-labelled scans until they are fused."""
+    from fmabs_core.contract import PSEUDO_DIR
+
+    return tr.run_dir / PSEUDO_DIR / "auto-pass"
+
+
 def cfg_uses_generalist(cfg: FMABSConfig) -> bool:
     """Whether the rounds prompt the generalist (not the teacher-only ablation)."""
     return cfg.pseudo_source == "generalist"
@@ -504,10 +551,13 @@ def auto_fields(auto: dict) -> dict:
     if not auto.get("scans"):
         out["fusion_note"] = auto.get("why", "")
         return out
-    out.update(fusion_scores={k: (None if np.isnan(v) else round(float(v), 4)) for k, v in auto["scores"].items()},
-               planes_scans=auto["scans"], planes_teacher_dice=auto["teacher"], planes_pseudo_dice=auto["chosen"],
-               planes_gain=auto["chosen"] - auto["teacher"],
-               planes_gain_heldout=None if np.isnan(auto["heldout_gain"]) else auto["heldout_gain"])
+    def finite(v: float) -> float | None:  # events are JSON: no NaN
+        return None if v is None or np.isnan(v) else float(v)
+
+    out.update(fusion_scores={k: finite(v) and round(v, 4) for k, v in auto["scores"].items()},
+               planes_scans=auto["scans"], planes_teacher_dice=finite(auto["teacher"]),
+               planes_pseudo_dice=finite(auto["chosen"]), planes_gain=finite(auto["chosen"] - auto["teacher"]),
+               planes_gain_heldout=finite(auto["heldout_gain"]))
     return out
 
 
@@ -525,6 +575,6 @@ def round_summary(scores: list[dict | None]) -> dict:
     if drawn:
         t = counts_dice(merge_counts([s["planes_teacher"] for s in drawn]))
         f = counts_dice(merge_counts([s["planes_pseudo"] for s in drawn]))
-        out.update(planes_scans=len(drawn), planes_teacher_dice=t, planes_pseudo_dice=f,
-                   planes_gain=None if np.isnan(t) or np.isnan(f) else f - t)
+        if not (np.isnan(t) or np.isnan(f)):  # NaN: nothing of the classes was drawn
+            out.update(planes_scans=len(drawn), planes_teacher_dice=t, planes_pseudo_dice=f, planes_gain=f - t)
     return out
