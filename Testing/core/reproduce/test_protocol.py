@@ -80,10 +80,13 @@ def test_plan_and_train_config():
     cpu = proto.scale("cpu")
     cells = plan(proto, cpu, 2, None)
     assert [c.name for c in cells] == ["c20.sup.seed0", "c20.sup.seed1", "c20.mt.seed0", "c20.mt.seed1",
-                                       "c20.fmabs.seed0", "c20.fmabs.seed1"]
+                                       "c20.fmabs.seed0", "c20.fmabs.seed1", "c20.fmabs-auto.seed0",
+                                       "c20.fmabs-auto.seed1"]
+    auto = train_config(proto, cpu, cells[-1], ["a", "b"], "cpu")
+    assert auto.method_options["fusion"] == "auto" and auto.method_options["pseudo_max_slices"] == 6
     with pytest.raises(InputError, match="--methods bogus"):
         plan(proto, cpu, 1, ["bogus"])
-    cfg = train_config(proto, cpu, cells[-1], ["a", "b"], "cpu")
+    cfg = train_config(proto, cpu, cells[5], ["a", "b"], "cpu")
     assert (cfg.iterations, cfg.net.width, cfg.net.dropout, cfg.patch_size) == (400, 8, 0.5, (48, 48, 32))
     assert cfg.method_options["pseudo_max_slices"] == 6 and cfg.method_options["fusion"] == "mv"
     assert cfg.labelled_cases == ("a", "b") and cfg.active is None
@@ -98,7 +101,7 @@ def test_plan_and_train_config():
     with pytest.raises(InputError, match="crop 'corner'"):
         train_config(proto, cpu, cells[0], ["a"], "cpu")
     proto.scales["cpu"].method_options["fmabs"]["no_such_option"] = 1
-    with pytest.raises(InputError, match="row 'fmabs'.*no_such_option"):
+    with pytest.raises(InputError, match="row 'fmabs[a-z-]*'.*no_such_option"):
         train_config(proto, proto.scale("cpu"), cells[-1], ["a"], "cpu")
 
 
