@@ -33,9 +33,9 @@ ALLOWED_TRAIN_OPTIONS = frozenset(f"--{name}" for name in (
     "norm", "no-augment", "val-every", "val-overlap", "ckpt-every", "keep-last", "max-val-cases", "active-k",
     "active-every", "ema", "consistency", "noise-std", "noise-clip", "labels", "rank", "grid", "finetune-iterations",
     "finetune-lr", "finetune-batch", "pl-weight", "st-rounds", "cps-weight", "rampup", "log-gamma", "generalist-dtype",
-    "generalist-runtime",
-    "embedding-cache-gb", "embedding-dtype", "fusion", "sam-weight", "nt-gamma", "pseudo-warmup", "pseudo-every",
-    "pseudo-stop", "pseudo-max-slices", "pseudo-max-cases", "box-jitter", "n-points", "bezier", "mc-passes"))
+    "generalist-runtime", "embedding-cache-gb", "embedding-dtype", "fusion", "teacher-weight", "gate-confidence",
+    "sam-weight", "nt-gamma", "pseudo-warmup", "pseudo-every", "pseudo-stop", "pseudo-max-slices", "pseudo-max-cases",
+    "box-jitter", "n-points", "bezier", "mc-passes"))
 
 
 def parse_train_options(text: str) -> list[str]:
