@@ -124,7 +124,8 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
                    runs: list[str] | None = None, iterations: list[int] | None = None, made: bool = True,
                    generalist: str = "litemedsam", checkpoint: str | None = None, device: str = "cpu",
                    box_jitter: int = 10, max_slices: int | None = None, seed: int = 0,
-                   cache_dir: str | None = None, progress=None) -> dict[str, Any]:
+                   cache_dir: str | None = None, progress=None, box_jitter_fraction: float | None = None
+                   ) -> dict[str, Any]:
     """Rows of (scan, teacher): the teacher's, each view's and each fusion rule's Dice; see the module doc."""
     from fmabs_core.data.crosslabel import simulate
     from fmabs_core.data.project import Project
@@ -165,7 +166,7 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
             prompt = probs.argmax(0).astype(np.uint8)
             result = multiview_pseudolabel(g, image, prompt, np.random.default_rng(seed), fusion="mv",
                                            box_jitter=box_jitter, max_slices_per_view=max_slices, cache=cache,
-                                           keep_probs=True)
+                                           keep_probs=True, box_jitter_fraction=box_jitter_fraction)
             if max_slices is not None:
                 fill_unprompted(result, probs)
             views = {v: result[v] for v in VIEWS}
@@ -196,7 +197,8 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
             rows[i][AUTO] = rows[i]["teacher_dice"] if pick == "teacher" else scores[pick]
     cache.close()
     names = [*rules, AUTO]
-    return {"project": str(project.root), "generalist": repr(g), "device": str(g.device), "box_jitter": box_jitter,
+    return {"project": str(project.root), "generalist": repr(g), "device": str(g.device),
+            "box_jitter": box_jitter if box_jitter_fraction is None else f"{box_jitter_fraction:g} of the box",
             "max_slices_per_view": max_slices, "seed": seed, "rules": names, "rows": rows,
             "auto": chosen, "summary": summarise(rows, names)}
 
@@ -227,7 +229,7 @@ def summarise(rows: list[dict], rules: list[str]) -> dict[str, dict[str, Any]]:
 
 def format_teachers(report: dict[str, Any]) -> str:
     rules = report["rules"]
-    lines = [f"{report['generalist']}, box jitter 0-{report['box_jitter']} px, "
+    lines = [f"{report['generalist']}, box jitter 0-{report['box_jitter']} (px unless said), "
              f"{report['max_slices_per_view'] or 'every'} prompted slice(s) per view; Dice against the label; "
              "gain = rule - teacher"]
     head = f"{'case':<22} {'teacher':<18} {'its Dice':>8} " + " ".join(f"{v[:8]:>8}" for v in (*VIEWS, *rules)) \

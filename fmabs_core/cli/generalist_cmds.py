@@ -82,6 +82,8 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="generator seed; a round's scan uses SEED "
                    "ITERATION INDEX (pseudo/round.json lists them)")
     p.add_argument("--jitter", type=int, default=10, help="max random box expansion per side, px (default 10)")
+    p.add_argument("--box-jitter-fraction", type=float, help="max random box expansion as a share of the box's "
+                   "longer side, instead of --jitter pixels (as fmabs train's option)")
     p.add_argument("--points", type=int, help="positive points per box (default: the generalist's)")
     p.add_argument("--prompt-mode", default="component", choices=["component", "slice"])
     p.add_argument("--batch-size", type=int, help="slices per encoder call (default: 1 on CPU, more on CUDA)")
@@ -155,6 +157,8 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--checkpoint")
     p.add_argument("--device", default="auto")
     p.add_argument("--box-jitter", type=int, default=10, help="random box enlargement, px per side (default 10)")
+    p.add_argument("--box-jitter-fraction", type=float, help="random box enlargement as a share of the box's longer "
+                                                             "side, instead of --box-jitter pixels (e.g. 0.1)")
     p.add_argument("--max-slices", type=int, help="prompted slices per view (default: every foreground slice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="keep slice embeddings in this folder, so a later run encodes nothing")
@@ -243,6 +247,8 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         raise InputError(" ".join(problems))
     if args.max_slices is not None and args.max_slices < 1:
         raise InputError(f"--max-slices must be >= 1, got {args.max_slices}.")
+    if args.box_jitter_fraction is not None and not 0 < args.box_jitter_fraction <= 1:
+        raise InputError(f"--box-jitter-fraction must be in (0, 1], got {args.box_jitter_fraction}.")
     case = args.case or io.case_id(args.image)
     out = Path(args.output)
     targets = [out / f"{case}_{key}.nii.gz" for key in (*io.VIEWS, "fused")]
@@ -259,6 +265,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         g, zscore(image.array), prompt, np.random.default_rng(args.seed), fusion="mv",
         box_jitter=args.jitter, n_points=args.points, max_slices_per_view=args.max_slices,
         batch_size=args.batch_size, prompt_mode=args.prompt_mode, keep_probs=rule.needs_probs, cache=cache,
+        box_jitter_fraction=args.box_jitter_fraction,
     )
     if args.max_slices is not None:
         fill_unprompted(result, teacher)
@@ -299,7 +306,8 @@ _PROMPTED_ONLY = {"--max-slices": ("max_slices", None), "--points": ("points", N
                   "--fusion": ("fusion", "mv"), "--batch-size": ("batch_size", None),
                   "--teacher-probs": ("teacher_probs", None), "--teacher-weight": ("teacher_weight", 0.5),
                   "--gate-confidence": ("gate_confidence", 0.9), "--crosslabel": ("crosslabel", None),
-                  "--embedding-dtype": ("embedding_dtype", "auto")}
+                  "--embedding-dtype": ("embedding_dtype", "auto"),
+                  "--box-jitter-fraction": ("box_jitter_fraction", None)}
 
 
 def _pseudo_label_tuned(args: argparse.Namespace) -> int:
@@ -400,9 +408,11 @@ def _bench_teachers(args: argparse.Namespace) -> int:
         raise InputError(f"--json {args.json} exists; give --overwrite to replace it, or another path.")
     if args.scans is not None and args.scans < 1:
         raise InputError(f"--scans must be >= 1 (got {args.scans}).")
+    if args.box_jitter_fraction is not None and not 0 < args.box_jitter_fraction <= 1:
+        raise InputError(f"--box-jitter-fraction must be in (0, 1] (got {args.box_jitter_fraction}).")
     report = bench_teachers(args.project, args.cases, args.scans, args.runs, args.iterations, not args.no_made,
                             args.generalist, args.checkpoint, args.device, args.box_jitter, args.max_slices,
-                            args.seed, args.cache_dir, progress=progress)
+                            args.seed, args.cache_dir, progress=progress, box_jitter_fraction=args.box_jitter_fraction)
     print(format_teachers(report))
     _write_json(args.json, report)
     return 0

@@ -79,10 +79,13 @@ def slice_prompts(
     n_points: int | tuple[int, int] = 3,
     mode: Mode = "component",
     min_component_px: int = 10,
+    jitter_fraction: float | None = None,
 ) -> list[Prompt]:
     """Prompts for one predicted 2D binary mask; ``[]`` for an empty mask (no generalist call).
 
     ``n_points``: a count, or an inclusive range ``(lo, hi)`` drawn per prompt (paper: "a few").
+    ``jitter_fraction``: instead of ``jitter`` pixels, that share of each box's longer side (at least 1 px), so
+    that the looseness of a box does not depend on the scan's resolution or the object's size.
     """
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
@@ -102,9 +105,16 @@ def slice_prompts(
     out = []
     for box, part in parts:
         k = int(rng.integers(n_points[0], n_points[1] + 1)) if isinstance(n_points, tuple) else int(n_points)
-        box = jitter_box(box, mask.shape, rng, jitter)
+        px = jitter if jitter_fraction is None else scaled_jitter(box, jitter_fraction)
+        box = jitter_box(box, mask.shape, rng, px)
         out.append(Prompt(box=box, points=sample_points(part(), rng, k) if k > 0 else np.zeros((0, 2))))
     return out
+
+
+def scaled_jitter(box: np.ndarray, fraction: float) -> int:
+    """Pixels of jitter for ``box`` (x0, y0, x1, y1): ``fraction`` of its longer side, at least 1."""
+    side = max(box[2] - box[0], box[3] - box[1]) + 1
+    return max(1, int(round(fraction * side)))
 
 
 def _box_of(bbox: tuple[slice, slice]) -> np.ndarray:

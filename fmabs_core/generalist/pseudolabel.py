@@ -119,6 +119,7 @@ def view_pseudolabel(
     scan_id: str | None = None,
     timing: dict[str, float] | None = None,
     probs: dict[int, np.ndarray] | None = None,
+    box_jitter_fraction: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One view's 3D pseudo-label (XYZ uint8), the prompted slice indices and the number of prompts.
 
@@ -149,7 +150,8 @@ def view_pseudolabel(
         for j, k in enumerate(chunk):
             sl = pm_v[k]
             for c in [c for c, has in present.items() if has[k]]:
-                for p in slice_prompts(sl == c, rng, box_jitter, n_pts, prompt_mode, min_component_px):
+                for p in slice_prompts(sl == c, rng, box_jitter, n_pts, prompt_mode, min_component_px,
+                                       box_jitter_fraction):
                     owners.append((j, int(c)))
                     boxes.append(p.box)
                     points.append(p.points)
@@ -206,6 +208,7 @@ def multiview_pseudolabel(
     cache: EmbeddingCache | None = None,
     scan_id: str | None = None,
     keep_probs: bool = False,
+    box_jitter_fraction: float | None = None,
 ) -> PseudoLabels:
     """Axial, coronal and sagittal generalist pseudo-labels of one scan, and their fusion.
 
@@ -216,7 +219,8 @@ def multiview_pseudolabel(
     background, so the result under-segments). ``batch_size``: slices per encoder call (None: the
     generalist's default, 1 on CPU where batching measured slower, larger on CUDA). ``cache``:
     embeddings kept across calls (rounds) under ``scan_id`` (default: the image's content hash).
-    ``keep_probs``: also keep each view's per-class probabilities (``result.probs[view][class]``, float16),
+    ``box_jitter_fraction``: each box enlarged by up to that share of its longer side instead of ``box_jitter``
+    pixels. ``keep_probs``: also keep each view's per-class probabilities (``result.probs[view][class]``, float16),
     which the soft fusions need.
     """
     image = np.asarray(image)
@@ -240,7 +244,7 @@ def multiview_pseudolabel(
         vol, idx, n = view_pseudolabel(
             generalist, image, prompt_mask, view, rng, window, box_jitter, n_points, max_slices_per_view,
             batch_size, prompt_mode, min_component_px, orientation, cache, scan_id, result.timing,
-            result.probs.setdefault(view, {}) if keep_probs else None,
+            result.probs.setdefault(view, {}) if keep_probs else None, box_jitter_fraction,
         )
         result[view], result.slices[view] = vol, idx
         result.prompts += n

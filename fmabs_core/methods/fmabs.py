@@ -66,6 +66,8 @@ class FMABSConfig(MeanTeacherConfig):
     pseudo_max_slices: int | None = option(None, "generalist calls per view and scan (CPU runs; default: all)")
     pseudo_max_cases: int | None = option(None, "scans pseudo-labelled per round (CPU runs; default: all)")
     box_jitter: int = option(10, "random enlargement of each box prompt, pixels per side")
+    box_jitter_fraction: float | None = option(None, "random enlargement of each box prompt as a share of its longer "
+                                                     "side, instead of --box-jitter pixels (e.g. 0.1)")
     n_points: int | None = option(None, "positive points per box (default: the generalist's)")
     pseudo_source: str = option("generalist", "generalist (FM-ABS), or teacher: an ablation whose pseudo-label is "
                                               "the teacher's own mask (self-training, no generalist), to measure "
@@ -205,7 +207,8 @@ class FMABS(MeanTeacher):
         result = multiview_pseudolabel(
             self.generalist(tr), case.image, teacher.argmax(0).astype(np.uint8), rng, fusion="mv",
             box_jitter=cfg.box_jitter, n_points=cfg.n_points, max_slices_per_view=cfg.pseudo_max_slices, cache=cache,
-            scan_id=self._scan_id(case) if cache is not None else None, keep_probs=keep_probs)
+            scan_id=self._scan_id(case) if cache is not None else None, keep_probs=keep_probs,
+            box_jitter_fraction=cfg.box_jitter_fraction)
         if cfg.pseudo_max_slices is not None:
             fill_unprompted(result, teacher)
         clock["encode"] += result.timing["encode"]
@@ -402,7 +405,8 @@ class FMABS(MeanTeacher):
         rule = self._round_rule()
         doc = {"round": self.rounds_done + 1, "iteration": it, "fusion": rule.fusion,
                "teacher_weight": rule.teacher_weight, "gate_confidence": rule.confidence,
-               "box_jitter": cfg.box_jitter, "n_points": cfg.n_points, "max_slices": cfg.pseudo_max_slices,
+               "box_jitter": cfg.box_jitter, "box_jitter_fraction": cfg.box_jitter_fraction, "n_points": cfg.n_points,
+               "max_slices": cfg.pseudo_max_slices,
                "generalist": cfg.generalist, "seeds": {cid: round_seed(tr.cfg.seed, it, i) for cid, i in index.items()}}
         if cfg.fusion == "auto":
             doc["auto"] = self.partial["auto"]["rule"]  # the rule chosen on the drawn planes (its options are above)
@@ -490,6 +494,8 @@ def _check_options(cfg: FMABSConfig) -> None:
     from fmabs_core.generalist.fusion import FusionRule
 
     FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence).check()
+    if cfg.box_jitter_fraction is not None and not 0 < cfg.box_jitter_fraction <= 1:
+        raise InputError(f"--box-jitter-fraction must be in (0, 1] (got {cfg.box_jitter_fraction})")
     if cfg.embedding_cache_gb is not None and not cfg.embedding_cache_gb > 0:
         raise InputError(f"--embedding-cache-gb must be a positive number of GB (got {cfg.embedding_cache_gb})")
 

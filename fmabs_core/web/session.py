@@ -35,7 +35,7 @@ ALLOWED_TRAIN_OPTIONS = frozenset(f"--{name}" for name in (
     "finetune-lr", "finetune-batch", "pl-weight", "st-rounds", "cps-weight", "rampup", "log-gamma", "generalist-dtype",
     "generalist-runtime", "embedding-cache-gb", "embedding-dtype", "fusion", "teacher-weight", "gate-confidence",
     "sam-weight", "nt-gamma", "pseudo-warmup", "pseudo-every", "pseudo-stop", "pseudo-max-slices", "pseudo-max-cases",
-    "box-jitter", "n-points", "bezier", "mc-passes"))
+    "box-jitter", "box-jitter-fraction", "n-points", "bezier", "mc-passes"))
 
 
 def parse_train_options(text: str) -> list[str]:

@@ -199,3 +199,4 @@ def test_heldout_gain_scores_each_scan_with_a_rule_chosen_on_the_others(scene):
     wrong = dict.fromkeys(VIEWS, ball(r=10.0))
     hurt = [plane_sample(cross, soft_probs(truth, 0.97), wrong, view_probs_of(wrong)) for _ in range(3)]
     assert heldout_gain(hurt) == 0.0  # the teacher is kept on every held-out scan
+

@@ -231,3 +231,16 @@ def test_cli_pseudo_label_with_ground_truth(tmp_path, write_nifti, capsys):
         assert (tmp_path / "out" / f"scan_{key}.nii.gz").is_file()
         assert f"  {key}" in out
     assert "on the 1 prompted slices" in out
+
+
+def test_scaled_jitter_follows_the_box_not_the_pixel_grid():
+    from fmabs_core.generalist.prompts import scaled_jitter, slice_prompts
+
+    assert scaled_jitter(np.array([0, 0, 99, 49]), 0.1) == 10 and scaled_jitter(np.array([5, 5, 6, 6]), 0.1) == 1
+    mask = np.zeros((200, 200), bool)
+    mask[50:150, 80:120] = True  # 100 rows x 40 columns: up to 10 px per side
+    rng = np.random.default_rng(0)
+    grow = [p.box - np.array([80, 50, 119, 149]) for _ in range(50)
+            for p in slice_prompts(mask, rng, jitter=0, n_points=0, jitter_fraction=0.1)]
+    grow = np.abs(np.array(grow))
+    assert grow.max() == 10 and grow.min() == 0
