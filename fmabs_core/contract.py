@@ -74,6 +74,9 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 EVENT_TYPES = tuple(EVENT_FIELDS)
 
+COMMON_EVENT_FIELDS = ("type", "time", "iteration")
+
+
 def planes_line(event: dict) -> str | None:
     """What a ``pseudo_label`` event says to the user about their drawn slices (None when it has no planes).
 
@@ -95,7 +98,6 @@ def planes_line(event: dict) -> str | None:
         line += f"; WARNING: {event['warning']}"
     return line
 
-COMMON_EVENT_FIELDS = ("type", "time", "iteration")
 
 # ---- exit codes of the ``fmabs`` command -----------------------------------------------------------
 EXIT_OK = 0

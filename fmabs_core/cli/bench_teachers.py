@@ -131,7 +131,7 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
     from fmabs_core.data.project import Project
     from fmabs_core.generalist import get_generalist
     from fmabs_core.generalist.embcache import EmbeddingCache
-    from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, choose_rule, combine, fill_unprompted, heldout_gain,
+    from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, choose_auto, combine, fill_unprompted,
                                               plane_dice, plane_sample)
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel
     from fmabs_core.training.sampler import zscore
@@ -191,8 +191,9 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
     chosen = {}
     for name, items in samples.items():
         drawn = [s for i, s, _ in items if rows[i].pop("_drawn")] or [s for _, s, _ in items]
-        pick, _ = choose_rule(drawn)
-        chosen[name] = {"rule": pick, "heldout_gain": heldout_gain(drawn), "scans": len(drawn)}
+        choice = choose_auto(drawn)
+        pick = choice.rule
+        chosen[name] = {"rule": pick, "heldout_gain": choice.heldout_gain, "scans": len(drawn)}
         for i, _, scores in items:
             rows[i][AUTO] = rows[i]["teacher_dice"] if pick == "teacher" else scores[pick]
     cache.close()

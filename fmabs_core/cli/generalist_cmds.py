@@ -215,6 +215,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, save_pseudolabels
 
     from fmabs_core.generalist.embcache import EmbeddingCache
+    from fmabs_core.generalist.prompts import check_jitter_fraction
     from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, FusionRule, choose_rule, combine, fill_unprompted,
                                               plane_dice, plane_sample, probs_from_uint8, teacher_probs_of)
     from fmabs_core.training.sampler import zscore
@@ -247,8 +248,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         raise InputError(" ".join(problems))
     if args.max_slices is not None and args.max_slices < 1:
         raise InputError(f"--max-slices must be >= 1, got {args.max_slices}.")
-    if args.box_jitter_fraction is not None and not 0 < args.box_jitter_fraction <= 1:
-        raise InputError(f"--box-jitter-fraction must be in (0, 1], got {args.box_jitter_fraction}.")
+    check_jitter_fraction(args.box_jitter_fraction)
     case = args.case or io.case_id(args.image)
     out = Path(args.output)
     targets = [out / f"{case}_{key}.nii.gz" for key in (*io.VIEWS, "fused")]
@@ -403,13 +403,13 @@ def _bench_ceiling(args: argparse.Namespace) -> int:
 def _bench_teachers(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench_teachers import bench_teachers, format_teachers
     from fmabs_core.cli.common import progress
+    from fmabs_core.generalist.prompts import check_jitter_fraction
 
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise InputError(f"--json {args.json} exists; give --overwrite to replace it, or another path.")
     if args.scans is not None and args.scans < 1:
         raise InputError(f"--scans must be >= 1 (got {args.scans}).")
-    if args.box_jitter_fraction is not None and not 0 < args.box_jitter_fraction <= 1:
-        raise InputError(f"--box-jitter-fraction must be in (0, 1] (got {args.box_jitter_fraction}).")
+    check_jitter_fraction(args.box_jitter_fraction)
     report = bench_teachers(args.project, args.cases, args.scans, args.runs, args.iterations, not args.no_made,
                             args.generalist, args.checkpoint, args.device, args.box_jitter, args.max_slices,
                             args.seed, args.cache_dir, progress=progress, box_jitter_fraction=args.box_jitter_fraction)

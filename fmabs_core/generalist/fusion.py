@@ -17,15 +17,15 @@ teacher take part:
 - ``auto`` (the default): each round, every rule above (several weights and thresholds) and the teacher's
   own mask are scored on the expert's drawn planes of the cross-labelled scans, and the best is used,
   provided it beats the teacher's mask there by :data:`AUTO_MARGIN`; else the round keeps the teacher's
-  mask. The drawn planes are the only truth a round has; :func:`heldout_gain` says, without the
-  optimism of choosing and scoring on the same planes, what the choice gains.
+  mask. :func:`choose_auto` also says, without the optimism of choosing and scoring on the same
+  planes, what the choice gains.
 
 On slices a view did not prompt (``--pseudo-max-slices``) the view holds the teacher's answer (see
 :func:`fill_unprompted`), so a view that was not asked never votes for background.
 
-:func:`plane_scores` scores the teacher, each view and the fused label on the expert's drawn planes
-of a cross-labelled scan: the only truth a round has, and the user's evidence of whether the
-generalist helps on their data; :func:`choose_rule` uses it for ``--fusion auto``.
+:func:`plane_counts` scores a label on the expert's drawn planes of a cross-labelled scan (poolable
+over scans): the only truth a round has, and the user's evidence of whether the generalist helps on
+their data; :func:`choose_auto` uses it for ``--fusion auto``.
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ def fill_unprompted(result, teacher_probs: np.ndarray) -> None:
             continue
         vol = np.moveaxis(result[view], axis, 0)  # a view of the array: writes go through
         vol[skipped] = np.moveaxis(teacher, axis, 0)[skipped]
-        for c in range(1, teacher_probs.shape[0]):
-            if view in probs:
+        if view in probs:
+            for c in range(1, teacher_probs.shape[0]):
                 p = probs[view].setdefault(c, np.zeros(teacher.shape, np.float16))
                 np.moveaxis(p, axis, 0)[skipped] = np.moveaxis(teacher_probs[c], axis, 0)[skipped]
 
@@ -178,13 +178,7 @@ def drawn_planes(crosslabel: np.ndarray) -> np.ndarray:
 
 def plane_dice(pred: np.ndarray, crosslabel: np.ndarray) -> float:
     """Foreground Dice (mean over the classes drawn) of ``pred`` on the drawn planes; NaN if nothing is drawn."""
-    drawn = drawn_planes(crosslabel)
-    p, t = pred[drawn], crosslabel[drawn]
-    scores = []
-    for c in sorted(set(np.unique(t).tolist()) - {0}):
-        s = int((p == c).sum() + (t == c).sum())
-        scores.append(2.0 * int(((p == c) & (t == c)).sum()) / s if s else float("nan"))
-    return float(np.mean(scores)) if scores else float("nan")
+    return counts_dice(plane_counts(pred, crosslabel))
 
 
 @dataclass
@@ -206,26 +200,6 @@ def plane_sample(crosslabel: np.ndarray, teacher_probs: np.ndarray, views: Mappi
                        {v: {c: p[drawn] for c, p in ps.items()} for v, ps in (view_probs or {}).items()})
 
 
-def sample_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean foreground Dice of flat label arrays (NaN when a class is absent from both)."""
-    scores = []
-    for c in sorted(set(np.unique(truth).tolist()) - {0}):
-        s = int((pred == c).sum() + (truth == c).sum())
-        scores.append(2.0 * int(((pred == c) & (truth == c)).sum()) / s if s else float("nan"))
-    return float(np.nanmean(scores)) if scores and not np.all(np.isnan(scores)) else float("nan")
-
-
-def pooled_plane_dice(samples: Sequence[PlaneSample], rule: FusionRule) -> float:
-    """Dice of ``rule``'s fused label on the drawn planes of all ``samples`` pooled (voxels counted together)."""
-    if not samples:
-        return float("nan")
-    preds, truths = [], []
-    for s in samples:
-        preds.append(combine(s.views, s.teacher, rule, s.view_probs))
-        truths.append(s.truth)
-    return sample_dice(np.concatenate(preds), np.concatenate(truths))
-
-
 #: the rules ``--fusion auto`` chooses from, in order of preference on equal scores ("teacher": its own mask)
 AUTO_CANDIDATES: dict[str, FusionRule] = {
     "teacher": FusionRule("teacher"),
@@ -243,35 +217,66 @@ AUTO_CANDIDATES: dict[str, FusionRule] = {
 AUTO_MARGIN = 0.01
 
 
-def choose_rule(samples: Sequence[PlaneSample], candidates: Mapping[str, FusionRule] | None = None,
-                margin: float = AUTO_MARGIN) -> tuple[str, dict[str, float]]:
-    """``--fusion auto``: the candidate whose fused labels score best on the drawn planes of ``samples`` pooled,
-    kept only if it beats the teacher's own mask by ``margin``; else "teacher". Returns it and every score."""
-    candidates = AUTO_CANDIDATES if candidates is None else candidates
-    scores = {name: pooled_plane_dice(samples, rule) for name, rule in candidates.items()}
+def _candidate_counts(samples: Sequence[PlaneSample], candidates: Mapping[str, FusionRule]
+                      ) -> dict[str, list[dict[str, list[int]]]]:
+    """Each candidate's :func:`plane_counts` on each sample: every choice below is sums of these."""
+    return {name: [plane_counts(combine(s.views, s.teacher, rule, s.view_probs), s.truth) for s in samples]
+            for name, rule in candidates.items()}
+
+
+def _choose(counts: Mapping[str, list], use: Sequence[int], margin: float) -> tuple[str, dict[str, float]]:
+    """The best candidate on the samples ``use`` (pooled), if it beats "teacher" by ``margin``; and every score."""
+    scores = {name: counts_dice(merge_counts([per[i] for i in use])) for name, per in counts.items()}
     finite = {k: v for k, v in scores.items() if not np.isnan(v)}
     if not finite:
         return "teacher", scores
-    order = list(candidates)
+    order = list(counts)
     best = max(finite, key=lambda k: (round(finite[k], 6), -order.index(k)))
     base = finite.get("teacher", float("-inf"))
     return (best if finite[best] >= base + margin else "teacher"), scores
 
 
+@dataclass
+class AutoChoice:
+    """``--fusion auto``'s decision for a round: the rule, every candidate's pooled Dice on the drawn planes, and
+    the held-out estimate of the gain over the teacher (NaN with fewer than two scans)."""
+
+    rule: str
+    scores: dict[str, float]
+    heldout_gain: float
+
+
+def choose_auto(samples: Sequence[PlaneSample], candidates: Mapping[str, FusionRule] | None = None,
+                margin: float = AUTO_MARGIN) -> AutoChoice:
+    """``--fusion auto``: the candidate whose fused labels score best on the drawn planes of ``samples`` pooled,
+    kept only if it beats the teacher's own mask by ``margin``, else "teacher".
+
+    The held-out gain scores each scan with the rule chosen on the *other* scans, pooled: the chosen rule's own
+    score is optimistic, since it was picked on those planes. Each candidate is fused once per scan."""
+    counts = _candidate_counts(samples, AUTO_CANDIDATES if candidates is None else candidates)
+    n = len(samples)
+    rule, scores = _choose(counts, range(n), margin)
+    held = float("nan")
+    if n >= 2 and "teacher" in counts:
+        fused, teacher = [], []
+        for k in range(n):
+            name = _choose(counts, [j for j in range(n) if j != k], margin)[0]
+            fused.append(counts[name][k])
+            teacher.append(counts["teacher"][k])
+        held = counts_dice(merge_counts(fused)) - counts_dice(merge_counts(teacher))
+    return AutoChoice(rule, scores, held)
+
+
+def choose_rule(samples: Sequence[PlaneSample], candidates: Mapping[str, FusionRule] | None = None,
+                margin: float = AUTO_MARGIN) -> tuple[str, dict[str, float]]:
+    """The rule :func:`choose_auto` picks, and every candidate's score."""
+    choice = choose_auto(samples, candidates, margin)
+    return choice.rule, choice.scores
+
+
 def heldout_gain(samples: Sequence[PlaneSample], margin: float = AUTO_MARGIN) -> float:
-    """An honest estimate of what ``--fusion auto`` gains over the teacher: each scan's planes scored with the rule
-    chosen on the *other* scans, pooled (the choice's own score is optimistic: it was picked on those planes).
-    NaN with fewer than two scans."""
-    if len(samples) < 2:
-        return float("nan")
-    fused, teacher, truth = [], [], []
-    for k, s in enumerate(samples):
-        name, _ = choose_rule([x for j, x in enumerate(samples) if j != k], margin=margin)
-        fused.append(combine(s.views, s.teacher, AUTO_CANDIDATES[name], s.view_probs))
-        teacher.append(s.teacher.argmax(0).astype(np.uint8))
-        truth.append(s.truth)
-    t = np.concatenate(truth)
-    return sample_dice(np.concatenate(fused), t) - sample_dice(np.concatenate(teacher), t)
+    """The held-out estimate of :func:`choose_auto` (NaN with fewer than two scans)."""
+    return choose_auto(samples, margin=margin).heldout_gain
 
 
 def quantise_probs(probs: np.ndarray) -> np.ndarray:

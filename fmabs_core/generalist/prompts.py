@@ -111,6 +111,15 @@ def slice_prompts(
     return out
 
 
+def check_jitter_fraction(fraction: float | None) -> float | None:
+    """``--box-jitter-fraction`` as given, or an error naming the option (a share of the box: in (0, 1])."""
+    if fraction is not None and not 0 < fraction <= 1:
+        from fmabs_core.errors import InputError
+
+        raise InputError(f"--box-jitter-fraction must be in (0, 1] (got {fraction})")
+    return fraction
+
+
 def scaled_jitter(box: np.ndarray, fraction: float) -> int:
     """Pixels of jitter for ``box`` (x0, y0, x1, y1): ``fraction`` of its longer side, at least 1."""
     side = max(box[2] - box[0], box[3] - box[1]) + 1

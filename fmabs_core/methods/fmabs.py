@@ -248,9 +248,8 @@ class FMABS(MeanTeacher):
 
     def _choose_fusion(self, tr, it: int) -> None:
         """``--fusion auto``: before a round labels its scans, score every candidate rule on the drawn planes of all
-        cross-labelled training scans (sharded over the ranks) and keep the best (see fusion.choose_rule)."""
-        from fmabs_core.generalist.fusion import AUTO_CANDIDATES, choose_rule, heldout_gain, plane_sample, \
-            pooled_plane_dice
+        cross-labelled training scans (sharded over the ranks) and keep the best (see fusion.choose_auto)."""
+        from fmabs_core.generalist.fusion import choose_auto, plane_sample
         from fmabs_core.training import distributed
 
         t = time.perf_counter()
@@ -267,11 +266,10 @@ class FMABS(MeanTeacher):
         if not samples:
             self.partial["auto"] = {"rule": "mv", "scans": 0, "why": "no drawn planes: the paper's majority vote"}
             return
-        name, scores = choose_rule(samples)
-        teacher_dice = pooled_plane_dice(samples, AUTO_CANDIDATES["teacher"])
-        self.partial["auto"] = {"rule": name, "scans": len(samples), "scores": scores, "teacher": teacher_dice,
-                                "chosen": scores[name], "heldout_gain": heldout_gain(samples),
-                                "seconds": time.perf_counter() - t}
+        choice = choose_auto(samples)
+        self.partial["auto"] = {"rule": choice.rule, "scans": len(samples), "scores": choice.scores,
+                                "teacher": choice.scores["teacher"], "chosen": choice.scores[choice.rule],
+                                "heldout_gain": choice.heldout_gain, "seconds": time.perf_counter() - t}
 
     def _stash(self, tr, case, teacher: np.ndarray, result) -> None:
         """Keep a scan's answers of ``--fusion auto``'s pass for the round (on disk: memory stays one scan's)."""
@@ -492,10 +490,10 @@ def _check_options(cfg: FMABSConfig) -> None:
     if cfg.adapter_mode == "tiled" and not cfg.adapter:
         raise InputError("--adapter-mode tiled needs --adapter FILE (the model.pt of a sam-lora run)")
     from fmabs_core.generalist.fusion import FusionRule
+    from fmabs_core.generalist.prompts import check_jitter_fraction
 
     FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence).check()
-    if cfg.box_jitter_fraction is not None and not 0 < cfg.box_jitter_fraction <= 1:
-        raise InputError(f"--box-jitter-fraction must be in (0, 1] (got {cfg.box_jitter_fraction})")
+    check_jitter_fraction(cfg.box_jitter_fraction)
     if cfg.embedding_cache_gb is not None and not cfg.embedding_cache_gb > 0:
         raise InputError(f"--embedding-cache-gb must be a positive number of GB (got {cfg.embedding_cache_gb})")
 
