@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Here, before a GPU session: wheels the device image lacks (Python 3.12) and the LA scans in parts
-# small enough to carry (the call limit is 64 MiB with the working tree): .whl + .la1, then .la2, then .la3.
+# Here, with network, before using an offline GPU machine: the wheels a bare Python 3.12 + torch image lacks, and
+# the LA scans in parts small enough for a limited transfer: .whl + .la1, then .la2, then .la3.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LA=${LA:-../shared/data/la2018}

