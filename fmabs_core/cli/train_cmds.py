@@ -307,7 +307,8 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p.add_argument("--stride", type=POSITIVE_INT, nargs=3, metavar=("X", "Y", "Z"),
                    help="windows this many voxels apart (the papers' code: 18 18 4); overrides --overlap")
     p.add_argument("--blend", choices=["constant", "gaussian"], default="constant",
-                   help="combine overlapping windows by plain averaging (default, the papers' code) or Gaussian weights")
+                   help="how the windows' probabilities are weighted where they overlap: plainly (default, as the papers' "
+                        "code) or more at each window's centre (gaussian)")
     p.add_argument("--sw-batch-size", type=POSITIVE_INT, default=2, help="windows per forward pass, at least 1")
     p.add_argument("--largest-component", action="store_true")
     p.add_argument("--probabilities", action="store_true", help="also write foreground probabilities")

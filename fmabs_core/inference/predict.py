@@ -36,7 +36,8 @@ class InferenceConfig:
     overlap: Overlap = 0.5  # one fraction, or one per axis
     #: windows this many voxels apart per axis (the references: 18 18 4); overrides ``overlap``
     stride: tuple[int, int, int] | None = None
-    #: how overlapping windows are combined: ``constant`` (plain averaging, as the references) or ``gaussian``
+    #: how overlapping windows' probabilities are weighted: ``constant`` (plain mean, as the references) or
+    #: ``gaussian`` (each window's centre counts more; MONAI's and nnU-Net's choice, not the references')
     mode: str = "constant"
     sw_batch_size: int = 2
     largest_component: bool = False
@@ -59,14 +60,28 @@ def window_overlap(cfg: InferenceConfig, patch_size: tuple[int, int, int]) -> Ov
     return overlap_for_stride(patch_size, cfg.stride) if cfg.stride else cfg.overlap
 
 
+class _WindowProbabilities(torch.nn.Module):
+    """A window's class probabilities: the network's softmax, taken per window before windows are blended."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(window).float(), dim=1)
+
+
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[int, int, int], overlap: Overlap = 0.5,
                   device: str | torch.device = "cpu", sw_batch_size: int = 2, normalise: bool = True,
                   mode: str = "constant") -> np.ndarray:
     """Class probabilities (C+1, X, Y, Z) for a canonical-grid scan, by sliding windows.
 
-    ``overlap``: one fraction or one per axis. ``mode``: ``constant`` averages overlapping windows
-    plainly (as the references do), ``gaussian`` weights each window's centre more.
+    Each window's logits are turned into probabilities first and the windows' probabilities are then
+    averaged, as the references do (UA-MT's and FM-ABS's ``test_single_case``: ``softmax`` per window,
+    summed into a score map, divided by the count). Averaging logits instead lets one confident window
+    outvote the others. ``overlap``: one fraction or one per axis. ``mode``: ``constant`` takes the
+    plain mean (the references), ``gaussian`` weights each window's centre more.
     """
     if mode not in BLEND_MODES:
         raise InputError(f"sliding-window mode '{mode}': choose {' or '.join(BLEND_MODES)}")
@@ -78,11 +93,11 @@ def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[i
     use_amp = torch.device(device).type == "cuda"
     ov = tuple(float(o) for o in overlap) if isinstance(overlap, (tuple, list)) else float(overlap)
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-        logits = sliding_window_inference(x, roi_size=tuple(patch_size), sw_batch_size=sw_batch_size,
-                                          predictor=model, overlap=ov, mode=mode)
-    probs = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        probs = sliding_window_inference(x, roi_size=tuple(patch_size), sw_batch_size=sw_batch_size,
+                                         predictor=_WindowProbabilities(model), overlap=ov, mode=mode)
+    out = probs.float()[0].cpu().numpy()
     model.train(was_training)
-    return probs
+    return out
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

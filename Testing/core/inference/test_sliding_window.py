@@ -1,4 +1,6 @@
-"""Sliding windows as the references run them: per-axis steps (18 x 18 x 4 on LA) and plain averaging."""
+"""Sliding windows as the references run them: per-axis steps (18 x 18 x 4 on LA), and each window's softmax
+averaged plainly (UA-MT's and FM-ABS's ``test_single_case``: ``score_map += softmax(net(patch))``, ``cnt += 1``,
+``score_map / cnt``)."""
 
 from __future__ import annotations
 
@@ -25,29 +27,72 @@ def test_overlap_for_stride_gives_monai_exactly_that_step():
         overlap_for_stride((16, 16, 16), (20, 1, 1))
 
 
+def _reference_loop(net: nn.Module, image: np.ndarray, patch: tuple[int, int, int],
+                    stride: tuple[int, int, int], average_logits: bool = False) -> np.ndarray:
+    """The references' rule written out: window starts ``min(step * i, size - patch)``, the softmax of each
+    window added into a score map with a count per voxel, the map divided by the count.
+    ``average_logits``: the rule we had before (windows' logits averaged, one softmax at the end)."""
+    starts = [[min(s * i, n - p) for i in range(int(np.ceil((n - p) / s)) + 1)]
+              for n, p, s in zip(image.shape, patch, stride)]
+    score, cnt = None, np.zeros(image.shape, np.float32)
+    with torch.no_grad():
+        for x in starts[0]:
+            for y in starts[1]:
+                for z in starts[2]:
+                    window = torch.from_numpy(image[x:x + patch[0], y:y + patch[1], z:z + patch[2]])[None, None]
+                    out = net(window)
+                    prob = (out if average_logits else torch.softmax(out, dim=1))[0].numpy()
+                    if score is None:
+                        score = np.zeros((prob.shape[0],) + image.shape, np.float32)
+                    score[:, x:x + patch[0], y:y + patch[1], z:z + patch[2]] += prob
+                    cnt[x:x + patch[0], y:y + patch[1], z:z + patch[2]] += 1
+    mean = score / cnt
+    return torch.softmax(torch.from_numpy(mean), 0).numpy() if average_logits else mean
+
+
+def _confident_net() -> nn.Module:
+    """A small random network with large, window-dependent logits: averaging logits and averaging
+    probabilities then disagree visibly (a saturated window would outvote the others)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 3, padding=1))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Conv3d):
+                m.weight.mul_(8)
+    return net.eval()
+
+
 class _WindowMean(nn.Module):
-    """Logits constant over a window: channel 1 = the window's mean intensity (shows how windows blend)."""
+    """Logits constant over a window, scaled by the window's mean intensity: windows disagree strongly."""
 
     def forward(self, x):
-        m = x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x)
-        return torch.cat([torch.zeros_like(x), m], 1)
+        m = 6 * x.mean(dim=(2, 3, 4), keepdim=True).expand_as(x)
+        return torch.cat([torch.zeros_like(x), m, -m], 1)
+
+
+@pytest.mark.parametrize("net", [_confident_net(), _WindowMean()], ids=["conv", "window-mean"])
+def test_windows_probabilities_are_averaged_as_the_references_do(net):
+    rng = np.random.default_rng(0)
+    image = (rng.normal(size=(40, 36, 20)) + np.linspace(-2, 2, 40)[:, None, None]).astype(np.float32)
+    patch, stride = (16, 16, 8), (6, 5, 3)
+    want = _reference_loop(net, image, patch, stride)
+    got = predict_proba(net, image, patch, overlap_for_stride(patch, stride), normalise=False, mode="constant")
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    # the rule matters on this input: averaging logits (our rule before) lands far from the references'
+    averaged_logits = _reference_loop(net, image, patch, stride, average_logits=True)
+    assert np.abs(averaged_logits - want).max() > 0.05
 
 
 @pytest.mark.parametrize("mode", ["constant", "gaussian"])
-def test_constant_mode_averages_windows_plainly(mode):
+def test_gaussian_mode_weights_window_centres(mode):
     image = np.broadcast_to(np.arange(32, dtype=np.float32)[:, None, None] ** 2 / 300, (32, 16, 16)).copy()
-    stride = 4
-    ov = overlap_for_stride((16, 16, 16), (stride, 16, 16))  # windows at x = 0, 4, ..., 16
-    probs = predict_proba(_WindowMean(), image, (16, 16, 16), ov, normalise=False, mode=mode)
-    starts = range(0, 32 - 16 + 1, stride)
-    means = {s: image[s:s + 16].mean() for s in starts}
-    logit = np.array([np.mean([means[s] for s in starts if s <= x < s + 16]) for x in range(32)])
-    got = probs[1, :, 8, 8]  # mid-window in y, z (at the corners every Gaussian weight is clipped alike)
-    got_logit = np.log(got / (1 - got))
+    ov = overlap_for_stride((16, 16, 16), (4, 16, 16))  # windows at x = 0, 4, ..., 16
+    plain = _reference_loop(_WindowMean(), image, (16, 16, 16), (4, 16, 16))
+    got = predict_proba(_WindowMean(), image, (16, 16, 16), ov, normalise=False, mode=mode)
     if mode == "constant":
-        np.testing.assert_allclose(got_logit, logit, rtol=1e-4, atol=1e-4)
-    else:  # the Gaussian weights favour each window's centre: not the plain average
-        assert not np.allclose(got_logit, logit, rtol=1e-3)
+        np.testing.assert_allclose(got, plain, atol=2e-5)
+    else:  # the Gaussian weights favour each window's centre: not the plain mean
+        assert not np.allclose(got[:, :, 8, 8], plain[:, :, 8, 8], atol=1e-3)
 
 
 def test_inference_options_are_checked():
