@@ -776,21 +776,32 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
 
     It downloads nothing big: the Label, Review and Export part needs only what the Slicer process imports
     (numpy, nibabel, filelock, psutil; installed if missing, a few MB, never PyTorch). The part that runs a
-    real ``fmabs`` job runs only when PyTorch and the jobs' packages are already installed; otherwise it
-    is skipped with a message.
+    real ``fmabs`` job needs PyTorch and the jobs' packages already installed. A part that cannot run is
+    skipped with a message, and the test then *fails* at the end, naming what was skipped (ctest must not
+    pass a test that did not run), unless the environment variable ``FMABS_TEST_ALLOW_SKIPS`` is ``1``
+    (for a Slicer without PyTorch, on purpose).
     """
+
+    ALLOW_SKIPS_VARIABLE = "FMABS_TEST_ALLOW_SKIPS"
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        self.skipped: list[str] = []
         for test in (self.test_module_widget, self.test_crosslabel_review_export, self.test_run_watcher,
                      self.test_cancel_stops_the_process_tree, self.test_fmabs_job):
             self.setUp()
             test()
+        if self.skipped and os.environ.get(self.ALLOW_SKIPS_VARIABLE) != "1":
+            raise AssertionError(f"SlicerFMABSTest: {len(self.skipped)} part(s) did not run: {'; '.join(self.skipped)}. "
+                                 f"Install what they need, or set {self.ALLOW_SKIPS_VARIABLE}=1 to accept this.")
 
     def _skip(self, what: str, why: str) -> None:
         logging.warning("SlicerFMABSTest: %s skipped: %s", what, why)
+        if not hasattr(self, "skipped"):
+            self.skipped = []
+        self.skipped.append(f"{what} ({why})")
         self.delayDisplay(f"{what} skipped: {why}")
 
     def _guiPackages(self, what: str) -> bool:
