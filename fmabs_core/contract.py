@@ -114,7 +114,7 @@ GENERALISTS = ("litemedsam", "mobilesam", "sam_vit_b", "sam_vit_l", "sam_vit_h",
 STRATEGIES = ("her", "he", "lc", "random")
 EXPERTS = ("simulated", "human")
 FUSIONS = ("auto", "mv", "ua", "soft", "gate", "staple")
-DEVICE_HINT = "cpu, cuda or cuda:N (default: cuda when available)"
+DEVICE_HINT = "auto (CUDA when available, else the CPU), cpu, cuda or cuda:N"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

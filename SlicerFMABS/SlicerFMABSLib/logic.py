@@ -456,7 +456,7 @@ class FMABSLogic:
         self.suggest_output = out_dir / "slicer-suggest.json"
         if self.suggest_output.exists():
             self.suggest_output.unlink()
-        args = ["suggest", "--project", str(project.root), "--run", run, "--strategy", strategy, "-k", str(int(k))]
+        args = ["suggest", "--project", str(project.root), "--run", run, "--active", strategy, "--active-k", str(int(k))]
         # stdout is the JSON answer; the log file doubles as the output file
         self.suggest_job = self._launch(args, self.suggest_output, out_dir)
         return self.suggest_job

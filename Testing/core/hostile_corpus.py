@@ -425,7 +425,7 @@ def _project_command(command: str, env: Env, proj: Path) -> list[str]:
     if command == "check":
         return ["check", "--project", str(proj)]
     if command == "suggest":
-        return ["suggest", "--project", str(proj), "--run", "r1", "-k", "1", "--device", "cpu", "--no-record"]
+        return ["suggest", "--project", str(proj), "--run", "r1", "--active-k", "1", "--device", "cpu", "--no-record"]
     if command == "simulate":
         return ["crosslabel", "simulate", "--project", str(proj), "--count", "1"]
     if command == "import":
@@ -544,7 +544,7 @@ def _run_doc_case(name: str, file: str, content, command: str = "status", keys: 
         if command == "list":
             return ["jobs", "list", "--project", str(proj)]
         if command == "suggest":
-            return ["suggest", "--project", str(proj), "--run", run.name, "-k", "1", "--device", "cpu"]
+            return ["suggest", "--project", str(proj), "--run", run.name, "--active-k", "1", "--device", "cpu"]
         if command == "predict-ckpt":
             env.image("in/scan.nii.gz")
             return ["predict", "--model", str(run), "--input", str(env.p("in/scan.nii.gz")), "--output",
@@ -637,7 +637,7 @@ def _names_cases() -> list[Case]:
         def build(env):
             proj = env.project()
             shutil.copytree(proj / "runs" / "r1", env.p("escape"))
-            return ["suggest", "--project", str(proj), "--run", run, "-k", "1", "--device", "cpu"]
+            return ["suggest", "--project", str(proj), "--run", run, "--active-k", "1", "--device", "cpu"]
         return build
 
     add("suggest-run-escape", suggest_run("../../escape"), ("run",))
@@ -742,7 +742,7 @@ def _options_cases() -> list[Case]:
             return ["suggest", "--project", str(proj), "--run", "r1", "--device", "cpu", *opts]
         return build
 
-    for opts, flag in [(("-k", "0"), "-k"), (("-k", "-2"), "-k"), (("--overlap", "1"), "--overlap"),
+    for opts, flag in [(("--active-k", "0"), "--active-k"), (("--active-k", "-2"), "--active-k"), (("--overlap", "1"), "--overlap"),
                        (("--overlap", "nan"), "--overlap"), (("--progress", "1.5"), "--progress"),
                        (("--progress", "nan"), "--progress"), (("--progress", "-1"), "--progress")]:
         add(f"suggest{'-'.join(opts)}", suggest(*opts), (flag,))
@@ -907,7 +907,7 @@ def _model_cases() -> list[Case]:
                 proj = env.project()
                 path = proj / "runs" / "r1" / "model.pt"
                 make(env, path)
-                return ["suggest", "--project", str(proj), "--run", "r1", "-k", "1", "--device", "cpu", "--no-record"]
+                return ["suggest", "--project", str(proj), "--run", "r1", "--active-k", "1", "--device", "cpu", "--no-record"]
             path = env.p("model.pt")
             make(env, path)
             scan = env.image("in/scan.nii.gz")

@@ -39,13 +39,16 @@ COMMAND_MODULES = [
 ]
 
 
+DESCRIPTION = ("FM-ABS: a 3D segmentation model for your scans from three drawn slices per scan. Try "
+               "'fmabs demo --output demo'; each command has --help.")
+
 #: commands whose parser needs the method registry (it imports torch: about 3 s on our machines)
 TRAINING_COMMANDS = ("train", "jobs", "methods")
 
 
 def build_parser(light: bool = False) -> argparse.ArgumentParser:
     """The whole parser; ``light`` leaves out the per-method training options (no torch import)."""
-    parser = argparse.ArgumentParser(prog="fmabs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fmabs", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
@@ -56,7 +59,8 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(light=command is not None and command not in TRAINING_COMMANDS)
+    # `fmabs --help` lists the commands only: no command's options need torch for that
+    parser = build_parser(light=command not in TRAINING_COMMANDS)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, or a value the parser refused (it printed why)

@@ -17,7 +17,8 @@ from fmabs_core.active.strategies import STRATEGIES, get_strategy
 from fmabs_core.active.suggest import SLICE_MODES, describe, select, suggest_slices
 from fmabs_core.data.project import Project
 from fmabs_core.errors import InputError
-from fmabs_core.cli.common import OVERLAP, POSITIVE_INT, UNIT, check_status, print_json, progress
+from fmabs_core.cli.common import (OVERLAP, POSITIVE_INT, UNIT, add_device_option, add_renamed, check_status, print_json,
+                                   progress)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def suggest(project: Project, run: str, strategy: str, k: int, slices: str = "ce
 def cmd_suggest(args: argparse.Namespace) -> int:
     project = Project(args.project)
     show = progress if sys.stderr.isatty() else None
-    result = suggest(project, args.run, args.strategy, args.k, slices=args.slices, device=args.device or "auto",
+    result = suggest(project, args.run, args.active, args.active_k, slices=args.slices, device=args.device,
                      seed=args.seed, overlap=args.overlap, at=args.progress, record=not args.no_record, show=show)
     print_json(result)
     return 0
@@ -109,14 +110,18 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p = sub.add_parser("suggest", help="which unlabelled scans (and slices) to cross-label next, by a run's model")
     p.add_argument("--project", required=True)
     p.add_argument("--run", required=True, help="the run whose model scores the scans")
-    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="her")
-    p.add_argument("-k", type=POSITIVE_INT, default=2, help="scans to suggest, at least 1 (capped by the project's "
-                   "budget)")
+    p.add_argument("--active", choices=sorted(STRATEGIES), default="her",
+                   help="how the scans are chosen, as fmabs train's --active (default her)")
+    add_renamed(p, "--strategy", "--active")
+    p.add_argument("--active-k", type=POSITIVE_INT, default=2, metavar="K", help="scans to suggest, at least 1 "
+                   "(capped by the project's budget)")
+    add_renamed(p, "-k", "--active-k")
     p.add_argument("--slices", choices=SLICE_MODES, default="centre",
                    help="centre of the predicted object per view (default), or the most uncertain slice")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="for --strategy random")
-    p.add_argument("--overlap", type=OVERLAP, default=0.25, help="sliding-window overlap, in [0, 1)")
+    add_device_option(p)
+    p.add_argument("--seed", type=int, default=0, help="for --active random")
+    p.add_argument("--overlap", type=OVERLAP, default=0.5, help="sliding-window overlap, in [0, 1) (default 0.5, "
+                   "as fmabs predict)")
     p.add_argument("--progress", type=UNIT, help="training progress t/T in [0, 1] for HER's threshold "
                    "(default: the run's, 1.0 when finished)")
     p.add_argument("--no-record", action="store_true", help="do not add the suggestion to fmabs.json")

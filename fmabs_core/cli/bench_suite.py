@@ -353,7 +353,7 @@ def run_suite(device: str = "auto", la_dir: str | None = None, scans: int | None
     sizes = Sizes.for_device(dev, quick)
     if round_slices is not None:
         if round_slices < 0:
-            raise InputError(f"--round-slices {round_slices}: give 0 (every slice with foreground) or a positive count.")
+            raise InputError(f"--pseudo-max-slices {round_slices}: give 0 (every slice with foreground) or a positive count.")
         sizes = dataclasses.replace(sizes, round_slices=round_slices or None)
     say = progress or (lambda msg: log.info("%s", msg))
     rows: list[dict] = []

@@ -26,6 +26,83 @@ def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+# ---- the one vocabulary for writing files: --json PATH and --overwrite --------------------------------
+STDOUT = "-"
+
+
+def add_json_option(parser: argparse.ArgumentParser, what: str = "the results") -> None:
+    """``--json PATH``: ``what`` as JSON in a new file; ``-`` (or ``--json`` alone) prints it instead."""
+    parser.add_argument("--json", nargs="?", const=STDOUT, metavar="PATH",
+                        help=f"write {what} as JSON to PATH (a new file, unless --overwrite); '-' or no PATH: "
+                             "print the JSON instead of the table")
+
+
+class _Renamed(argparse.Action):
+    """An option's former name, kept hidden for one release: it works and says the new name on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"fmabs: {option_string} is now {self.new} (the old name goes in the next release)", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_renamed(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Keep ``old`` as a hidden alias of the option ``new`` (same destination, type, choices and count)."""
+    target = next(a for a in parser._actions if new in a.option_strings)
+    kwargs: dict[str, Any] = {"dest": target.dest, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS, "new": new}
+    if target.nargs == 0:
+        kwargs.update(nargs=0, const=target.const)
+    else:
+        kwargs.update(nargs=target.nargs, type=target.type, choices=target.choices, metavar=target.metavar)
+    parser.add_argument(old, action=_Renamed, **kwargs)
+
+
+def add_device_option(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """``--device``, described once (contract.DEVICE_HINT)."""
+    from fmabs_core.contract import DEVICE_HINT
+
+    parser.add_argument("--device", default=default,
+                        help=DEVICE_HINT + (f"; default {default}" if isinstance(default, str) else ""))
+
+
+def add_generalist_checkpoint_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    """``--generalist-checkpoint``: the generalist's weights from a local file (train's name for it)."""
+    parser.add_argument("--generalist-checkpoint", metavar="FILE",
+                        help="local weights file for the generalist (offline use; checked against its sha256)" + extra)
+    add_renamed(parser, "--checkpoint", "--generalist-checkpoint")
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser, what: str = "files this command writes") -> None:
+    parser.add_argument("--overwrite", action="store_true", help=f"replace {what} when they exist")
+
+
+def check_json_output(args: argparse.Namespace, inputs: Iterable[Path] = ()) -> None:
+    """Refuse an unusable ``--json PATH`` before any work (an input, a folder, an existing file without
+    ``--overwrite``, a missing or read-only folder)."""
+    from fmabs_core.data.io import check_output_file
+
+    if args.json and args.json != STDOUT:
+        check_output_file(args.json, tuple(Path(p) for p in inputs), getattr(args, "overwrite", False), "--json")
+
+
+def emit(args: argparse.Namespace, report: Any, table: Callable[[], str] | None = None) -> None:
+    """The command's answer: its table on stdout and, with ``--json PATH``, the JSON file (atomic);
+    with ``--json -`` the JSON alone on stdout (the table then goes to stderr)."""
+    from fmabs_core.data.io import atomic_write_text
+
+    json_path = getattr(args, "json", None)
+    if table is not None:
+        print(table(), file=sys.stderr if json_path == STDOUT else sys.stdout)
+    if json_path == STDOUT:
+        print_json(report)
+    elif json_path:
+        atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
+        print(f"JSON: {json_path}", file=sys.stderr)
+
+
 # ---- option types: the parser refuses a value out of range, saying the range -------------------------
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)

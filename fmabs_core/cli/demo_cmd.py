@@ -6,7 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
-from fmabs_core.cli.common import POSITIVE_INT, progress
+from fmabs_core.cli.common import POSITIVE_INT, add_device_option, progress
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -51,6 +51,6 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
                                      "upper bound, every training scan densely labelled)")
     p.add_argument("--iterations", type=POSITIVE_INT, help="training iterations per method (default: the demo's, "
                                                          "long enough for three slices alone to fall short)")
-    p.add_argument("--device", default="auto")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_demo)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fmabs_core.cli.common import (add_device_option, add_generalist_checkpoint_option, add_json_option,
+                                   add_overwrite_option, add_renamed, check_json_output, emit)
 from fmabs_core.contract import FUSIONS
 from fmabs_core.errors import InputError
 
@@ -30,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("name")
     p.add_argument("--dest", help="folder to save into (default: the cache)")
     p.add_argument("--url", help="download from this URL instead (a mirror); the same checks apply")
-    p.add_argument("--force", action="store_true", help="replace an existing file that fails its check")
+    add_overwrite_option(p, "an existing file that fails its check")
+    add_renamed(p, "--force", "--overwrite")
     p.set_defaults(func=_weights_fetch)
     p = wsub.add_parser("verify", help="check NAME's file (size, sha256, name hash)")
     p.add_argument("name")
@@ -56,8 +59,7 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--overlap", type=float, default=0.5, help="with --adapter: sliding-window overlap (default 0.5)")
     p.add_argument("--generalist", help=f"one of {', '.join(names)} (default litemedsam; with --adapter: the "
                    "adapter's)")
-    p.add_argument("--checkpoint", help="local weights file for the generalist (offline use; with --adapter: the "
-                   "base weights it was tuned on)")
+    add_generalist_checkpoint_option(p, "; with --adapter: the base weights it was tuned on")
     p.add_argument("--teacher-probs", help="a teacher's probabilities (a round's pseudo/<case>_teacher.nii.gz): they "
                    "prompt, as --prompt-from does, and take part in the soft, gate and staple fusions; with the "
                    "round's --seed and options this writes the round's label again")
@@ -77,14 +79,18 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
                    "(with --adapter: a .nii.gz file, or a folder for <case>_tiled.nii.gz)")
     p.add_argument("--case", help="case name in the output files (default: from the image file name)")
     p.add_argument("--label", help="ground truth: print the Dice of each view and of the fused result")
-    p.add_argument("--max-slices", type=int, help="prompt at most N foreground slices per view (CPU checks)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--pseudo-max-slices", type=int, metavar="N", help="prompt at most N foreground slices per view "
+                   "(as fmabs train's option; default: every one)")
+    add_renamed(p, "--max-slices", "--pseudo-max-slices")
+    add_device_option(p)
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="generator seed; a round's scan uses SEED "
                    "ITERATION INDEX (pseudo/round.json lists them)")
-    p.add_argument("--jitter", type=int, default=10, help="max random box expansion per side, px (default 10)")
+    p.add_argument("--box-jitter", type=int, default=10, help="max random box expansion per side, px (default 10)")
+    add_renamed(p, "--jitter", "--box-jitter")
     p.add_argument("--box-jitter-fraction", type=float, help="max random box expansion as a share of the box's "
-                   "longer side, instead of --jitter pixels (as fmabs train's option)")
-    p.add_argument("--points", type=int, help="positive points per box (default: the generalist's)")
+                   "longer side, instead of --box-jitter pixels (as fmabs train's option)")
+    p.add_argument("--n-points", type=int, help="positive points per box (default: the generalist's)")
+    add_renamed(p, "--points", "--n-points")
     p.add_argument("--prompt-mode", default="component", choices=["component", "slice"])
     p.add_argument("--batch-size", type=int, help="slices per encoder call (default: 1 on CPU, more on CUDA)")
     p.set_defaults(func=_pseudo_label)
@@ -94,37 +100,43 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     bsub = b.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("pseudo-label", help="batched pseudo-labelling vs a one-slice-at-a-time loop")
     p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
-    p.add_argument("--checkpoint")
+    add_generalist_checkpoint_option(p)
     p.add_argument("--slices", type=int, default=8, help="slices timed per mode (default 8)")
-    p.add_argument("--device", default="auto")
+    add_device_option(p)
     p.add_argument("--batch-size", type=int, help="encoder batch for the batched path (default: generalist's)")
     p.add_argument("--image", help="scan to use (default: first LA 2018 scan if present, else synthetic)")
     p.add_argument("--label", help="mask for the prompts (with --image)")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    add_json_option(p)
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=_bench)
     p = bsub.add_parser("precision", help="generalist pseudo-label Dice and time, fp32 against bf16, on LA scans")
     p.add_argument("--scans", type=int, default=2, help="LA scans (default 2)")
-    p.add_argument("--slices", type=int, default=4, help="prompted slices per view and scan (default 4)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--pseudo-max-slices", type=int, default=4, metavar="N",
+                   help="prompted slices per view and scan (default 4)")
+    add_renamed(p, "--slices", "--pseudo-max-slices")
+    add_device_option(p, "cpu")
     p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018)")
     p.add_argument("--configs", nargs="+", help="which of fp32-before (the reference: contiguous, no CPU tuning), "
                    "fp32+cl-before, fp32 (the default now), fp32+fp16cache, fp32+openvino, bf16+cl, bf16+openvino; "
                    "the first is the reference (default: all this machine can run)")
     p.add_argument("--encoder-slices", type=int, default=6, help="axial slices timed through the encoder alone "
                    "(default 6)")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    add_json_option(p)
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=_bench_precision)
     p = bsub.add_parser("suite", help="training it/s, pseudo-label rounds, inference and peak memory, side by side "
                                       "(about 10 minutes on one GPU, a few on a CPU)")
-    p.add_argument("--device", default="auto")
+    add_device_option(p)
     p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018)")
     p.add_argument("--scans", type=int, help="LA scans in the pseudo-label round (default 4 on CUDA, 1 on CPU)")
-    p.add_argument("--round-slices", type=int, help="slices per view and scan in the rounds (0: every slice with "
+    p.add_argument("--pseudo-max-slices", type=int, metavar="N", help="slices per view and scan in the rounds (0: every slice with "
                                                     "foreground, as the paper; default: all on CUDA, 2 on CPU)")
     p.add_argument("--parts", nargs="+", default=["train", "round", "infer"], choices=["train", "round", "infer"])
     p.add_argument("--methods", nargs="+", default=["sup", "mt", "fmabs"], choices=["sup", "mt", "fmabs"])
+    add_renamed(p, "--round-slices", "--pseudo-max-slices")
     p.add_argument("--quick", action="store_true", help="the CPU sizes on any device (a smoke run)")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    add_json_option(p)
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=_bench_suite)
     p = bsub.add_parser("ceiling", help="the generalist's pseudo-label Dice when prompted with the truth, and with "
                                         "the truth grown and shrunk (a teacher off by a few voxels); LA scans")
@@ -134,15 +146,17 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--cases", nargs="+", metavar="ID", help="these scans instead (e.g. training scans of a "
                                                           "reproduction's split.json)")
     p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
-    p.add_argument("--checkpoint")
-    p.add_argument("--device", default="auto")
+    add_generalist_checkpoint_option(p)
+    add_device_option(p)
     p.add_argument("--margin", type=int, default=2, help="voxels the truth is grown and shrunk by (default 2)")
     p.add_argument("--fusion", default="mv", choices=["mv", "ua"])
     p.add_argument("--box-jitter", type=int, default=10, help="random box enlargement, px per side (default 10, "
                                                               "as fmabs)")
-    p.add_argument("--max-slices", type=int, help="prompted slices per view (default: every foreground slice, "
-                                                  "as a round; fewer for a quick look)")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--pseudo-max-slices", type=int, metavar="N", help="prompted slices per view (default: every "
+                   "foreground slice, as a round; fewer for a quick look)")
+    add_renamed(p, "--max-slices", "--pseudo-max-slices")
+    add_json_option(p)
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=_bench_ceiling)
     p = bsub.add_parser("teachers", help="the generalist's pseudo-labels against the teacher that prompted them, for "
                                          "teachers of several qualities and kinds, under every fusion rule")
@@ -154,16 +168,18 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--iterations", nargs="+", type=int, help="the checkpoints of --runs to use (default: all)")
     p.add_argument("--no-made", action="store_true", help="only the real teachers of --runs")
     p.add_argument("--generalist", default="litemedsam", help=f"one of {', '.join(names)} (default litemedsam)")
-    p.add_argument("--checkpoint")
-    p.add_argument("--device", default="auto")
+    add_generalist_checkpoint_option(p)
+    add_device_option(p)
     p.add_argument("--box-jitter", type=int, default=10, help="random box enlargement, px per side (default 10)")
     p.add_argument("--box-jitter-fraction", type=float, help="random box enlargement as a share of the box's longer "
                                                              "side, instead of --box-jitter pixels (e.g. 0.1)")
-    p.add_argument("--max-slices", type=int, help="prompted slices per view (default: every foreground slice)")
+    p.add_argument("--pseudo-max-slices", type=int, metavar="N", help="prompted slices per view (default: every "
+                   "foreground slice)")
+    add_renamed(p, "--max-slices", "--pseudo-max-slices")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="keep slice embeddings in this folder, so a later run encodes nothing")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    add_json_option(p)
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=_bench_teachers)
 
 
@@ -191,7 +207,7 @@ def _weights_list(args: argparse.Namespace) -> int:
 def _weights_fetch(args: argparse.Namespace) -> int:
     from fmabs_core.generalist import weights as W
 
-    path = W.fetch(args.name, dest_dir=args.dest, url=args.url, force=args.force)
+    path = W.fetch(args.name, dest_dir=args.dest, url=args.url, force=args.overwrite)
     print(path)
     return 0
 
@@ -246,8 +262,8 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         problems += io.check_pair(image, cross)
     if problems:
         raise InputError(" ".join(problems))
-    if args.max_slices is not None and args.max_slices < 1:
-        raise InputError(f"--max-slices must be >= 1, got {args.max_slices}.")
+    if args.pseudo_max_slices is not None and args.pseudo_max_slices < 1:
+        raise InputError(f"--pseudo-max-slices must be >= 1, got {args.pseudo_max_slices}.")
     check_jitter_fraction(args.box_jitter_fraction)
     case = args.case or io.case_id(args.image)
     out = Path(args.output)
@@ -257,17 +273,17 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         raise InputError(f"{', '.join(existing)} exist(s); give --overwrite to replace them, or another --output.")
     teacher = probs_from_uint8(given.array) if args.teacher_probs else teacher_probs_of(given.array)
     prompt = teacher.argmax(0).astype(np.uint8)
-    g = get_generalist(args.generalist, device=args.device, checkpoint=args.checkpoint)
+    g = get_generalist(args.generalist, device=args.device, checkpoint=args.generalist_checkpoint)
     # The same steps as a round: the scan z-scored as training sees it, and the slices decoded from embeddings
     # stored at the round's precision (its embedding cache), so a round's inputs give the round's label.
     cache = EmbeddingCache(g.device, tier="host", dtype=args.embedding_dtype, compute_dtype=g.amp_dtype)
     result = multiview_pseudolabel(
         g, zscore(image.array), prompt, np.random.default_rng(args.seed), fusion="mv",
-        box_jitter=args.jitter, n_points=args.points, max_slices_per_view=args.max_slices,
+        box_jitter=args.box_jitter, n_points=args.n_points, max_slices_per_view=args.pseudo_max_slices,
         batch_size=args.batch_size, prompt_mode=args.prompt_mode, keep_probs=rule.needs_probs, cache=cache,
         box_jitter_fraction=args.box_jitter_fraction,
     )
-    if args.max_slices is not None:
+    if args.pseudo_max_slices is not None:
         fill_unprompted(result, teacher)
     views = {v: result[v] for v in io.VIEWS}
     if rule.fusion == "auto":
@@ -287,7 +303,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         print(f"Dice vs {args.label}:")
         for key in ("axial", "coronal", "sagittal", "fused"):
             line = f"  {key:<9} {dice(result[key], gt.array):.4f}"
-            if args.max_slices is not None and key != "fused":
+            if args.pseudo_max_slices is not None and key != "fused":
                 sel = np.zeros(gt.array.shape[io.VIEW_AXIS[key]], bool)
                 sel[result.slices[key]] = True  # indices along the view's canonical axis
                 shape = [1, 1, 1]
@@ -295,14 +311,14 @@ def _pseudo_label(args: argparse.Namespace) -> int:
                 mask = np.broadcast_to(sel.reshape(shape), gt.array.shape)
                 line += f"   (on the {sel.sum()} prompted slices: {dice(result[key], gt.array, mask):.4f})"
             print(line)
-        if args.max_slices is not None:
-            print("  (--max-slices leaves unprompted slices background: whole-scan Dice is a lower bound)")
+        if args.pseudo_max_slices is not None:
+            print("  (--pseudo-max-slices leaves unprompted slices background: whole-scan Dice is a lower bound)")
     return 0
 
 
 #: options of the prompted mode that mean nothing to the prompt-free one (flag -> its default)
-_PROMPTED_ONLY = {"--max-slices": ("max_slices", None), "--points": ("points", None),
-                  "--jitter": ("jitter", 10), "--prompt-mode": ("prompt_mode", "component"),
+_PROMPTED_ONLY = {"--pseudo-max-slices": ("pseudo_max_slices", None), "--n-points": ("n_points", None),
+                  "--box-jitter": ("box_jitter", 10), "--prompt-mode": ("prompt_mode", "component"),
                   "--fusion": ("fusion", "mv"), "--batch-size": ("batch_size", None),
                   "--teacher-probs": ("teacher_probs", None), "--teacher-weight": ("teacher_weight", 0.5),
                   "--gate-confidence": ("gate_confidence", 0.9), "--crosslabel": ("crosslabel", None),
@@ -352,7 +368,7 @@ def _pseudo_label_tuned(args: argparse.Namespace) -> int:
         if problems:
             raise InputError(" ".join(problems))
     device = resolve_device(args.device, fallback=False)
-    model = load_tuned(args.adapter, device, checkpoint=args.checkpoint)
+    model = load_tuned(args.adapter, device, checkpoint=args.generalist_checkpoint)
     t0 = time.time()
     with torch.no_grad():
         probs = predict_proba(model, zscore(image.array), patch, args.overlap, device, normalise=False)
@@ -372,31 +388,22 @@ def _pseudo_label_tuned(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(path: str | None, report: dict) -> None:
-    if path:
-        import json
-
-        from fmabs_core.data.io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(report, indent=2, default=str))
-
-
 def _bench_precision(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench import bench_precision, format_precision
 
-    report = bench_precision(args.scans, args.slices, args.device, args.la, args.configs, args.encoder_slices)
-    print(format_precision(report))
-    _write_json(args.json, report)
+    check_json_output(args)
+    report = bench_precision(args.scans, args.pseudo_max_slices, args.device, args.la, args.configs, args.encoder_slices)
+    emit(args, report, lambda: format_precision(report))
     return 0
 
 
 def _bench_ceiling(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench_ceiling import bench_ceiling, format_ceiling
 
-    report = bench_ceiling(args.la, args.scans, args.generalist, args.device, args.checkpoint, args.margin,
-                           args.fusion, args.box_jitter, args.max_slices, case_ids=args.cases)
-    print(format_ceiling(report))
-    _write_json(args.json, report)
+    check_json_output(args)
+    report = bench_ceiling(args.la, args.scans, args.generalist, args.device, args.generalist_checkpoint, args.margin,
+                           args.fusion, args.box_jitter, args.pseudo_max_slices, case_ids=args.cases)
+    emit(args, report, lambda: format_ceiling(report))
     return 0
 
 
@@ -405,16 +412,14 @@ def _bench_teachers(args: argparse.Namespace) -> int:
     from fmabs_core.cli.common import progress
     from fmabs_core.generalist.prompts import check_jitter_fraction
 
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise InputError(f"--json {args.json} exists; give --overwrite to replace it, or another path.")
+    check_json_output(args)
     if args.scans is not None and args.scans < 1:
         raise InputError(f"--scans must be >= 1 (got {args.scans}).")
     check_jitter_fraction(args.box_jitter_fraction)
     report = bench_teachers(args.project, args.cases, args.scans, args.runs, args.iterations, not args.no_made,
-                            args.generalist, args.checkpoint, args.device, args.box_jitter, args.max_slices,
+                            args.generalist, args.generalist_checkpoint, args.device, args.box_jitter, args.pseudo_max_slices,
                             args.seed, args.cache_dir, progress=progress, box_jitter_fraction=args.box_jitter_fraction)
-    print(format_teachers(report))
-    _write_json(args.json, report)
+    emit(args, report, lambda: format_teachers(report))
     return 0
 
 
@@ -423,25 +428,20 @@ def _bench_suite(args: argparse.Namespace) -> int:
 
     if args.scans is not None and args.scans < 1:
         raise InputError(f"--scans must be >= 1 (got {args.scans}).")
+    check_json_output(args)
     report = run_suite(args.device, args.la, args.scans, args.quick, tuple(args.parts), tuple(args.methods),
-                       progress=lambda msg: print(msg, flush=True), round_slices=args.round_slices)
-    print(format_suite(report))
-    _write_json(args.json, report)
+                       progress=lambda msg: print(msg, flush=True), round_slices=args.pseudo_max_slices)
+    emit(args, report, lambda: format_suite(report))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench import bench_pseudolabel, format_table
 
+    check_json_output(args, [p for p in (args.image, args.label) if p])
     report = bench_pseudolabel(
         generalist=args.generalist, n_slices=args.slices, device=args.device, batch_size=args.batch_size,
-        image=args.image, label=args.label, checkpoint=args.checkpoint,
+        image=args.image, label=args.label, checkpoint=args.generalist_checkpoint,
     )
-    print(format_table(report))
-    if args.json:
-        import json
-
-        from fmabs_core.data.io import atomic_write_text
-
-        atomic_write_text(args.json, json.dumps(report, indent=2))
+    emit(args, report, lambda: format_table(report))
     return 0

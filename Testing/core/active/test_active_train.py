@@ -72,11 +72,11 @@ def test_suggest_command(active_run, capsys):
     project = active_run
     proj = str(project.root)
     capsys.readouterr()
-    assert main(["suggest", "--project", proj, "--run", "her", "--strategy", "lc", "-k", "1"]) == 2  # spent
+    assert main(["suggest", "--project", proj, "--run", "her", "--active", "lc", "--active-k", "1"]) == 2  # spent
     assert "budget of 4 scans is spent" in capsys.readouterr().err
     B.set_budget(project, 5)
     n_rounds = len(project.read()["rounds"])
-    assert main(["suggest", "--project", proj, "--run", "her", "--strategy", "lc", "-k", "2",
+    assert main(["suggest", "--project", proj, "--run", "her", "--active", "lc", "--active-k", "2",
                  "--slices", "uncertain", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["k"] == 1 and len(out["cases"]) == 1  # capped to what is left of the budget
@@ -88,7 +88,7 @@ def test_suggest_command(active_run, capsys):
         assert 0 <= s["index"] < img.shape[s["canonical_axis"]] and len(s["ras"]) == 3
     rounds = project.read()["rounds"]
     assert len(rounds) == n_rounds + 1 and rounds[-1]["kind"] == "suggest" and rounds[-1]["status"] == "suggested"
-    assert main(["suggest", "--project", proj, "--run", "nope", "--strategy", "he"]) == 2
+    assert main(["suggest", "--project", proj, "--run", "nope", "--active", "he"]) == 2
     assert "no such run" in capsys.readouterr().err
 
 

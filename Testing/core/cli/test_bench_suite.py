@@ -55,7 +55,7 @@ def test_every_engine_variant_names_a_usable_run(device):
 def test_bench_commands_refuse_bad_counts(capsys):
     assert main(["bench", "suite", "--scans", "0"]) == 2
     assert "--scans must be >= 1" in capsys.readouterr().err
-    assert main(["bench", "suite", "--round-slices", "-1", "--parts", "round"]) == 2
-    assert "--round-slices -1: give 0" in capsys.readouterr().err
+    assert main(["bench", "suite", "--pseudo-max-slices", "-1", "--parts", "round"]) == 2
+    assert "--pseudo-max-slices -1: give 0" in capsys.readouterr().err
     assert main(["bench", "precision", "--configs", "fp64"]) == 2
     assert "unknown precision config" in capsys.readouterr().err

@@ -223,7 +223,7 @@ def test_cli_pseudo_label_with_ground_truth(tmp_path, write_nifti, capsys):
     args = parser.parse_args([
         "pseudo-label", "--image", str(tmp_path / "scan.nii.gz"), "--prompt-from", str(tmp_path / "gt.nii.gz"),
         "--label", str(tmp_path / "gt.nii.gz"), "--generalist", "litemedsam", "--fusion", "ua",
-        "--output", str(tmp_path / "out"), "--max-slices", "1", "--device", "cpu", "--seed", "1",
+        "--output", str(tmp_path / "out"), "--pseudo-max-slices", "1", "--device", "cpu", "--seed", "1",
     ])
     assert args.func(args) == 0
     out = capsys.readouterr().out

@@ -82,9 +82,9 @@ def test_a_round_is_replayed_bit_for_bit_by_pseudo_label(tmp_path, phantom_data)
     out = tmp_path / "replay"
     argv = ["pseudo-label", "--image", str(Project(proj).image_path(case)),
             "--teacher-probs", str(run / "pseudo" / f"{case}_teacher.nii.gz"), "--output", str(out),
-            "--seed", *map(str, info["seeds"][case]), "--max-slices", str(info["max_slices"]),
+            "--seed", *map(str, info["seeds"][case]), "--pseudo-max-slices", str(info["max_slices"]),
             "--fusion", info["fusion"], "--teacher-weight", str(info["teacher_weight"]),
-            "--jitter", str(info["box_jitter"]), "--device", "cpu"]
+            "--box-jitter", str(info["box_jitter"]), "--device", "cpu"]
     assert main(argv) == 0
     for key in ("fused", "axial", "coronal", "sagittal"):
         mine = np.asarray(nib.load(str(out / f"{case}_{key}.nii.gz")).dataobj)
