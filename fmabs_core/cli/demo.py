@@ -123,6 +123,8 @@ def run_demo(cfg: DemoConfig, progress: Callable[..., Iterable] | None = None) -
         scores = _score(project, val, pred_dir)
         summary = summarise(scores)
         results["methods"][method] = {"dice": summary["dice"]["mean"], "hd95_mm": summary["hd95_mm"]["mean"],
+                                      "dice_per_class": {f"{c} {project.classes.get(int(c), '')}".strip():
+                                                         v["dice"]["mean"] for c, v in summary.get("classes", {}).items()},
                                       "failed": summary["n_failed"], "seconds": time.time() - t0,
                                       "model": str(model), "predictions": str(pred_dir),
                                       "rounds": pseudo_label_rounds(project.run_dir(method))}

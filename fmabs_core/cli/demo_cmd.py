@@ -28,6 +28,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, r in results["methods"].items():
         hd = "nan" if math.isnan(r["hd95_mm"]) else f"{r['hd95_mm']:.2f}"
         print(f"{name:<12}{r['dice']:>10.3f}{hd:>10}{r['failed']:>8}{r['seconds']:>8.0f}")
+        if r.get("dice_per_class"):
+            print(" " * 12 + "Dice per class: " + ", ".join(f"{c} {d:.3f}" for c, d in r["dice_per_class"].items()))
     for name, r in results["methods"].items():
         if r["rounds"]:
             print(f"\n{name} pseudo-label rounds (Dice against the truth on the round's scans):")

@@ -9,6 +9,10 @@
   does, so that medpy is not needed.
 
 Dice and Jaccard are medpy's ``dc``/``jc`` except for two empty masks, scored 1 here (medpy: 0).
+
+Several classes (labels 1..C): each class present in the truth or the prediction is scored on its own
+(``classes`` of a case, keyed by the class id), and the case's metrics are the mean over those classes;
+merging the classes (``label > 0``) would score a scar painted as atrium as right.
 An empty prediction (or empty ground truth) has no surface: its distances are reported as NaN with
 ``failed=True`` and counted separately, never as 0 (the reference code's HD = 0 flatters failures).
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +44,8 @@ class CaseScores:
     asd_pred_vox: float = math.nan
     hd95_pooled_mm: float = math.nan
     asd_pred_mm: float = math.nan
+    #: several classes: class id -> that class's metrics (``failed`` included); empty for one class
+    classes: dict[str, dict] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,11 +71,30 @@ def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, .
     return float(hd.item()), float(asd.item())
 
 
-def score_case(case: str, pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> CaseScores:
-    """Scores of one binary prediction against one binary ground truth."""
+def score_case(case: str, pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+               classes: list[int] | None = None) -> CaseScores:
+    """Scores of a label map against the truth: per class when more than one class is present (or asked
+    for with ``classes``), their mean as the case's metrics; one class (or none): foreground against background."""
     if pred.shape != gt.shape:
         raise ValueError(f"{case}: prediction shape {pred.shape} differs from label shape {gt.shape}")
-    pred, gt = pred > 0, gt > 0
+    if classes is None:
+        classes = sorted((set(np.unique(gt).tolist()) | set(np.unique(pred).tolist())) - {0})
+    if len(classes) <= 1:
+        return _score_binary(case, pred > 0, gt > 0, spacing)
+    per_class = {c: _score_binary(case, pred == c, gt == c, spacing) for c in classes}
+    mean = {key: _nanmean([getattr(s, key) for s in per_class.values()]) for key in METRIC_KEYS}
+    return CaseScores(case, failed=any(s.failed for s in per_class.values()), **mean,
+                      classes={str(c): {k: v for k, v in s.as_dict().items() if k not in ("case", "classes")}
+                               for c, s in per_class.items()})
+
+
+def _nanmean(values: list[float]) -> float:
+    vals = np.array(values, dtype=float)
+    vals = vals[~np.isnan(vals)]
+    return float(vals.mean()) if len(vals) else math.nan
+
+
+def _score_binary(case: str, pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float, float]) -> CaseScores:
     dice, jac = dice_jaccard(pred, gt)
     if not pred.any() or not gt.any():
         return CaseScores(case, dice, jac, math.nan, math.nan, math.nan, math.nan, failed=True)
@@ -122,18 +147,29 @@ METRIC_DEFINITIONS = {
 }
 
 
+def _mean_std(values: list[float]) -> dict:
+    vals = np.array(values, dtype=float)
+    vals = vals[~np.isnan(vals)]
+    return {"mean": float(vals.mean()) if len(vals) else math.nan, "std": float(vals.std()) if len(vals) else math.nan}
+
+
 def summarise(scores: list[CaseScores]) -> dict:
-    """Mean and std per metric; distances over non-failed cases only, failures counted."""
+    """Mean and std per metric; distances over non-failed cases only, failures counted. With several
+    classes, ``classes`` holds the same per class (over the cases where the class is present)."""
     out: dict = {"n_cases": len(scores), "n_failed": sum(s.failed for s in scores)}
     for key in METRIC_KEYS:
-        vals = np.array([getattr(s, key) for s in scores], dtype=float)
-        vals = vals[~np.isnan(vals)]
-        out[key] = {"mean": float(vals.mean()) if len(vals) else math.nan,
-                    "std": float(vals.std()) if len(vals) else math.nan}
+        out[key] = _mean_std([getattr(s, key) for s in scores])
+    ids = sorted({c for s in scores for c in s.classes}, key=int)
+    if ids:
+        out["classes"] = {}
+        for c in ids:
+            rows = [s.classes[c] for s in scores if c in s.classes]
+            out["classes"][c] = {"n_cases": len(rows), "n_failed": sum(bool(r["failed"]) for r in rows),
+                                 **{key: _mean_std([r[key] for r in rows]) for key in METRIC_KEYS}}
     return out
 
 
-def format_table(scores: list[CaseScores], summary: dict) -> str:
+def format_table(scores: list[CaseScores], summary: dict, class_names: dict | None = None) -> str:
     head = (f"{'case':<28}{'Dice':>8}{'Jacc':>8}{'95HD vx':>9}{'ASD vx':>8}{'95HD mm':>9}{'ASD mm':>8}"
             f"{'95HDp vx':>10}{'ASDp vx':>9}{'95HDp mm':>10}{'ASDp mm':>9}")
     lines = [head, "-" * len(head)]
@@ -152,15 +188,23 @@ def format_table(scores: list[CaseScores], summary: dict) -> str:
     widths = (8, 8, 9, 8, 9, 8, 10, 9, 10, 9)
     lines.append(f"{'mean':<28}" + "".join(fmt(m, w) for m, w in zip(means, widths)))
     lines.append(f"{'std':<28}" + "".join(fmt(m, w) for m, w in zip(stds, widths)))
-    lines.append(f"{summary['n_failed']} of {summary['n_cases']} cases failed (empty prediction or label); "
-                 "their distances are excluded from the means")
+    for c, per in summary.get("classes", {}).items():
+        name = f"class {c}" + (f" {class_names[c]}" if class_names and c in class_names else "")
+        lines.append(f"{name[:27]:<28}" + "".join(fmt(per[k]["mean"], w) for k, w in zip(METRIC_KEYS, widths))
+                     + f"  ({per['n_cases']} cases, {per['n_failed']} failed)")
+    if summary.get("classes"):
+        lines.append("several classes: each case's row is the mean over its classes; 'class N' rows are the means "
+                     "per class")
+    lines.append(f"{summary['n_failed']} of {summary['n_cases']} cases failed (empty prediction or label"
+                 f"{' of a class' if summary.get('classes') else ''}); their distances are excluded from the means")
     lines.append("95HD/ASD: MONAI's (max of directional 95th percentiles; symmetric mean). 95HDp/ASDp: medpy's, "
                  "as the papers report (95th percentile of both directions pooled; prediction -> truth)")
     return "\n".join(lines)
 
 
 def evaluate_folders(pred_dir, label_dir, num_classes: int | None = None) -> tuple[list[CaseScores], dict]:
-    """Score every prediction in ``pred_dir`` that has a same-named label in ``label_dir`` (binary: label > 0)."""
+    """Score every prediction in ``pred_dir`` that has a same-named label in ``label_dir``, per class when
+    the labels hold several (see :func:`score_case`)."""
     from fmabs_core.data import io
     from fmabs_core.errors import InputError
 

@@ -22,6 +22,8 @@ from fmabs_core.inference.metrics import METRIC_DEFINITIONS
 #: table column -> (key in CaseScores, factor)
 COLUMNS = {"Dice %": ("dice", 100.0), "Jaccard %": ("jaccard", 100.0), "95HD (vox)": ("hd95_pooled_vox", 1.0),
            "ASD (vox)": ("asd_pred_vox", 1.0)}
+#: with several classes, each class's Dice % (named by class id in the table and JSON)
+PER_CLASS = "Dice % per class"
 PAPER_KEYS = {"Dice %": "dice", "Jaccard %": "jaccard", "95HD (vox)": "hd95", "ASD (vox)": "asd"}
 
 
@@ -65,6 +67,13 @@ def summarise_cells(protocol, cells, results) -> list[dict[str, Any]]:
             per_seed = [_nanmean([(c[key] * factor) if c[key] is not None else None for c in r["cases"]])
                         for _, r in items]
             entry[col] = {"per_seed": per_seed, "mean": _nanmean(per_seed), "std": _std(per_seed)}
+        ids = sorted({k for _, r in items for c in r["cases"] for k in (c.get("classes") or {})}, key=int)
+        if ids:  # several classes: each class's Dice, as the Dice column (per-seed means over the test scans)
+            entry[PER_CLASS] = {}
+            for k in ids:
+                per_seed = [_nanmean([c["classes"][k]["dice"] * 100.0 for c in r["cases"] if k in (c.get("classes") or {})])
+                            for _, r in items]
+                entry[PER_CLASS][k] = {"per_seed": per_seed, "mean": _nanmean(per_seed), "std": _std(per_seed)}
         cases: dict[str, list[float]] = {}
         for _, r in items:
             for c in r["cases"]:
@@ -121,12 +130,16 @@ def markdown(protocol, scale_name: str, rows: list[dict[str, Any]], split, seeds
              "train s: wall seconds of the call that trained the cell (r: resumed, so only that call's part).", ""]
     for setting in dict.fromkeys(r["setting"] for r in rows):
         group = [r for r in rows if r["setting"] == setting]
+        per_class = any(PER_CLASS in r for r in group)
+        extra = [PER_CLASS] if per_class else []
         lines += [f"## {group[0]['setting_label']}", "",
-                  "| Method | " + " | ".join(COLUMNS) + " | failed | p vs best baseline | paper (Dice / Jacc / 95HD / ASD) "
-                  "| train s (per seed) |",
-                  "|---|" + "---|" * (len(COLUMNS) + 4)]
+                  "| Method | " + " | ".join([*COLUMNS, *extra]) + " | failed | p vs best baseline | paper (Dice / Jacc / "
+                  "95HD / ASD) | train s (per seed) |",
+                  "|---|" + "---|" * (len(COLUMNS) + len(extra) + 4)]
         for r in group:
             cells = [f"{_fmt(r[c]['mean'])} ({_fmt(r[c]['std'])})" for c in COLUMNS]
+            if per_class:
+                cells.append(", ".join(f"{k}: {_fmt(v['mean'])}" for k, v in r.get(PER_CLASS, {}).items()) or "-")
             test = r.get("vs_best_baseline", {})
             p = "*" if test.get("note") == "the best baseline" else _fmt(test.get("p", math.nan), 3)
             paper = " / ".join(_fmt(r["paper"].get(PAPER_KEYS[c], math.nan)) for c in COLUMNS) if r["paper"] else "-"
