@@ -145,11 +145,6 @@ def node_to_canonical(volume_node: Any) -> tuple[np.ndarray, np.ndarray]:
     return to_canonical(node_array_ijk(volume_node), ijk_to_ras(volume_node))
 
 
-def set_node_from_canonical(volume_node: Any, array: np.ndarray, affine: np.ndarray) -> None:
-    """Fill a node from a canonical array; its IJK is then the canonical index."""
-    set_node_array_ijk(volume_node, array, affine)
-
-
 def same_grid(affine_a: np.ndarray, shape_a: tuple, affine_b: np.ndarray, shape_b: tuple, atol: float = AFFINE_ATOL) -> bool:
     """True when two canonical grids coincide voxel for voxel."""
     return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=atol)

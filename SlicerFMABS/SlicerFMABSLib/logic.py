@@ -386,10 +386,6 @@ class FMABSLogic:
         return {"run": p.runName.strip(), "method": p.method, "iterations": p.iterations, "device": p.device,
                 "generalist": p.generalist, "active": p.strategy, "budget": p.budget, "expert": p.expert}
 
-    def start_training_from_parameters(self, options: Sequence[str] = ()) -> jobs.RunWatcher:
-        """:meth:`start_training` with the choices in the parameter node (what the Train panel shows)."""
-        return self.start_training(**self.training_choices(), options=options)
-
     def _launch(self, args: Sequence[str], log_path: Path, cwd: Path) -> jobs.BackgroundProcess:
         """Start ``fmabs ARGS``: one command line (contract.fmabs_argv), launched as Slicer launches processes."""
         return jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), log_path,

@@ -120,10 +120,6 @@ class Parameters:
     def values(self) -> dict[str, Any]:
         return {name: self.get(name) for name in NAMES}
 
-    def reset(self) -> None:
-        """Back to the defaults (no node selected)."""
-        self.update(**TEXT, **NUMBERS, **{name: None for name in NODES})
-
     def __getattr__(self, name: str) -> Any:
         if name in NAMES:
             return self.get(name)

@@ -229,10 +229,6 @@ def _read_voxels(img: nib.Nifti1Image, path: Path, as_float: bool) -> np.ndarray
                          "damaged. Re-export it.") from None
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
-    return read_header(path)
-
-
 def _to_volume(img: nib.Nifti1Image, path: Path, data: np.ndarray) -> Volume:
     try:
         canon = nib.as_closest_canonical(img)

@@ -449,11 +449,6 @@ def _why_skipped(path: Path) -> str:
     return "a folder (not searched)" if path.is_dir() else "not a NIfTI file (.nii or .nii.gz)"
 
 
-def find_pairs(src: str | Path) -> list[tuple[Path, Path | None]]:
-    """Image/label pairs from an ``imagesTr``/``labelsTr`` folder (MSD / nnU-Net) or a plain folder of scans."""
-    return plan_import(src).pairs
-
-
 def import_folder(
     src: str | Path,
     project_root: str | Path,

@@ -64,12 +64,6 @@ DEFAULT_PAD = 1
 _PRETRAINED_TOKENS = 4
 
 
-def default_grid(generalist: str) -> int | None:
-    from fmabs_core.generalist.models import canonical_name
-
-    return DEFAULT_GRID.get(canonical_name(generalist))
-
-
 def default_fit(image_size: int) -> Fit:
     """Pad the canvas into a SAM-size input (no resampling); resize it to a small model's input."""
     return "pad" if image_size >= 1024 else "resize"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -265,20 +264,3 @@ def fetch(
 def with_values(name: str, **changes) -> WeightsEntry:
     """A copy of a registry entry with some fields changed (tests, mirrors)."""
     return replace(get_entry(name), **changes)
-
-
-def copy_into_cache(name: str, path: str | os.PathLike) -> Path:
-    """Verify a local file and copy it into the cache under its published name (offline install)."""
-    entry = get_entry(name)
-    src = verify(entry, path)
-    target = cache_dir() / entry.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target

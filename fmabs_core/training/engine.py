@@ -584,7 +584,7 @@ class Trainer:
             distributed.barrier()
         except _Stop as stop:
             return self._stopped(stop.outcome)
-        except torch.cuda.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError:
             advice = self._oom_advice(it)
             with contextlib.suppress(Exception):
                 torch.cuda.empty_cache()

@@ -175,9 +175,6 @@ class PatchSampler:
             img, tgt, pse = self._augment(plan["k"], plan["axis"], img, tgt, pse)
         return img, tgt[0], pse[0]
 
-    def _sample(self, case: Case, supervised: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self._materialise(self._plan(case, supervised))
-
     @staticmethod
     def _augment(k: int, axis: int | None, *arrays: np.ndarray) -> list[np.ndarray]:
         """Rot90 (``k`` quarter turns) in the axial plane then a flip on ``axis`` (UA-MT's RandomRotFlip)."""

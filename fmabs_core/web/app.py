@@ -282,8 +282,6 @@ class WebApp:
             self.state.label_status = f"{len(found)} suggestions."
 
     def _bind_routes(self, wslink_server: Any) -> None:
-        from aiohttp import web
-
         app = wslink_server.app
         app.middlewares.append(token_middleware(self.options.token))
         app.router.add_post("/fmabs/upload", self._upload)
