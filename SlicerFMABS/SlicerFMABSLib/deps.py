@@ -95,8 +95,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("segment-anything", module="segment_anything",
                 generalists=("sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam"), torch=True),
     Requirement("mobilesam-mirror", module="mobile_sam", generalists=("mobilesam",), torch=True),
-    # pyproject.toml's `openvino` extra: `--generalist-runtime auto` runs the encoder on it (1.35x) when installed
-    Requirement("openvino", ">=2024.0", cpu_speedup="the generalist's encoder about 1.35x faster in FM-ABS rounds"),
+    # pyproject.toml's `openvino` extra: `--generalist-runtime auto` runs the encoder on it when installed
+    # (figures: README, `fmabs bench precision`)
+    Requirement("openvino", ">=2024.0", cpu_speedup="runs the generalist's encoder faster in FM-ABS rounds on a CPU"),
 )
 #: import name -> pip requirement (the form older code and the docs use)
 PIP_REQUIREMENTS: dict[str, str] = {r.import_name: r.line for r in REQUIREMENTS}

@@ -9,7 +9,8 @@ pseudo-labels, decoder included, in brackets, ``--scans 3 --slices 8``):
 - ``torch``: conv + batch norm folded into one convolution (the same numbers to fp32 rounding) and
   glibc's allocator kept from unmapping each activation (:func:`fmabs_core.device.tune_cpu_allocator`),
   channels-last: 2.57x (2.23x), identical pseudo-labels.
-- ``openvino`` fp32: 3.46x (2.88x), identical pseudo-labels; converting the encoder costs ~8 s once per
+- ``openvino`` fp32: 3.46x (2.88x), the same pseudo-labels but for pixels whose logit is within rounding of
+  0 (at most 0.1 %, Testing/core/generalist/test_runtime.py); converting the encoder costs ~8 s once per
   process, paid back after about 45 slices (531 against 716 ms per slice); an optional dependency
   (``pip install openvino``, in the ``openvino`` extra), CPU only, two requests in flight.
 - with ``--generalist-dtype bfloat16``: torch 4.4x, OpenVINO more, but pseudo-label Dice moved (mean

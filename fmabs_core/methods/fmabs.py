@@ -39,11 +39,12 @@ class FMABSConfig(MeanTeacherConfig):
                                            "or tiled (the tuned generalist labels each scan prompt-free from tiled "
                                            "axial slices, as CFR does; the same label every round)")
     generalist_dtype: str = option("auto", "encoder precision: auto (bf16 on GPUs, float32 on CPUs), float32, "
-                                           "bfloat16 (CPUs with bf16 units: ~2x faster, Dice within ~0.04)")
+                                           "bfloat16 (faster on CPUs with bf16 units, slightly different labels; "
+                                           "see fmabs bench precision)")
     generalist_runtime: str = option("auto", "what runs the encoder: auto (openvino on a CPU when it is installed "
                                              "and the rounds will encode 200 slices or more, else torch), torch, "
-                                             "openvino (CPU only, pip install openvino: 1.35x torch's fp32 speed "
-                                             "here, the same pseudo-labels, ~8 s to convert once)")
+                                             "openvino (CPU only, pip install openvino: faster than torch on CPUs, "
+                                             "converted once per run; see fmabs bench precision)")
     embedding_cache: str = option("auto", "where slice embeddings are kept between rounds so that each slice is "
                                           "encoded once: auto (by size), device, host, disk (run folder), off")
     embedding_cache_gb: float | None = option(None, "bound of the embedding cache in GB, least recently used "
