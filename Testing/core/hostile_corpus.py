@@ -823,6 +823,29 @@ def _output_cases() -> list[Case]:
     add("evaluate-json-read-only", evaluate(lambda e: (lambda d: d and d / "fmabs-report.json")(e.readonly_dir("ro"))),
         ("fmabs-report.json",))
 
+    def pseudo_label_output_exists(env):
+        scan = env.image("in/c1.nii.gz")
+        mask = env.label("in/mask.nii.gz")
+        env.write("out/c1_fused.nii.gz", "mine")
+        return ["pseudo-label", "--image", str(scan), "--prompt-from", str(mask), "--output", str(env.p("out")),
+                "--device", "cpu"]
+
+    def json_exists(*command):
+        def build(env):
+            env.write("mine.json", '{"mine": 1}')
+            args = [str(env.project()) if a == "PROJ" else a for a in command]
+            return [*args, "--json", str(env.p("mine.json"))]
+        return build
+
+    add("pseudo-label-output-exists", pseudo_label_output_exists, ("c1_fused.nii.gz", "--overwrite"), ("out",))
+    add("methods-json-exists", json_exists("methods"), ("mine.json", "--overwrite"))
+    add("jobs-list-json-exists", json_exists("jobs", "list", "--project", "PROJ"), ("mine.json", "--overwrite"),
+        ("proj",))
+    add("bench-teachers-json-exists", json_exists("bench", "teachers", "--project", "PROJ", "--device", "cpu"),
+        ("mine.json", "--overwrite"), ("proj",))
+    add("tile-grid-json-exists", json_exists("tile-grid", "--project", "PROJ", "--device", "cpu"),
+        ("mine.json", "--overwrite"), ("proj",))
+
     def predict(setup: Callable[[Env], tuple[list[str], Path | None]], *opts):
         def build(env):
             model = env.model()
