@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     add_overwrite_option(p, "an existing file that fails its check")
     add_renamed(p, "--force", "--overwrite")
     p.set_defaults(func=_weights_fetch)
+    p = wsub.add_parser("trust", help="record the sha256 of NAME's file as one you trust (weights whose sha256 "
+                                      "fmabs_core does not record are refused until then)")
+    p.add_argument("name")
+    p.add_argument("--path", required=True, help="the weights file")
+    p.add_argument("--sha256", metavar="HEX", help="the sha256 its publisher lists: the file must have it")
+    add_overwrite_option(p, "a hash recorded for NAME before")
+    p.set_defaults(func=_weights_trust)
     p = wsub.add_parser("verify", help="check NAME's file (size, sha256, name hash)")
     p.add_argument("name")
     p.add_argument("--path", help="a local file to check (default: the bundled or cached file)")
@@ -190,17 +197,21 @@ def _weights_list(args: argparse.Namespace) -> int:
     header = f"{'name':<11} {'file':<22} {'size (bytes)':>13}  {'sha256':<16} {'present':<8} source"
     print(header)
     print("-" * len(header))
+    records = W.trusted_records()
     for e in W.REGISTRY.values():
         try:
             path = W.default_path(e)
             present = "yes" if path.is_file() else "no"
         except Exception:
             present = "no"
-        sha = (e.sha256[:12] + "...") if e.sha256 else "not recorded"
+        sha = ((e.sha256[:12] + "...") if e.sha256 else ("yours: " + records[e.name]["sha256"][:8] + "...")
+               if e.name in records else "not recorded")
         size = str(e.size) if e.size else "not recorded"
         src = e.note if e.bundled else (e.url or e.note)
         print(f"{e.name:<11} {e.filename:<22} {size:>13}  {sha:<16} {present:<8} {src}")
-    print("'not recorded': no value is known for certain here, so that check is skipped (never guessed).")
+    print("sha256 'not recorded': no value is known for certain here (never guessed), so the file is refused until "
+          "you record one you trust: fmabs weights trust NAME --path FILE [--sha256 HEX] (or fmabs weights fetch NAME, "
+          f"which records what it downloads). 'yours': recorded in {W.trust_file()}.")
     return 0
 
 
@@ -217,9 +228,17 @@ def _weights_verify(args: argparse.Namespace) -> int:
 
     path = W.verify(args.name, args.path)
     e = W.get_entry(args.name)
-    checks = ["present"] + (["size"] if e.size else []) + (["sha256"] if e.sha256 else []) + (
+    checks = ["present"] + (["size"] if e.size else []) + ["sha256" if e.sha256 else "sha256 (your record)"] + (
         ["name hash"] if e.name_hash else [])
     print(f"{path}: ok ({', '.join(checks)})")
+    return 0
+
+
+def _weights_trust(args: argparse.Namespace) -> int:
+    from fmabs_core.generalist import weights as W
+
+    done = W.trust(args.name, args.path, args.sha256, replace_record=args.overwrite)
+    print(f"{args.name}: sha256 {done['sha256']} ({done['source']}); recorded in {W.trust_file()}")
     return 0
 
 

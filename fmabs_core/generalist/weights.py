@@ -10,13 +10,20 @@ Meta's SAM file names carry a 6-hex-digit prefix of the file's hash (``sam_vit_b
 we check it too (accepting an MD5 or a sha256 prefix), which catches a truncated or swapped file
 even though the full sha256 is not recorded.
 
+A file whose sha256 is not recorded here is refused until the user records one they trust, in
+``<cache>/trusted_weights.json``: ``fmabs weights trust NAME --path FILE [--sha256 HEX]`` (the hash
+the publisher lists, or the file's own on the user's word), or ``fmabs weights fetch NAME``, which
+records the hash of what it downloaded from the publisher's URL (or the ``--url`` the user gave).
+Every later use is then checked against that hash, so a file changed afterwards is refused.
+
 Cache folder: ``$FMABS_CACHE`` or ``~/.cache/fmabs``. Offline use: copy the file there, or pass a
-local path (``--checkpoint``/``--path``).
+local path (``--generalist-checkpoint``/``--path``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -24,6 +31,7 @@ import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fmabs_core.errors import WeightsError
@@ -93,6 +101,102 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fmabs"
 
 
+#: the user's own records of weights hashes they trust (see the module's docstring)
+TRUST_FILE = "trusted_weights.json"
+
+
+def trust_file() -> Path:
+    return cache_dir() / TRUST_FILE
+
+
+def trusted_records() -> dict[str, dict]:
+    """name -> {sha256, size, filename, source, recorded}; a damaged file is an error naming it."""
+    path = trust_file()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                                                 for v in data.values()):
+            raise ValueError("not an object of {name: {sha256, ...}}")
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: your record of trusted weights hashes cannot be read ({exc}); fix or delete it, "
+                           "then record the hashes again with `fmabs weights trust`.") from None
+    return data
+
+
+def expected_sha256(entry: WeightsEntry) -> tuple[str | None, str]:
+    """(the sha256 a file must have, where that value comes from): the registry's, else the user's record."""
+    if entry.sha256:
+        return entry.sha256.lower(), "recorded in fmabs_core"
+    record = trusted_records().get(entry.name)
+    if record:
+        return record["sha256"].lower(), f"your record in {trust_file()} ({record.get('source', '')})"
+    return None, ""
+
+
+def record_trust(entry: WeightsEntry, sha256: str, size: int, source: str) -> Path:
+    """Record ``sha256`` as the hash of ``entry``'s weights that the user trusts (atomic, under a lock)."""
+    from filelock import FileLock
+
+    from fmabs_core.data.io import atomic_write_text
+
+    path = trust_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        records = trusted_records()
+        records[entry.name] = {"sha256": sha256.lower(), "size": int(size), "filename": entry.filename,
+                               "source": source, "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        atomic_write_text(path, json.dumps(records, indent=2, sort_keys=True))
+    log.info("recorded sha256 %s for %s in %s", sha256, entry.name, path)
+    return path
+
+
+def trust(name: str | WeightsEntry, path: str | os.PathLike, sha256: str | None = None,
+          replace_record: bool = False) -> dict:
+    """Record the sha256 of a local file as trusted for ``name``, after the checks that are recorded (size,
+    name hash) and, with ``sha256``, after comparing it with that value (the publisher's)."""
+    entry = get_entry(name)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise WeightsError(f"{p}: no such file; give --path the weights file of {entry.name}.")
+    if entry.sha256:
+        verify(entry, p)
+        return {"sha256": entry.sha256, "source": "recorded in fmabs_core (nothing to record)"}
+    existing = trusted_records().get(entry.name)
+    if existing and not replace_record:
+        raise WeightsError(f"{trust_file()}: a sha256 is recorded for {entry.name} already ({existing['sha256']}, "
+                           f"{existing.get('source', '')}); add --overwrite to replace it.")
+    if sha256 is not None and (len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower())):
+        raise WeightsError(f"--sha256 {sha256}: give the 64 hexadecimal digits of a sha256.")
+    _check_published(entry, p)
+    digest, _md5 = file_hashes(p)
+    if sha256 is not None and digest != sha256.lower():
+        raise WeightsError(f"{p}: sha256 {digest}, not the {sha256.lower()} you gave for {entry.name}; the file is "
+                           "not the one its publisher lists. Nothing was recorded.")
+    source = (f"{p.name} matched the sha256 you gave" if sha256 else f"{p.name}, on your word")
+    record_trust(entry, digest, p.stat().st_size, source)
+    return {"sha256": digest, "source": source}
+
+
+def _check_published(entry: WeightsEntry, p: Path) -> None:
+    """Size and name-hash checks, where recorded (before a hash is trusted)."""
+    size = p.stat().st_size
+    if entry.size is not None and size != entry.size:
+        raise WeightsError(
+            f"{p}: size {size} bytes, expected {entry.size} for {entry.name} ({entry.filename}); the file is "
+            f"incomplete or not the published checkpoint. Delete it and {_how_to_get(entry)}."
+        )
+    if entry.name_hash is not None:
+        sha, md5 = file_hashes(p)
+        if not (sha.startswith(entry.name_hash) or md5.startswith(entry.name_hash)):
+            raise WeightsError(
+                f"{p}: hash {md5} (md5) / {sha} (sha256) does not start with {entry.name_hash}, the prefix in the "
+                f"published name {entry.filename}; the file is corrupt or a different checkpoint. "
+                f"Delete it and {_how_to_get(entry)}."
+            )
+
+
 def get_entry(name: str | WeightsEntry) -> WeightsEntry:
     if isinstance(name, WeightsEntry):
         return name
@@ -139,35 +243,29 @@ def _how_to_get(entry: WeightsEntry) -> str:
 
 
 def verify(name: str | WeightsEntry, path: str | os.PathLike | None = None) -> Path:
-    """Check a checkpoint file's presence, size, sha256 and name hash; return its path.
+    """Check a checkpoint file's presence, size, name hash and sha256; return its path.
 
-    Raises :class:`WeightsError` naming the file, the expected and actual values, and what to do.
+    The sha256 is the registry's, else the one the user recorded (:func:`trust`); a file with neither
+    is refused. Raises :class:`WeightsError` naming the file, the expected and actual values, and what to do.
     """
     entry = get_entry(name)
     p = Path(path).expanduser() if path is not None else default_path(entry)
     if not p.is_file():
         raise WeightsError(f"{p}: weights for {entry.name} not found. To get them: {_how_to_get(entry)}.")
-    size = p.stat().st_size
-    if entry.size is not None and size != entry.size:
+    _check_published(entry, p)
+    want, where = expected_sha256(entry)
+    if want is None:
         raise WeightsError(
-            f"{p}: size {size} bytes, expected {entry.size} for {entry.name} ({entry.filename}); the file is "
-            f"incomplete or not the published checkpoint. Delete it and {_how_to_get(entry)}."
+            f"{p}: no sha256 is recorded for {entry.name} ({entry.filename}), so this file cannot be checked and is "
+            f"not used. If you trust it (best: its sha256 equals the one its publisher lists), record it once: "
+            f"`fmabs weights trust {entry.name} --path {p} [--sha256 HEX]`; `fmabs weights fetch {entry.name}` "
+            "records the hash of what it downloads."
         )
-    if entry.sha256 is None and entry.name_hash is None:
-        log.info("%s: %s has no recorded sha256; only its presence%s was checked", p, entry.name,
-                 " and size" if entry.size else "")
-        return p
-    sha, md5 = file_hashes(p)
-    if entry.sha256 is not None and sha != entry.sha256.lower():
+    sha, _md5 = file_hashes(p)
+    if sha != want:
         raise WeightsError(
-            f"{p}: sha256 {sha}, expected {entry.sha256} for {entry.name} ({entry.filename}); the file is "
+            f"{p}: sha256 {sha}, expected {want} for {entry.name} ({entry.filename}; {where}); the file is "
             f"corrupt or not the published checkpoint. Delete it and {_how_to_get(entry)}."
-        )
-    if entry.name_hash is not None and not (sha.startswith(entry.name_hash) or md5.startswith(entry.name_hash)):
-        raise WeightsError(
-            f"{p}: hash {md5} (md5) / {sha} (sha256) does not start with {entry.name_hash}, the prefix in the "
-            f"published name {entry.filename}; the file is corrupt or a different checkpoint. "
-            f"Delete it and {_how_to_get(entry)}."
         )
     return p
 
@@ -211,7 +309,7 @@ def fetch(
             log.info("%s: already present and verified", target)
             return target
         except WeightsError as exc:
-            raise WeightsError(f"{exc} (or rerun the fetch with --force to replace it)") from None
+            raise WeightsError(f"{exc} (or rerun the fetch with --overwrite to replace it)") from None
     if not url:
         raise WeightsError(f"{entry.name}: no download URL is recorded. {_how_to_get(entry)}.")
     dest.mkdir(parents=True, exist_ok=True)
@@ -253,6 +351,8 @@ def fetch(
                 f"{url}: hash {digest} does not match the prefix {entry.name_hash} of {entry.filename}; "
                 "nothing was saved; retry or check the URL."
             )
+        if entry.sha256 is None:  # what the publisher's URL (or the user's --url) served is what later uses must match
+            record_trust(entry, digest, n, f"downloaded from {url}")
         os.replace(tmp, target)
         log.info("saved %s (%d bytes, sha256 %s)", target, n, digest)
         return target

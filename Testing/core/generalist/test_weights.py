@@ -32,6 +32,12 @@ def server(tmp_path):
         httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own cache folder (and trust record): nothing is written to the user's ~/.cache."""
+    monkeypatch.setenv("FMABS_CACHE", str(tmp_path / "fmabs-cache"))
+
+
 def _entry(url: str, data: bytes, **kw) -> W.WeightsEntry:
     vals = dict(name="testw", filename="w.bin", url=url, size=len(data), sha256=hashlib.sha256(data).hexdigest())
     vals.update(kw)
@@ -83,6 +89,9 @@ def test_fetch_name_hash_prefix(server, tmp_path):
     md5 = hashlib.md5(data).hexdigest()
     ok = _entry(base + "w.bin", data, sha256=None, size=None, name_hash=md5[:6])
     assert W.fetch(ok, dest_dir=tmp_path / "a").is_file()
+    # no sha256 in the registry: the hash of what was downloaded is recorded, and later uses must match it
+    assert W.trusted_records()["testw"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert "downloaded from " + base in W.trusted_records()["testw"]["source"]
     bad = _entry(base + "w.bin", data, sha256=None, size=None, name_hash="ffffff" if md5[:6] != "ffffff" else "000000")
     with pytest.raises(WeightsError, match="does not match the prefix"):
         W.fetch(bad, dest_dir=tmp_path / "b")
@@ -142,6 +151,9 @@ def test_cli_weights_list_fetch_verify(server, tmp_path, monkeypatch, capsys):
     (root / "mobile_sam.pt").write_bytes(b"tiny")
     assert _cli(["weights", "fetch", "mobilesam", "--url", base + "mobile_sam.pt"]) == 0
     assert (tmp_path / "cache" / "mobile_sam.pt").read_bytes() == b"tiny"
+    capsys.readouterr()
+    assert _cli(["weights", "verify", "mobilesam"]) == 0  # against the hash recorded at the download
+    assert "sha256 (your record)" in capsys.readouterr().out
     with pytest.raises(WeightsError, match="expected 375042383"):
         _cli(["weights", "fetch", "sam_vit_b", "--url", base + "mobile_sam.pt"])
     assert not (tmp_path / "cache" / "sam_vit_b_01ec64.pth").exists()
@@ -154,3 +166,54 @@ def test_cli_generalist_names_match_the_models():
     from fmabs_core.generalist.models import GENERALISTS
 
     assert sorted(GENERALIST_NAMES) == sorted(GENERALISTS)
+
+
+def _unrecorded_file(tmp_path, data: bytes = b"mobile weights") -> Path:
+    f = tmp_path / "mine" / "mobile_sam.pt"
+    f.parent.mkdir(exist_ok=True)
+    f.write_bytes(data)
+    return f
+
+
+def test_a_file_without_a_recorded_sha256_is_refused_until_trusted(tmp_path, monkeypatch):
+    f = _unrecorded_file(tmp_path)
+    with pytest.raises(WeightsError) as exc:
+        W.verify("mobilesam", f)
+    msg = str(exc.value)
+    assert str(f) in msg and "no sha256 is recorded for mobilesam" in msg
+    assert f"fmabs weights trust mobilesam --path {f}" in msg
+    with pytest.raises(WeightsError, match="not the .* you gave"):
+        W.trust("mobilesam", f, sha256="0" * 64)  # the publisher's value does not match: nothing recorded
+    assert W.trusted_records() == {}
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert W.trust("mobilesam", f, sha256=digest.upper())["sha256"] == digest
+    assert W.verify("mobilesam", f) == f
+    with pytest.raises(WeightsError, match="recorded for mobilesam already"):
+        W.trust("mobilesam", f)
+    f.write_bytes(b"changed afterwards")  # the same name, another file: refused against the record
+    with pytest.raises(WeightsError, match=f"expected {digest} for mobilesam .*your record"):
+        W.verify("mobilesam", f)
+    W.trust("mobilesam", f, replace_record=True)  # the user's word, replacing the record
+    assert W.verify("mobilesam", f) == f
+    assert "on your word" in W.trusted_records()["mobilesam"]["source"]
+
+
+def test_trust_keeps_the_published_checks_and_a_damaged_record_is_named(tmp_path):
+    f = tmp_path / "sam_vit_b_01ec64.pth"
+    f.write_bytes(b"12345")
+    with pytest.raises(WeightsError, match="expected 375042383"):  # size and name hash still apply
+        W.trust("sam_vit_b", f)
+    W.trust_file().parent.mkdir(parents=True, exist_ok=True)
+    W.trust_file().write_text("{not json")
+    with pytest.raises(WeightsError, match="trusted_weights.json: your record"):
+        W.verify("mobilesam", _unrecorded_file(tmp_path))
+    assert W.trust("litemedsam", W.default_path("litemedsam"))["source"].startswith("recorded in fmabs_core")
+
+
+def test_cli_weights_trust(tmp_path, capsys):
+    f = _unrecorded_file(tmp_path)
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()
+    assert _cli(["weights", "trust", "mobilesam", "--path", str(f), "--sha256", digest]) == 0
+    assert digest in capsys.readouterr().out
+    assert _cli(["weights", "list"]) == 0
+    assert "yours: " + digest[:8] in capsys.readouterr().out
