@@ -174,7 +174,8 @@ def _reference_row(project, method: str, sizes: Sizes, device: torch.device) -> 
     """A plain fp32 loop as the reference code writes it (same V-Net, losses and sampler)."""
     from fmabs_core.methods import losses
     from fmabs_core.training.nets import NetConfig, build_network
-    from fmabs_core.training.sampler import Case, PatchSampler, zscore
+    from fmabs_core.data.intensity import zscore
+    from fmabs_core.training.sampler import Case, PatchSampler
 
     torch.backends.cudnn.benchmark = False
     lab, unl = [], []
@@ -241,7 +242,7 @@ def _round_rows(rows: list[dict], cases, sizes: Sizes, device: torch.device, fol
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, prompted_slices_bound
     from fmabs_core.generalist.runtime import resolve_runtime
     from fmabs_core.methods.fmabs import FMABSConfig
-    from fmabs_core.training.sampler import zscore
+    from fmabs_core.data.intensity import zscore
 
     # the runtime an FM-ABS run would choose for this many slices (OpenVINO on a CPU where it pays)
     expected = sum(prompted_slices_bound(img.shape, sizes.round_slices) for _c, img, _l in cases)

@@ -134,7 +134,7 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
     from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, choose_auto, combine, fill_unprompted,
                                               plane_dice, plane_sample)
     from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel
-    from fmabs_core.training.sampler import zscore
+    from fmabs_core.data.intensity import zscore
 
     project = Project(project_dir)
     ids = _cases(project, cases, scans)

@@ -100,6 +100,9 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     add_renamed(p, "--points", "--n-points")
     p.add_argument("--prompt-mode", default="component", choices=["component", "slice"])
     p.add_argument("--batch-size", type=int, help="slices per encoder call (default: 1 on CPU, more on CUDA)")
+    p.add_argument("--generalist-runtime", default="auto", choices=["auto", "torch", "openvino"],
+                   help="what runs the encoder, as fmabs train's option: auto (OpenVINO on a CPU when it is installed "
+                        "and this scan's prompted slices make its conversion pay, else torch), torch, openvino")
     p.set_defaults(func=_pseudo_label)
 
     # ---- bench
@@ -242,6 +245,18 @@ def _weights_trust(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runtime_for(runtime: str, device: str, prompt: np.ndarray, max_slices: int | None) -> str:
+    """The encoder's runtime as a training run chooses it: ``auto`` by how many slices this call encodes
+    (the prompt's foreground slices per view, capped at ``max_slices``)."""
+    from fmabs_core.device import resolve_device
+    from fmabs_core.generalist.runtime import resolve_runtime
+
+    fg = prompt > 0
+    per_view = [int(fg.any(axis=tuple(a for a in range(3) if a != axis)).sum()) for axis in range(3)]
+    expected = sum(min(n, max_slices or n) for n in per_view)
+    return resolve_runtime(runtime, resolve_device(device), expected)
+
+
 def _pseudo_label(args: argparse.Namespace) -> int:
     if args.adapter:
         return _pseudo_label_tuned(args)
@@ -253,7 +268,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     from fmabs_core.generalist.prompts import check_jitter_fraction
     from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, FusionRule, choose_rule, combine, fill_unprompted,
                                               plane_dice, plane_sample, probs_from_uint8, teacher_probs_of)
-    from fmabs_core.training.sampler import zscore
+    from fmabs_core.data.intensity import zscore
 
     if bool(args.prompt_from) == bool(args.teacher_probs):
         raise InputError("pseudo-label needs one of --prompt-from (a mask that prompts the generalist) or "
@@ -292,7 +307,9 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         raise InputError(f"{', '.join(existing)} exist(s); give --overwrite to replace them, or another --output.")
     teacher = probs_from_uint8(given.array) if args.teacher_probs else teacher_probs_of(given.array)
     prompt = teacher.argmax(0).astype(np.uint8)
-    g = get_generalist(args.generalist, device=args.device, checkpoint=args.generalist_checkpoint)
+    g = get_generalist(args.generalist, device=args.device, checkpoint=args.generalist_checkpoint,
+                       runtime=_runtime_for(args.generalist_runtime, args.device, prompt, args.pseudo_max_slices))
+    print(f"generalist: {g.name}, encoder {g.precision}")
     # The same steps as a round: the scan z-scored as training sees it, and the slices decoded from embeddings
     # stored at the round's precision (its embedding cache), so a round's inputs give the round's label.
     cache = EmbeddingCache(g.device, tier="host", dtype=args.embedding_dtype, compute_dtype=g.amp_dtype)
@@ -342,7 +359,8 @@ _PROMPTED_ONLY = {"--pseudo-max-slices": ("pseudo_max_slices", None), "--n-point
                   "--teacher-probs": ("teacher_probs", None), "--teacher-weight": ("teacher_weight", 0.5),
                   "--gate-confidence": ("gate_confidence", 0.9), "--crosslabel": ("crosslabel", None),
                   "--embedding-dtype": ("embedding_dtype", "auto"),
-                  "--box-jitter-fraction": ("box_jitter_fraction", None)}
+                  "--box-jitter-fraction": ("box_jitter_fraction", None),
+                  "--generalist-runtime": ("generalist_runtime", "auto")}
 
 
 def _pseudo_label_tuned(args: argparse.Namespace) -> int:
@@ -358,7 +376,7 @@ def _pseudo_label_tuned(args: argparse.Namespace) -> int:
     from fmabs_core.generalist.pseudolabel import dice
     from fmabs_core.generalist.tiled import load_tuned, read_adapter_meta
     from fmabs_core.inference.predict import predict_proba
-    from fmabs_core.training.sampler import zscore
+    from fmabs_core.data.intensity import zscore
 
     if args.prompt_from:
         raise InputError("--adapter segments prompt-free (the tuned generalist sees tiled slices, no prompt): "

@@ -15,7 +15,7 @@ from scipy import ndimage
 from fmabs_core.contract import MODEL_FILE
 from fmabs_core.device import tune_cpu_allocator
 from fmabs_core.runs.checkpoint import load_checkpoint
-from fmabs_core.training.sampler import zscore
+from fmabs_core.data.intensity import zscore
 from fmabs_core.errors import InputError
 from fmabs_core.training.nets import NetConfig, build_network
 

@@ -36,7 +36,7 @@ from fmabs_core.training import distributed
 from fmabs_core.training.api import Outcome, Progress
 from fmabs_core.training.config import TrainConfig
 from fmabs_core.training.engine import Stage, Trainer
-from fmabs_core.training.sampler import zscore
+from fmabs_core.data.intensity import zscore
 
 log = logging.getLogger(__name__)
 

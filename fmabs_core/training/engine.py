@@ -35,7 +35,8 @@ from fmabs_core.training.api import Hook, Outcome, Progress
 from fmabs_core.training.config import TrainConfig
 from fmabs_core.training.nets import size_divisor
 from fmabs_core.training.prefetch import BatchPrefetcher
-from fmabs_core.training.sampler import Case, PatchSampler, effective_patch, zscore
+from fmabs_core.data.intensity import zscore
+from fmabs_core.training.sampler import Case, PatchSampler, effective_patch
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,6 @@ from fmabs_core.data.crosslabel import UNLABELLED
 log = logging.getLogger(__name__)
 
 
-def zscore(image: np.ndarray) -> np.ndarray:
-    """Per-scan z-score normalisation (what the LA benchmark data already has; idempotent there)."""
-    std = float(image.std())
-    return ((image - float(image.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
-
-
 @dataclass
 class Case:
     """One training scan on the canonical grid, with whatever supervision it has."""

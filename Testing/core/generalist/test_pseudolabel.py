@@ -231,6 +231,20 @@ def test_cli_pseudo_label_with_ground_truth(tmp_path, write_nifti, capsys):
         assert (tmp_path / "out" / f"scan_{key}.nii.gz").is_file()
         assert f"  {key}" in out
     assert "on the 1 prompted slices" in out
+    assert "generalist: litemedsam, encoder fp32" in out  # what ran the encoder
+
+
+def test_pseudo_label_chooses_the_runtime_as_a_training_run_does():
+    """auto: OpenVINO on the CPU when this call's prompted slices reach the threshold, else torch."""
+    from fmabs_core.cli.generalist_cmds import _runtime_for
+    from fmabs_core.generalist.runtime import OPENVINO_MIN_SLICES
+
+    prompt = np.zeros((100, 100, 100), np.uint8)
+    prompt[10:90, 10:90, 10:90] = 1  # 80 foreground slices per view: 240 slices to encode
+    assert 240 >= OPENVINO_MIN_SLICES > 30
+    assert _runtime_for("auto", "cpu", prompt, None) == "openvino"  # openvino is in the test extra
+    assert _runtime_for("auto", "cpu", prompt, 10) == "torch"  # 30 slices do not pay for the conversion
+    assert _runtime_for("torch", "cpu", prompt, None) == "torch"
 
 
 def test_scaled_jitter_follows_the_box_not_the_pixel_grid():

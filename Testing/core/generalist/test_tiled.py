@@ -24,7 +24,7 @@ from fmabs_core.generalist.tiled import (TiledSegmenter, build_tiled_segmenter, 
                                          read_adapter_meta)
 from fmabs_core.methods import get_method, losses
 from fmabs_core.methods.sam_lora import bezier_augment
-from fmabs_core.training.sampler import zscore
+from fmabs_core.data.intensity import zscore
 
 pytestmark = pytest.mark.slow  # the real LiteMedSAM encoder, and a real training run
 
