@@ -168,6 +168,17 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     add_json_option(p)
     add_overwrite_option(p, "the --json file")
     p.set_defaults(func=_bench_ceiling)
+    p = bsub.add_parser("command", help="fmabs pseudo-label as a user runs it against a plain reference-style "
+                                        "LiteMedSAM loop over the same slices, whole processes side by side (CPU)")
+    p.add_argument("--image", help="scan (NIfTI; default: the first LA 2018 scan)")
+    p.add_argument("--label", help="the mask that prompts (with --image; default: that scan's label)")
+    p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018)")
+    p.add_argument("--pseudo-max-slices", type=int, metavar="N", default=10,
+                   help="prompted slices per view (default 10; 0: every foreground slice, a whole scan)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each, alternating (default 2; the median counts)")
+    add_json_option(p)
+    add_overwrite_option(p, "the --json file")
+    p.set_defaults(func=_bench_command)
     p = bsub.add_parser("teachers", help="the generalist's pseudo-labels against the teacher that prompted them, for "
                                          "teachers of several qualities and kinds, under every fusion rule")
     p.add_argument("--project", required=True, help="project folder whose labelled training scans are used (a "
@@ -457,6 +468,31 @@ def _bench_teachers(args: argparse.Namespace) -> int:
                             args.generalist, args.generalist_checkpoint, args.device, args.box_jitter, args.pseudo_max_slices,
                             args.seed, args.cache_dir, progress=progress, box_jitter_fraction=args.box_jitter_fraction)
     emit(args, report, lambda: format_teachers(report))
+    return 0
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    from fmabs_core.cli.bench_command import bench_command, format_command
+    from fmabs_core.cli.common import progress
+
+    check_json_output(args)
+    if args.pseudo_max_slices < 0:
+        raise InputError(f"--pseudo-max-slices must be >= 0, got {args.pseudo_max_slices}.")
+    image, label = args.image, args.label
+    if not image:
+        from fmabs_core.cli.bench import LA_DIR_CANDIDATES
+        from fmabs_core.data import io
+
+        dirs = [Path(args.la)] if args.la else [Path(d) for d in LA_DIR_CANDIDATES if d]
+        found = [d for d in dirs if (d / "imagesTr").is_dir() and io.list_niftis(d / "imagesTr")]
+        if not found:
+            raise InputError("no scan: give --image and --label, or --la DIR (a folder with imagesTr/ and labelsTr/).")
+        image = io.list_niftis(found[0] / "imagesTr")[0]
+        label = found[0] / "labelsTr" / image.name
+    elif not label:
+        raise InputError("--image needs --label (the mask that prompts).")
+    report = bench_command(str(image), str(label), args.pseudo_max_slices or None, args.repeats, progress=progress)
+    emit(args, report, lambda: format_command(report))
     return 0
 
 
