@@ -106,7 +106,8 @@ class SlicerFMABS(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "FM-ABS"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []  # PyTorch Utils is used when present, not required to load
+        # the Label panel draws with the Segment Editor on segmentations; PyTorch Utils is used when present
+        self.parent.dependencies = ["Segmentations", "SegmentEditor"]
         self.parent.contributors = ["SlicerFMABS contributors"]
         self.parent.helpText = """
 Train a 3D segmentation model for your structure from three drawn slices (axial, coronal, sagittal)
@@ -226,6 +227,9 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, widgetName).connect(CHANGED_SIGNAL[kind],
                                                  lambda *args, name=name: self.updateParameterNodeFromGUI(name))
 
+        # closing Slicer with a training job running: ask whether it keeps running (the default)
+        slicer.app.connect("aboutToQuit()", self.onApplicationQuit)
+
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartImportEvent, self.onSceneStartImport)
@@ -239,14 +243,41 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 button.enabled = False
 
     def cleanup(self) -> None:
-        """Module widget destroyed (application exit): stop polling.
+        """Module widget destroyed (application exit, module reload): stop polling and let go of the scene's
+        parameter node, so that a reloaded module's hidden widgets write nothing into it.
 
-        Jobs are not stopped, but inside Slicer their output reaches their log file through this process:
-        after Slicer exits, a job loses its output (status.json and events.jsonl are still written).
+        A training job keeps running (it was started detached, writing its own log): follow it after a
+        restart with Watch run. Short jobs (suggestions, segmentation) end with Slicer.
         """
         if self.timer is not None:
             self.timer.stop()
         self.removeObservers()
+        self._parameterNode = None
+
+    def enter(self) -> None:
+        """The module is shown: observe the scene's parameter node again (a scene closed while it was hidden
+        left it unset)."""
+        if self.logic is not None:
+            self.initializeParameterNode()
+
+    def exit(self) -> None:
+        """The module is hidden: stop following the parameter node (its widgets are not shown)."""
+        self.setParameterNode(None)
+
+    def onApplicationQuit(self) -> None:
+        """Slicer is closing: a training job started here keeps running unless the user asks to stop it
+        (a checkpoint is saved; Start on the same run resumes)."""
+        core = self.logic._core if self.logic is not None else None
+        job = core.train_job if core is not None else None
+        if job is None or not job.running:
+            return
+        run = Path(core.train_job_run).name if core.train_job_run else "the run"
+        keep = slicer.util.confirmYesNoDisplay(
+            f"Training run '{run}' is still running.\n\nKeep it running after 3D Slicer closes? It writes its own "
+            "log and results; reopen the project and use Watch run to follow it.\n\nNo: it saves a checkpoint "
+            "and stops (Start on the same run resumes it).", windowTitle="FM-ABS: training still running")
+        if not keep:
+            core.cancel_training(own_job=True)
 
     # ---- parameter node ---------------------------------------------------------------------------
     def initializeParameterNode(self) -> None:

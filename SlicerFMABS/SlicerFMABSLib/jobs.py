@@ -5,10 +5,13 @@ line, :func:`fmabs_argv`) and a timer calls :meth:`RunWatcher.poll`, which only 
 ``status.json`` and the new complete lines of ``events.jsonl``. A job writes those files while
 we read, so every read tolerates a missing file, a half-written JSON and a partial last line.
 
-Inside the Slicer application a job is launched the way Slicer launches its own Python processes,
-with ``slicer.util.launchConsoleProcess`` (Slicer's environment, no console window on Windows); a
-thread copies its output into the job's log file. Elsewhere (tests, a plain Python) it is a
-``subprocess.Popen`` writing straight into the log file, in a session of its own.
+A training run must outlive Slicer, so it is always launched detached (:func:`launch_detached`): in a
+session of its own, writing its output straight into the run's log file, with no pipe that Slicer
+owns (once Slicer exits, a write into such a pipe would fail and stop the run). Short jobs (suggest,
+segment) are launched inside the application the way Slicer launches its own Python processes, with
+``slicer.util.launchConsoleProcess`` (Slicer's environment, no console window on Windows), a thread
+copying their output into the log file; they write their answer into a file, never to stdout.
+Elsewhere (tests, a plain Python) every job is a ``subprocess.Popen`` writing straight into its log file.
 """
 
 from __future__ import annotations
@@ -563,6 +566,13 @@ def launch_popen(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | N
             env=dict(env) if env is not None else None, cwd=str(cwd) if cwd else None, **_detached(),
         )
     return process, None
+
+
+def launch_detached(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None,
+                    cwd: str | os.PathLike | None) -> tuple[subprocess.Popen, threading.Thread | None]:
+    """A job that outlives Slicer (training): its own session (Windows: process group, no console window),
+    its output written by itself into ``log_path``; Slicer's environment is passed as ``env``."""
+    return launch_popen(argv, log_path, env, cwd)
 
 
 def launch_slicer(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None,

@@ -81,7 +81,9 @@ class FMABSLogic:
         self.suggest_output: Path | None = None
         self.prediction: PredictionJob | None = None
         self.python: str | None = None  # None: PythonSlicer or this interpreter
-        self.launcher: Any = None  # None: launchConsoleProcess inside Slicer, Popen elsewhere (jobs.BackgroundProcess)
+        self.launcher: Any = None  # short jobs; None: launchConsoleProcess inside Slicer, Popen elsewhere
+        self.train_launcher: Any = None  # training; None: jobs.launch_detached (it outlives Slicer)
+        self.train_job_run: Path | None = None  # the run folder train_job trains
 
     @property
     def params(self) -> parameters.Parameters:
@@ -377,7 +379,9 @@ class FMABSLogic:
         self.watcher = jobs.RunWatcher(run_dir)
         events = run_dir / EVENTS_FILE
         self.watcher.events.offset = events.stat().st_size if events.exists() else 0
-        self.train_job = self._launch(args, run_dir / "slicer-job.log", run_dir)
+        self.train_job = self._launch(args, run_dir / "slicer-job.log", run_dir,
+                                      launcher=self.train_launcher or jobs.launch_detached)
+        self.train_job_run = run_dir
         return self.watcher
 
     def training_choices(self) -> dict[str, Any]:
@@ -386,39 +390,48 @@ class FMABSLogic:
         return {"run": p.runName.strip(), "method": p.method, "iterations": p.iterations, "device": p.device,
                 "generalist": p.generalist, "active": p.strategy, "budget": p.budget, "expert": p.expert}
 
-    def _launch(self, args: Sequence[str], log_path: Path, cwd: Path) -> jobs.BackgroundProcess:
-        """Start ``fmabs ARGS``: one command line (contract.fmabs_argv), launched as Slicer launches processes."""
+    def _launch(self, args: Sequence[str], log_path: Path, cwd: Path, launcher: Any = None) -> jobs.BackgroundProcess:
+        """Start ``fmabs ARGS``: one command line (contract.fmabs_argv); ``launcher`` (default: the short jobs'
+        :attr:`launcher`) decides how."""
         return jobs.BackgroundProcess(jobs.fmabs_argv(args, self.python), log_path,
-                                      jobs.job_environment(self.job_pythonpath()), cwd=cwd, launcher=self.launcher)
+                                      jobs.job_environment(self.job_pythonpath()), cwd=cwd,
+                                      launcher=launcher or self.launcher)
 
     def watch_run(self, run: str) -> jobs.RunWatcher:
-        """Watch an existing run (e.g. one started from a terminal)."""
+        """Watch an existing run (e.g. one started from a terminal, or by an earlier Slicer session)."""
         self.watcher = jobs.RunWatcher(self.require_project().run_dir(run))
         return self.watcher
+
+    def watched_job(self) -> jobs.BackgroundProcess | None:
+        """The training job this session started for the watched run, if any: another run's job says nothing
+        about the watched run (its state comes from the run's own files and lock)."""
+        if self.train_job is None or self.watcher is None or self.train_job_run is None:
+            return None
+        return self.train_job if Path(self.train_job_run) == Path(self.watcher.run_dir) else None
 
     def poll_training(self) -> tuple[jobs.JobStatus, list[str]]:
         if self.watcher is None:
             return jobs.JobStatus(), []
         if self.watcher.failed is not None:  # reading the run failed before: it is no longer followed
             return self.watcher.status, []
-        running = None
-        if self.train_job is not None:
-            running = self.train_job.running
+        job = self.watched_job()
+        running = job.running if job is not None else None
         status, lines = self.watcher.poll(running)
-        if self.train_job is not None and not running and self.train_job.returncode == jobs.EXIT_NEEDS_LABELS:
+        if job is not None and not running and job.returncode == jobs.EXIT_NEEDS_LABELS:
             status.state = jobs.WAITING  # the run stopped for the expert (it may have written "cancelled")
             return status, lines
-        if self.train_job is not None and not running and status.state == jobs.RUNNING:
-            status.state = jobs.CANCELLED if self.train_job.cancelled else jobs.CRASHED
-        if self.train_job is not None and not running and self.train_job.process.returncode not in (0, None) \
+        if job is not None and not running and status.state == jobs.RUNNING:
+            status.state = jobs.CANCELLED if job.cancelled else jobs.CRASHED
+        if job is not None and not running and job.process.returncode not in (0, None) \
                 and status.state in (jobs.CRASHED, jobs.NOT_STARTED):
-            tail = self.train_job.log_tail(1500).strip().splitlines()
+            tail = job.log_tail(1500).strip().splitlines()
             status.state = jobs.FAILED
-            status.error = status.error or (tail[-1] if tail else f"exit code {self.train_job.process.returncode}")
+            status.error = status.error or (tail[-1] if tail else f"exit code {job.process.returncode}")
         return status, lines
 
-    def cancel_training(self) -> bool:
-        """Ask the watched run's training process to checkpoint and stop; False when nothing runs.
+    def cancel_training(self, own_job: bool = False) -> bool:
+        """Ask the watched run's training process (``own_job``: the run this session started, whichever
+        is watched) to checkpoint and stop; False when nothing runs.
 
         The request (SIGTERM; on Windows see :mod:`fmabs_core.runs.process`) goes to the process that
         holds the run lock, the real trainer: the job we started may be Slicer's ``PythonSlicer``, a
@@ -426,8 +439,12 @@ class FMABSLogic:
         way. A job of ours that holds no lock (still starting: nothing to save) is stopped with its
         whole process tree.
         """
-        own = self.train_job if self.train_job is not None and self.train_job.running else None
-        run_dir = self.watcher.run_dir if self.watcher is not None else None
+        if own_job:
+            job, run_dir = self.train_job, self.train_job_run
+        else:
+            job = self.watched_job() if self.watcher is not None else self.train_job
+            run_dir = self.watcher.run_dir if self.watcher is not None else None
+        own = job if job is not None and job.running else None
         if own is None and run_dir is None:
             return False
         # imported here: jobs exist only once the dependencies (filelock, psutil) are installed
@@ -452,9 +469,10 @@ class FMABSLogic:
         self.suggest_output = out_dir / "slicer-suggest.json"
         if self.suggest_output.exists():
             self.suggest_output.unlink()
-        args = ["suggest", "--project", str(project.root), "--run", run, "--active", strategy, "--active-k", str(int(k))]
-        # stdout is the JSON answer; the log file doubles as the output file
-        self.suggest_job = self._launch(args, self.suggest_output, out_dir)
+        args = ["suggest", "--project", str(project.root), "--run", run, "--active", strategy, "--active-k", str(int(k)),
+                "--json", str(self.suggest_output)]
+        # the answer goes to its own file; the output (progress, warnings) to the log
+        self.suggest_job = self._launch(args, out_dir / "slicer-suggest.log", out_dir)
         return self.suggest_job
 
     def finish_suggestions(self) -> list[jobs.Suggestion] | None:
@@ -463,13 +481,12 @@ class FMABSLogic:
         if job is None or job.poll() is None:
             return None
         self.suggest_job = None
-        text = job.log_tail(200000)
         if job.process.returncode != 0:
-            raise RuntimeError(f"fmabs suggest failed (exit {job.process.returncode}):\n{text[-1500:]}")
-        start = min([i for i in (text.find("{"), text.find("[")) if i >= 0], default=-1)
-        if start < 0:
-            raise RuntimeError(f"fmabs suggest printed no JSON:\n{text[-1500:]}")
-        return jobs.parse_suggestions(text[start:])
+            raise RuntimeError(f"fmabs suggest failed (exit {job.process.returncode}):\n{job.log_tail(1500)}")
+        answer = jobs.read_json(self.suggest_output) if self.suggest_output is not None else None
+        if answer is None:
+            raise RuntimeError(f"fmabs suggest wrote no readable answer to {self.suggest_output}:\n{job.log_tail(1500)}")
+        return jobs.parse_suggestions(answer)
 
     def suggestions_from_run(self, run: str) -> list[jobs.Suggestion]:
         """The latest suggestion a training run wrote to its events (empty if none)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -145,7 +146,7 @@ def make_logic():
         lg.project = Project(root)
         lg.train_job = lg.watcher = lg.suggest_job = lg.suggest_output = lg.prediction = None
         lg.python = sys.executable
-        lg.launcher = None
+        lg.launcher = lg.train_launcher = lg.train_job_run = None
         made.append(lg)
         return lg
 
@@ -263,7 +264,7 @@ def test_cancel_through_a_launcher_then_resume(labelled_project, make_logic, tmp
 
     lg = make_logic(labelled_project)
     lg.python = str(_launcher_script(tmp_path))
-    lg.launcher = getattr(jobs, launch)
+    lg.train_launcher = getattr(jobs, launch)
     lg.start_training("run5", "sup", 2000, device="cpu", options=TINY_TRAIN)
     assert lg.train_job.launched_by == launch
     _poll_until(lg, lambda s: (s.iteration or 0) >= 1)
@@ -469,3 +470,77 @@ def test_pseudo_label_rounds_on_the_drawn_slices(tmp_path):
     assert len(status.planes) == 2 and status.planes[-1].startswith("round 2:") and "WARNING" not in status.planes[-1]
     assert status.planes_warning is None and jobs.planes_style(status) == ""
     assert jobs.planes_text(jobs.JobStatus()) == ""
+
+
+def test_watch_run_follows_the_watched_run_not_an_earlier_job(labelled_project, make_logic, tmp_path):
+    """A job of this session (here one that has ended) says nothing about another run: watching a live run
+    started elsewhere shows it running, not crashed."""
+    lg = make_logic(labelled_project)
+    earlier = lg.project.run_dir("earlier")
+    earlier.mkdir(parents=True)
+    lg.train_job = jobs.BackgroundProcess([sys.executable, "-c", "pass"], earlier / "slicer-job.log")
+    lg.train_job_run = earlier
+    assert lg.train_job.wait(30) == 0
+    live = lg.project.run_dir("live")
+    live.mkdir(parents=True)
+    (live / "status.json").write_text(json.dumps({"state": "running", "iteration": 5, "iterations": 100,
+                                                  "pid": os.getpid()}))
+    lg.watch_run("live")
+    status, _ = lg.poll_training()
+    assert status.state == "running" and status.iteration == 5
+    assert lg.watched_job() is None
+    lg.watch_run("earlier")  # its own run: the job this session started for it is what tells its state
+    assert lg.watched_job() is lg.train_job
+
+
+_CHILD = ("import sys, time, pathlib\n"
+          "time.sleep(2.0)  # the parent is gone by now\n"
+          "for i in range(200):\n"
+          "    print('after the parent', i, flush=True)\n"
+          "pathlib.Path(sys.argv[1]).write_text('finished')\n")
+
+_PARENT = ("import os, signal, sys\n"
+           "sys.path[:0] = [{lib!r}]\n"
+           "from SlicerFMABSLib import jobs\n"
+           "job = jobs.BackgroundProcess([sys.executable, '-c', {child!r}, {marker!r}], {log!r},\n"
+           "                             launcher=getattr(jobs, {launcher!r}))\n"
+           "print(job.pid, flush=True)\n"
+           "os.kill(os.getpid(), signal.SIGKILL)  # Slicer killed, or closed\n")
+
+
+def _job_after_parent_dies(tmp_path, launcher: str) -> tuple[bool, str]:
+    marker, log = tmp_path / f"{launcher}.done", tmp_path / f"{launcher}.log"
+    code = _PARENT.format(lib=str(Path(jobs.__file__).parent.parent), child=_CHILD, marker=str(marker),
+                          log=str(log), launcher=launcher)
+    parent = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert parent.returncode == -signal.SIGKILL, parent.stderr
+    child = int(parent.stdout.split()[0])
+    for _ in range(300):
+        if not jobs.pid_alive(child):
+            break
+        time.sleep(0.05)
+    return marker.exists(), log.read_text(errors="replace") if log.exists() else ""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="kills the parent with SIGKILL")
+def test_a_training_job_outlives_the_process_that_started_it(tmp_path, slicer_mod):
+    """Training is launched detached: its parent (Slicer) killed, it finishes and its log is complete. A job
+    whose output goes through a pipe its parent owns (launchConsoleProcess, slicer-core's, real) dies at its
+    next write: why training never uses one."""
+    finished, text = _job_after_parent_dies(tmp_path, "launch_detached")
+    assert finished and "after the parent 199" in text
+    finished, _ = _job_after_parent_dies(tmp_path, "launch_slicer")
+    assert not finished
+
+
+def test_training_is_launched_detached_even_inside_slicer(labelled_project, make_logic, monkeypatch, slicer_mod):
+    """Inside the application (``slicer.app`` exists: the only fake here) short jobs use launchConsoleProcess,
+    but training uses launch_detached (no pipe that Slicer owns)."""
+    monkeypatch.setattr(slicer_mod, "app", object(), raising=False)
+    assert jobs.in_slicer_application()
+    lg = make_logic(labelled_project)
+    lg.start_training("detached", "sup", 2000, device="cpu", options=TINY_TRAIN)
+    assert lg.train_job.launched_by == "launch_detached" and lg.train_job._pump is None
+    assert lg.train_job_run == lg.project.run_dir("detached")
+    lg.train_job.process.kill()
+    lg.train_job.wait(30)

@@ -323,3 +323,44 @@ def test_in_app_test_fails_when_a_part_is_skipped(widget_module, monkeypatch):
     monkeypatch.setattr(test, "test_fmabs_job", lambda: ran.append("job"))
     monkeypatch.delenv(test.ALLOW_SKIPS_VARIABLE)
     test.runTest()  # nothing skipped: passes
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_closing_slicer_asks_about_a_running_training_job(widget, widget_module, monkeypatch, slicer_mod, tmp_path,
+                                                           keep):
+    """(Qt mocked, see MOCK NOTICE; the job is a real process.) Closing Slicer with a training job running asks
+    whether it keeps running; Yes (the default) leaves it, No asks it to checkpoint and stop."""
+    core = widget.logic.core
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    code = "import time; time.sleep(60)"
+    core.train_job = widget_module.jobs.BackgroundProcess([sys.executable, "-c", code], run / "slicer-job.log")
+    core.train_job_run = run
+    asked = []
+    monkeypatch.setattr(slicer_mod.util, "confirmYesNoDisplay", lambda text, **k: asked.append(text) or keep,
+                        raising=False)
+    cancelled = []
+    monkeypatch.setattr(core, "cancel_training", lambda own_job=False: cancelled.append(own_job) or True)
+    try:
+        widget.onApplicationQuit()
+        assert len(asked) == 1 and "'r1' is still running" in asked[0] and "Watch run" in asked[0]
+        assert cancelled == ([] if keep else [True])
+        assert core.train_job.running  # never stopped by the widget itself
+    finally:
+        core.train_job.process.kill()
+        core.train_job.wait(10)
+    asked.clear()
+    widget.onApplicationQuit()  # nothing running: no question
+    assert asked == []
+
+
+def test_cleanup_lets_go_of_the_parameter_node_and_enter_takes_it_again(widget, scene):
+    """(Qt mocked.) A reloaded module's hidden widgets must not keep writing into the scene's parameter node."""
+    widget.initializeParameterNode()
+    assert widget._parameterNode is not None
+    widget.cleanup()
+    assert widget._parameterNode is None
+    widget.enter()
+    assert widget._parameterNode is widget.logic.params.node
+    widget.exit()
+    assert widget._parameterNode is None

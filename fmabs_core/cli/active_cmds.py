@@ -17,8 +17,8 @@ from fmabs_core.active.strategies import STRATEGIES, get_strategy
 from fmabs_core.active.suggest import SLICE_MODES, describe, select, suggest_slices
 from fmabs_core.data.project import Project
 from fmabs_core.errors import InputError
-from fmabs_core.cli.common import (OVERLAP, POSITIVE_INT, UNIT, add_device_option, add_renamed, check_status, print_json,
-                                   progress)
+from fmabs_core.cli.common import (OVERLAP, POSITIVE_INT, UNIT, add_device_option, add_json_option, add_overwrite_option,
+                                   add_renamed, check_json_output, check_status, emit, print_json, progress)
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,14 @@ def suggest(project: Project, run: str, strategy: str, k: int, slices: str = "ce
 
 def cmd_suggest(args: argparse.Namespace) -> int:
     project = Project(args.project)
+    check_json_output(args)
     show = progress if sys.stderr.isatty() else None
     result = suggest(project, args.run, args.active, args.active_k, slices=args.slices, device=args.device,
                      seed=args.seed, overlap=args.overlap, at=args.progress, record=not args.no_record, show=show)
-    print_json(result)
+    if args.json:
+        emit(args, result)
+    else:
+        print_json(result)
     return 0
 
 
@@ -125,5 +129,7 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
     p.add_argument("--progress", type=UNIT, help="training progress t/T in [0, 1] for HER's threshold "
                    "(default: the run's, 1.0 when finished)")
     p.add_argument("--no-record", action="store_true", help="do not add the suggestion to fmabs.json")
+    add_json_option(p, "the suggestions (printed as JSON when not given)")
+    add_overwrite_option(p, "the --json file")
     p.set_defaults(func=cmd_suggest)
 
