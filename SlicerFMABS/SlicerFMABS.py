@@ -14,6 +14,7 @@ training library cannot run; the module loads there and says so instead of insta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -84,6 +85,21 @@ def writeWidget(widget, kind: str, value) -> None:
         widget.value = value
     else:
         widget.setCurrentNode(value)
+
+
+@contextlib.contextmanager
+def withoutWaitCursor():
+    """A question asked from inside a handler that set the wait cursor (tryWithErrorDisplay(waitCursor=True)):
+    the normal cursor while the dialog shows, the wait cursor back afterwards."""
+    popped = 0
+    while qt.QApplication.overrideCursor() is not None and popped < 16:
+        qt.QApplication.restoreOverrideCursor()
+        popped += 1
+    try:
+        yield
+    finally:
+        for _ in range(popped):
+            qt.QApplication.setOverrideCursor(qt.QCursor(qt.Qt.WaitCursor))
 
 
 def resourcePath(filename: str) -> str:
@@ -180,8 +196,8 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SlicerFMABSLogic()
 
-        # the methods the job's Python offers (`fmabs methods --json`); fallback names until it is set up
-        methods = jobs.method_names() if deps.ready(for_jobs=True) else jobs.METHODS
+        # the methods fmabs_core offers, from its catalog (no torch, no process: the panel opens at once)
+        methods = jobs.method_names()
         for combo, values in ((self.ui.methodComboBox, methods), (self.ui.generalistComboBox, jobs.GENERALISTS),
                               (self.ui.strategyComboBox, jobs.STRATEGIES), (self.ui.deviceComboBox, jobs.DEVICES),
                               (self.ui.expertComboBox, jobs.EXPERTS)):
@@ -557,9 +573,9 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onMethodChanged(self, name: str) -> None:
         """What the chosen method does, which label setting each family is for, and (when the user picks it)
         the method's own default iterations (its paper's: 20000 for fmabs, 6000 for cfr-*)."""
-        described = {m["name"]: m["description"] for m in jobs.available_methods()} if deps.ready() else {}
+        described = {m["name"]: m["description"] for m in jobs.available_methods()}
         self.ui.methodHelpLabel.text = "\n".join(filter(None, [described.get(name), jobs.METHOD_GUIDE]))
-        iterations = jobs.default_iterations(name) if deps.ready() and not self._updatingGUI else None
+        iterations = jobs.default_iterations(name) if not self._updatingGUI else None
         if iterations:  # not while a saved scene restores its own choice
             self.ui.iterationsSpinBox.value = iterations
             self.updateParameterNodeFromGUI("iterations")
@@ -735,6 +751,7 @@ class SlicerFMABSLogic(ScriptedLoadableModuleLogic):
         self._core = None
         self._jobDependenciesChecked = False
         self._unavailable: set[str] = set()  # generalist packages that could not be installed: not asked again
+        self._installing = False  # pip is running (a second click must not start another)
 
     @property
     def params(self) -> parameters.Parameters:
@@ -756,17 +773,30 @@ class SlicerFMABSLogic(ScriptedLoadableModuleLogic):
         deps.ensure_fmabs_core_importable()
         if forJobs and self._jobDependenciesChecked:
             return True
+        if self._installing:  # the progress messages let Qt handle clicks meanwhile
+            slicer.util.showStatusMessage("FM-ABS is installing its Python packages; wait until it is done.", 5000)
+            return False
         requirements = deps.REQUIREMENTS if forJobs else [r for r in deps.REQUIREMENTS if r.gui]
         plan = deps.plan(torch_needed=forJobs, requirements=requirements, skip=self._unavailable)
         if plan.steps:
             confirm, install_torch, run_pip = deps.slicer_installers()
-            outcome = deps.install(plan, confirm, install_torch, run_pip, progress=self._showProgress)
+
+            def askWithNormalCursor(text: str) -> bool:
+                with withoutWaitCursor():
+                    return confirm(text)
+
+            self._installing = True
+            try:
+                outcome = deps.install(plan, askWithNormalCursor, install_torch, run_pip, progress=self._showProgress)
+            finally:
+                self._installing = False
             if outcome.declined:
                 return False
             self._unavailable |= outcome.not_again
             if not outcome.ok:
                 show = slicer.util.warningDisplay if outcome.usable else slicer.util.errorDisplay
-                show(outcome.message, windowTitle="FM-ABS: Python packages")
+                with withoutWaitCursor():
+                    show(outcome.message, windowTitle="FM-ABS: Python packages")
             else:
                 slicer.util.showStatusMessage(outcome.message, 5000)
             if not outcome.usable:

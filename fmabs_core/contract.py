@@ -7,8 +7,10 @@ module can import it at load time, before numpy, torch or nibabel are installed.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 # ---- labels and views ------------------------------------------------------------------------------
 #: cross-label value of voxels nobody labelled (0 = background, 1..254 = classes)
@@ -181,3 +183,18 @@ def train_args(project: str, run: str, method: str, options: Mapping[str, object
         else:
             args += [flag, str(value)]
     return args
+
+
+#: the training methods as ``fmabs methods --json`` lists them, kept beside this file so that the Slicer
+#: module reads them without importing torch (Testing/core/methods/test_method_catalog.py keeps it equal to
+#: the registry; after adding a method: fmabs methods --json fmabs_core/method_catalog.json --overwrite)
+METHOD_CATALOG_FILE = Path(__file__).with_name("method_catalog.json")
+
+
+def method_catalog() -> list[dict[str, Any]]:
+    """The methods (name, description, supervision, iterations, options) without importing them; [] if unreadable."""
+    try:
+        data = json.loads(METHOD_CATALOG_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [dict(m) for m in data if isinstance(m, dict) and m.get("name")] if isinstance(data, list) else []

@@ -431,38 +431,15 @@ def fmabs_argv(args: Sequence[str], python: str | None = None) -> list[str]:
     return contract.fmabs_argv(args, python or python_executable())
 
 
-_methods_cache: dict[str, list[dict[str, Any]]] = {}
-
-
-def available_methods(python: str | None = None, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    """The training methods the job's Python offers (``fmabs methods --json``: name, description, supervision...).
-
-    Asked once per interpreter and cached. When the command fails (typically: the dependencies are not
-    installed yet) the answer is an empty list and a warning is logged; nothing is cached then, so the
-    next call asks again. Blocks while the child starts (a few seconds): call it at setup, not per tick.
-    """
-    python = python or python_executable()
-    if python in _methods_cache:
-        return [dict(m) for m in _methods_cache[python]]
-    root = deps.ensure_fmabs_core_importable()
-    argv = fmabs_argv(["methods", "--json"], python)
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL,
-                              env=job_environment([root] if root else []), **_no_window())
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            raise RuntimeError(f"exit code {done.returncode}: {lines[-1] if lines else 'no output'}")
-        start = done.stdout.find("[")
-        data = json.loads(done.stdout[start:] if start >= 0 else done.stdout)
-        if not isinstance(data, list):
-            raise ValueError("the answer is not a JSON list")
-    except (OSError, subprocess.SubprocessError, ValueError, RuntimeError) as exc:
-        log.warning("could not list the training methods with '%s' (%s); the dependencies may not be installed yet",
-                    " ".join(argv), exc)
-        return []
-    methods = [dict(m) for m in data if isinstance(m, Mapping) and m.get("name")]
-    _methods_cache[python] = methods
-    return [dict(m) for m in methods]
+def available_methods(python: str | None = None) -> list[dict[str, Any]]:
+    """The training methods (``fmabs methods --json``: name, description, supervision, iterations, options),
+    read from fmabs_core's method catalog: no process, no torch import, so the panel never waits for it.
+    ``python`` is accepted for older callers; the catalog is the bundled fmabs_core's."""
+    methods = contract.method_catalog()
+    if not methods:
+        log.warning("fmabs_core's method catalog (%s) is missing or unreadable; the Train panel lists the "
+                    "default method names", contract.METHOD_CATALOG_FILE)
+    return methods
 
 
 #: which method family fits which labels (the Train panel shows it under the method list)
@@ -620,10 +597,11 @@ class BackgroundProcess:
         return self.process.pid
 
     def poll(self) -> int | None:
-        """Return code once finished (reaps the child), else None; once finished, the log file is complete."""
+        """Return code once finished (reaps the child), else None. Never waits (the GUI's timer calls it): the
+        last of a launchConsoleProcess job's output may reach the log a moment later (:meth:`wait` waits for it)."""
         code = self.process.poll()
         if code is not None:
-            self._finish_output()
+            self._finish_output(timeout=0)
         return code
 
     @property
@@ -634,9 +612,10 @@ class BackgroundProcess:
     def running(self) -> bool:
         return self.poll() is None
 
-    def cancel(self, timeout_s: float = 2.0) -> None:
+    def cancel(self, timeout_s: float = 2.0, block: bool = False) -> None:
         """Stop the job and every process it started: SIGTERM (Windows: TerminateProcess), then a kill
-        of whatever still runs after ``timeout_s``.
+        of whatever still runs after ``timeout_s``; in a background thread unless ``block`` (the GUI
+        must not wait): :meth:`poll` says when it has ended.
 
         The whole tree, because the job may be Slicer's ``PythonSlicer``, a launcher that runs the real
         interpreter as its child and forwards no signal. For a training run, the polite cancel (SIGTERM
@@ -651,7 +630,12 @@ class BackgroundProcess:
         except ImportError:
             self.process.terminate()
             return
-        kill_tree(self.pid, timeout=timeout_s)
+        if block:
+            kill_tree(self.pid, timeout=timeout_s)
+            return
+        self._killer = threading.Thread(target=kill_tree, args=(self.pid,), kwargs={"timeout": timeout_s},
+                                        daemon=True, name=f"fmabs-job-{self.pid}-cancel")
+        self._killer.start()
 
     def wait(self, timeout: float | None = None) -> int:
         code = self.process.wait(timeout)

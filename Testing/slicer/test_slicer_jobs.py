@@ -393,20 +393,20 @@ def test_background_process_cancel_stops_its_tree(tmp_path):
     assert not jobs.pid_alive(grandchild)
 
 
-@pytest.mark.slow
-def test_available_methods(caplog):
-    """`fmabs methods --json` of the job's Python, once; an empty list and a warning when it cannot answer."""
-    jobs._methods_cache.clear()
-    with caplog.at_level("WARNING", logger=jobs.__name__):
-        assert jobs.available_methods("/nonexistent/python") == []
-    assert "could not list the training methods" in caplog.text and "/nonexistent/python" not in jobs._methods_cache
-    assert jobs.method_names("/nonexistent/python") == jobs.METHODS  # the fallback names
-    methods = jobs.available_methods(sys.executable)
-    assert methods, "'fmabs methods --json' gave no methods with this Python: the Train panel would list none"
-    assert all({"name", "description", "supervision"} <= set(m) for m in methods)
-    assert {"sup", "fmabs"} <= {m["name"] for m in methods}
-    assert sys.executable in jobs._methods_cache  # asked once
-    assert jobs.method_names(sys.executable) == tuple(m["name"] for m in methods)
+def test_available_methods_come_from_the_catalog_without_a_process(monkeypatch):
+    """The Train panel's method list: fmabs_core's catalog, read without starting a process or importing torch
+    (the panel used to wait for `fmabs methods --json`, up to 120 s)."""
+    def no_process(*args, **kwargs):
+        raise AssertionError("available_methods started a process")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    methods = jobs.available_methods()
+    assert all({"name", "description", "supervision", "iterations", "options"} <= set(m) for m in methods)
+    assert {"sup", "fmabs", "cfr-mt"} <= {m["name"] for m in methods}
+    assert jobs.method_names() == tuple(m["name"] for m in methods)
+    assert jobs.default_iterations("fmabs") == 20000 and jobs.method_takes("fmabs", "generalist")
+    assert not jobs.method_takes("sup", "generalist")
 
 
 def test_background_process_sigterm(tmp_path):
@@ -544,3 +544,28 @@ def test_training_is_launched_detached_even_inside_slicer(labelled_project, make
     assert lg.train_job_run == lg.project.run_dir("detached")
     lg.train_job.process.kill()
     lg.train_job.wait(30)
+
+
+def test_poll_and_cancel_never_wait_on_the_gui_thread(tmp_path, slicer_mod):
+    """The Train and Segment panels' timer calls poll() and the Cancel button cancel(): neither may wait, even
+    for a job whose grandchild keeps its output pipe open (poll used to join for 5 s) or that ignores SIGTERM
+    (cancel used to wait 2 s before the kill)."""
+    keeps_pipe = ("import subprocess, sys\n"
+                  "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(4)'])  # ends by itself\n"
+                  "print('child done', flush=True)\n")
+    job = jobs.BackgroundProcess([sys.executable, "-c", keeps_pipe], tmp_path / "pipe.log", launcher=jobs.launch_slicer)
+    job.process.wait(30)
+    t0 = time.perf_counter()
+    assert job.poll() == 0
+    assert time.perf_counter() - t0 < 1.0  # not the pump's 5 s join
+    ignores = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+               "print('ready', flush=True)\ntime.sleep(30)\n")
+    stubborn = jobs.BackgroundProcess([sys.executable, "-c", ignores], tmp_path / "stubborn.log")
+    for _ in range(200):
+        if "ready" in stubborn.log_tail():
+            break
+        time.sleep(0.05)
+    t0 = time.perf_counter()
+    stubborn.cancel(timeout_s=2.0)
+    assert time.perf_counter() - t0 < 1.0 and stubborn.cancelled
+    assert stubborn.wait(20) == -signal.SIGKILL  # killed by the background thread after the timeout

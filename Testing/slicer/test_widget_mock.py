@@ -364,3 +364,57 @@ def test_cleanup_lets_go_of_the_parameter_node_and_enter_takes_it_again(widget, 
     assert widget._parameterNode is widget.logic.params.node
     widget.exit()
     assert widget._parameterNode is None
+
+
+class _CursorStack:
+    """Stands in for QApplication's override-cursor stack (Qt mocked, see MOCK NOTICE)."""
+
+    stack: list = []
+
+    @classmethod
+    def overrideCursor(cls):
+        return cls.stack[-1] if cls.stack else None
+
+    @classmethod
+    def setOverrideCursor(cls, cursor):
+        cls.stack.append(cursor)
+
+    @classmethod
+    def restoreOverrideCursor(cls):
+        cls.stack.pop()
+
+
+def test_install_question_shows_the_normal_cursor_and_a_second_click_starts_no_second_pip(widget_module, monkeypatch,
+                                                                                           slicer_mod):
+    """(Qt mocked; the installer is deps.install, real, with a fake pip.) The confirmation is asked with the
+    normal cursor although the handler set the wait cursor; while pip runs a second request installs nothing."""
+    from SlicerFMABSLib import deps
+
+    qt = sys.modules["qt"]
+    monkeypatch.setattr(qt, "QApplication", _CursorStack, raising=False)
+    monkeypatch.setattr(qt, "QCursor", lambda shape: shape, raising=False)
+    monkeypatch.setattr(qt, "Qt", types.SimpleNamespace(WaitCursor="wait"), raising=False)
+    _CursorStack.stack = ["wait"]  # tryWithErrorDisplay(waitCursor=True) in the handler
+    logic = widget_module.SlicerFMABSLogic()
+    needed = deps.Requirement("somepackage", ">=1.0", gui=True)
+    monkeypatch.setattr(deps, "python_problem", lambda: None)
+    monkeypatch.setattr(deps, "REQUIREMENTS", (needed,))
+    monkeypatch.setattr(deps, "plan", lambda **kw: deps.Plan([deps.Step("pip", needed, None)]))
+    seen, pips, again = [], [], []
+
+    def confirm(text):
+        seen.append(_CursorStack.overrideCursor())
+        return True
+
+    def run_pip(args):
+        pips.append(args)
+        again.append(logic.ensureDependencies(forJobs=False))  # a click handled while pip runs
+        return 0, "ok"
+
+    monkeypatch.setattr(deps, "slicer_installers", lambda: (confirm, lambda spec: None, run_pip))
+    status = []
+    monkeypatch.setattr(slicer_mod.util, "showStatusMessage", lambda text, *a: status.append(text), raising=False)
+    monkeypatch.setattr(slicer_mod, "app", types.SimpleNamespace(processEvents=lambda: None), raising=False)
+    assert logic.ensureDependencies(forJobs=False)
+    assert seen == [None] and _CursorStack.stack == ["wait"]  # asked with the normal cursor; restored after
+    assert len(pips) == 1 and again == [False] and any("installing" in s for s in status)
