@@ -376,23 +376,23 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "prediction": self.ui.showPredictionCheckBox}
 
     def sliceNodes(self, requireShown: bool = False) -> dict:
-        """{view: slice node}, fetched by ID; with ``requireShown``, an error when the layout hides one of the views."""
+        """{view: slice node}, fetched by ID; with ``requireShown``, an error when the layout does not show one of
+        the views (a hidden view's node exists: what counts is whether the layout maps it)."""
         nodes = self.logic.core.slice_nodes()
-        layoutManager = slicer.app.layoutManager() if hasattr(slicer, "app") else None
-        hidden = [f"{view} ({name})" for view, name in SLICE_VIEW_OF.items()
-                  if view not in nodes or (layoutManager is not None and layoutManager.sliceWidget(name) is None)]
+        hidden = self.logic.core.hidden_views(nodes)
         if hidden and requireShown:
             raise ValueError(f"The current layout does not show the {', '.join(hidden)} view: choose a layout with "
                              "the red, green and yellow views (e.g. Four-Up), press Show slices, then save.")
         return nodes
 
     def showThreeSliceViews(self) -> None:
-        """Switch to the Four-Up layout when the current one lacks the red, green or yellow view."""
+        """Switch to the Four-Up layout when the current one does not show the red, green and yellow views."""
         layoutManager = slicer.app.layoutManager() if hasattr(slicer, "app") else None
         if layoutManager is None:
             return
-        if any(layoutManager.sliceWidget(name) is None for name in SLICE_VIEW_OF.values()):
+        if self.logic.core.hidden_views(self.logic.core.slice_nodes()):
             layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+            slicer.app.processEvents()  # the layout manager maps the new layout's views
 
     # ---- Project --------------------------------------------------------------------------------
     def onCreateProject(self) -> None:
@@ -511,7 +511,11 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise ValueError("Load a scan first (Label panel: Load).")
             self.showThreeSliceViews()
             case = volume.GetAttribute("FMABS.case")
-            self.logic.core.place_views(volume, self.currentSlicesFor(case), self.sliceNodes())
+            nodes = self.sliceNodes(requireShown=True)
+            self.logic.core.place_views(volume, self.currentSlicesFor(case), nodes)
+            planes = self.logic.core.record_planes(volume, nodes)
+            self.ui.labelStatusLabel.text = ("Draw on these slices: " + ", ".join(f"{v} {i}" for v, i in planes.items())
+                                             + ". Save saves these slices.")
 
     def onDraw(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not start drawing.", waitCursor=True):
@@ -531,8 +535,27 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if core.project.crosslabel_path(case).exists() and not slicer.util.confirmOkCancelDisplay(
                     f"Scan {case} already has a cross-label. Replace it?"):
                 return
-            slices = core.shown_slices(volume, self.sliceNodes(requireShown=True))
-            report = core.save_crosslabel(case, drawing, volume, slices)
+            nodes = self.sliceNodes(requireShown=True)
+            slices, moved = core.planes_to_save(volume, nodes)
+            if moved:
+                change = ", ".join(f"{v} {a} -> {b}" for v, (a, b) in moved.items())
+                if not slicer.util.confirmOkCancelDisplay(
+                        f"Since Show slices the views moved ({change}). Save the slices the views show now instead? "
+                        "What is drawn on the earlier slices is then not saved.\n\nCancel: nothing is saved; press "
+                        "Show slices to go back to the recorded slices.", windowTitle="FM-ABS: the views moved"):
+                    return
+                slices = core.record_planes(volume, nodes)
+
+            def askEmpty(views: list) -> bool:
+                return slicer.util.confirmOkCancelDisplay(
+                    f"Nothing is drawn on the {', '.join(views)} slice(s). Saved like this, every voxel there means "
+                    "'not the structure' (0). Save anyway?\n\nCancel: nothing is saved; draw the structure there first "
+                    "if it is present.", windowTitle="FM-ABS: an empty slice")
+
+            report = core.save_crosslabel(case, drawing, volume, slices, confirm_empty=askEmpty)
+            if report is None:
+                self.ui.labelStatusLabel.text = "Not saved."
+                return
             where = ", ".join(f"{v} {i}" for v, i in report.slices.items())
             self.ui.labelStatusLabel.text = f"Saved {report.path.name} ({where})."
             if report.warnings:
@@ -945,12 +968,19 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
         volume = core.start_labelling("scan01")
         self.assertEqual(logic.params.labelVolume, volume)
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
-        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutOneUpRedSliceView)
+        slicer.app.processEvents()
         sliceNodes = core.slice_nodes()
-        self.assertEqual(set(sliceNodes), set(SLICE_VIEW_OF))
+        self.assertEqual(set(sliceNodes), set(SLICE_VIEW_OF))  # the hidden views' nodes exist...
+        self.assertEqual(core.hidden_views(sliceNodes), ["coronal (Green)", "sagittal (Yellow)"])  # ...unmapped
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        slicer.app.processEvents()
+        self.assertEqual(core.hidden_views(sliceNodes), [])
         want = {"axial": 5, "coronal": 7, "sagittal": 9}
         core.place_views(volume, {v: {"index": i} for v, i in want.items()}, sliceNodes)
         self.assertEqual(core.shown_slices(volume, sliceNodes), want)
+        self.assertEqual(core.record_planes(volume, sliceNodes), want)
+        self.assertEqual(core.planes_to_save(volume, sliceNodes), (want, {}))
 
         seg = core.label_segmentation()
         segmentId = seg.GetSegmentation().GetNthSegmentID(0)

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import deps, geometry, jobs, parameters, segmentations
-from .scene import nodes_by_class
+from .scene import SLICE_VIEW_OF, nodes_by_class
 from .scene import slice_nodes as scene_slice_nodes
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,45 @@ class FMABSLogic:
         return offsets
 
     def shown_slices(self, volume_node: Any, slice_nodes: Mapping[str, Any]) -> dict[str, int]:
-        """The canonical plane each view shows now (the planes that will be saved)."""
+        """The canonical plane each view shows now."""
         return {view: geometry.shown_index(node, volume_node, view) for view, node in slice_nodes.items()}
+
+    @staticmethod
+    def hidden_views(slice_nodes: Mapping[str, Any]) -> list[str]:
+        """The red, green or yellow views the current layout does not show (``IsViewVisibleInLayout``: the
+        layout manager maps the views of its layout; the others exist, unmapped), as 'coronal (Green)'."""
+        return [f"{view} ({name})" for view, name in SLICE_VIEW_OF.items()
+                if view not in slice_nodes or not slice_nodes[view].IsViewVisibleInLayout()]
+
+    def record_planes(self, volume_node: Any, slice_nodes: Mapping[str, Any]) -> dict[str, int]:
+        """Remember the planes the views show (after Show slices): Save saves these, whatever the views do later."""
+        planes = self.shown_slices(volume_node, slice_nodes)
+        self.params.labelPlanes = ",".join(f"{v}={i}" for v, i in planes.items())
+        return planes
+
+    def recorded_planes(self) -> dict[str, int]:
+        text = self.params.labelPlanes or ""
+        out = {}
+        for part in filter(None, text.split(",")):
+            view, _, index = part.partition("=")
+            if view in SLICE_VIEW_OF and index.strip().lstrip("-").isdigit():
+                out[view] = int(index)
+        return out
+
+    def planes_to_save(self, volume_node: Any, slice_nodes: Mapping[str, Any]) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+        """(the recorded planes, the views that moved since: view -> (recorded, shown now)). An error when Show
+        slices was not pressed for this scan or a view is not in the layout."""
+        hidden = self.hidden_views(slice_nodes)
+        if hidden:
+            raise ValueError(f"The current layout does not show the {', '.join(hidden)} view: press Show slices (it "
+                             "switches to a layout with the red, green and yellow views), then save.")
+        recorded = self.recorded_planes()
+        if set(recorded) != set(SLICE_VIEW_OF):
+            raise ValueError("Press Show slices first: it puts the three views on the slices to draw, and Save "
+                             "saves those slices.")
+        shown = self.shown_slices(volume_node, slice_nodes)
+        moved = {v: (recorded[v], shown[v]) for v in recorded if shown.get(v) != recorded[v]}
+        return recorded, moved
 
     def slice_nodes(self) -> dict[str, Any]:
         """{axial, coronal, sagittal: the red, green, yellow slice node} for those in the scene (fetched by ID)."""
@@ -295,9 +332,13 @@ class FMABSLogic:
         node.SetAttribute(LAYER_ATTRIBUTE, "drawing")
         return node
 
-    def save_crosslabel(self, case: str, segmentation_node: Any, volume_node: Any,
-                        slices: Mapping[str, int]) -> segmentations.CrossLabelReport:
-        """Write what was drawn on the three planes as ``crosslabels/<case>.nii.gz`` on the image's grid."""
+    def save_crosslabel(self, case: str, segmentation_node: Any, volume_node: Any, slices: Mapping[str, int],
+                        confirm_empty: Any = None) -> segmentations.CrossLabelReport | None:
+        """Write what was drawn on the three planes as ``crosslabels/<case>.nii.gz`` on the image's grid.
+
+        ``confirm_empty(views)``: asked before anything is written when planes have nothing drawn (saved, they
+        say "not this class" on every voxel); False: nothing is written and None is returned.
+        """
         project = self.require_project()
         reference = fio.load_image(project.image_path(case))
         class_map = segmentations.class_of_segments(segmentation_node, project.classes)
@@ -309,6 +350,11 @@ class FMABSLogic:
                 "load the scan from the project (Label panel: Load) and draw on it."
             )
         cross, report = segmentations.crosslabel_from_drawing(drawn, slices)
+        empty = [f"{view} {report.slices[view]}" for view, count in report.drawn_voxels.items() if count == 0]
+        if empty and confirm_empty is not None:
+            if not confirm_empty(empty):
+                return None
+            report.warnings = [w for w in report.warnings if not w.startswith("Nothing is drawn on")]  # asked already
         path = project.crosslabel_path(case)
         fio.save_like(cross, reference, path, np.uint8)
         report.path = path

@@ -28,6 +28,7 @@ TEXT: dict[str, str] = {
     "expert": "human",
     "device": "auto",
     "case": "",  # the scan chosen in the Label panel
+    "labelPlanes": "",  # the planes Show slices put the views on, "axial=12,coronal=40,sagittal=33" (what Save saves)
     "modelRun": "",  # the trained run chosen in the Segment panel
 }
 #: whole-number parameters and their defaults

@@ -260,3 +260,68 @@ def test_export_of_unsaved_volume_uses_node_grid(project_logic, scene, tmp_path)
     img = nib.load(str(nii))
     np.testing.assert_allclose(img.affine, affine, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(img.dataobj), mask_ijk)
+
+
+def _views(scene, mapped=("Red", "Green", "Yellow")):
+    """The red, green and yellow slice nodes; those of ``mapped`` shown by the layout (what Slicer's layout
+    manager sets: MappedInLayout), the others existing but hidden."""
+    from SlicerFMABSLib import geometry
+
+    nodes = {}
+    for view, layout in geometry.SLICE_VIEW_OF.items():
+        sn = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        sn.SetLayoutName(layout)
+        sn.SetMappedInLayout(layout in mapped)
+        nodes[view] = sn
+    return nodes
+
+
+def test_a_layout_that_hides_a_view_is_detected(project_logic, scene):
+    """Slicer keeps a slice node for every view and unmaps those the layout hides: a one-view layout is caught,
+    although all three nodes exist."""
+    logic, volume = project_logic
+    one_view = _views(scene, mapped=("Red",))
+    assert logic.hidden_views(one_view) == ["coronal (Green)", "sagittal (Yellow)"]
+    logic.place_views(volume, {"axial": {"index": 5}, "coronal": {"index": 9}, "sagittal": {"index": 7}}, one_view)
+    logic.record_planes(volume, one_view)
+    with pytest.raises(ValueError, match=r"does not show the coronal \(Green\), sagittal \(Yellow\) view"):
+        logic.planes_to_save(volume, one_view)
+    assert logic.hidden_views(_views(scene)) == []
+
+
+def test_save_uses_the_planes_of_show_slices_and_reports_a_moved_view(project_logic, scene):
+    """The planes saved are those Show slices recorded (in the parameter node), not wherever the views are at
+    save time: a view scrolled after drawing is reported, never silently saved as an empty plane."""
+    logic, volume = project_logic
+    nodes = _views(scene)
+    with pytest.raises(ValueError, match="Press Show slices first"):
+        logic.planes_to_save(volume, nodes)
+    planes = {"axial": 5, "coronal": 9, "sagittal": 7}
+    logic.place_views(volume, {v: {"index": i} for v, i in planes.items()}, nodes)
+    assert logic.record_planes(volume, nodes) == planes
+    assert logic.params.labelPlanes == "axial=5,coronal=9,sagittal=7"  # saved with the scene
+    assert logic.planes_to_save(volume, nodes) == (planes, {})
+    logic.place_views(volume, {"coronal": {"index": 12}}, nodes)  # the user scrolls the green view
+    recorded, moved = logic.planes_to_save(volume, nodes)
+    assert recorded == planes and moved == {"coronal": (9, 12)}
+
+
+def test_an_empty_plane_is_asked_about_before_anything_is_written(project_logic, scene):
+    """0 on a saved plane means 'not this class': a plane with nothing drawn is asked about first; declined,
+    nothing is written."""
+    from SlicerFMABSLib import geometry
+
+    logic, volume = project_logic
+    _, shape = geometry.canonical_grid(volume)
+    seg = logic.create_label_segmentation(volume)
+    atrium = np.zeros(shape, bool)
+    atrium[4:6, 5:8, 5] = True  # on the axial plane only (off the coronal 9 and sagittal 7 planes)
+    paint(logic, seg, seg.GetSegmentation().GetNthSegmentID(0), atrium, volume)
+    planes = {"axial": 5, "coronal": 9, "sagittal": 7}
+    asked = []
+    report = logic.save_crosslabel("patient01", seg, volume, planes, confirm_empty=lambda v: asked.append(v) or False)
+    assert asked == [["coronal 9", "sagittal 7"]] and report is None
+    assert not logic.project.crosslabel_path("patient01").exists()
+    report = logic.save_crosslabel("patient01", seg, volume, planes, confirm_empty=lambda v: True)
+    assert report is not None and logic.project.crosslabel_path("patient01").exists()
+    assert not any(w.startswith("Nothing is drawn on") for w in report.warnings)  # asked already

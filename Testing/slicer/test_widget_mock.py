@@ -270,29 +270,33 @@ def test_widgets_follow_the_parameter_node(widget, widget_module, scene, tmp_pat
 
 
 class FakeLayoutManager:
-    """Slicer's layout manager (an application class): which slice views the current layout shows."""
+    """Slicer's layout manager (an application class): a layout maps its views' slice nodes (MappedInLayout, as
+    qMRMLLayoutManager does); the nodes of the views it hides stay in the scene, unmapped."""
 
-    def __init__(self, shown):
-        self.shown, self.layouts = set(shown), []
+    def __init__(self, scene, shown):
+        self.scene, self.layouts = scene, []
+        self._map(shown)
 
-    def sliceWidget(self, name):
-        return object() if name in self.shown else None
+    def _map(self, shown):
+        for name in ("Red", "Green", "Yellow"):
+            self.scene.GetNodeByID(f"vtkMRMLSliceNode{name}").SetMappedInLayout(name in shown)
 
     def setLayout(self, layout):
         self.layouts.append(layout)
-        self.shown = {"Red", "Green", "Yellow"}
+        self._map({"Red", "Green", "Yellow"})
 
 
 def test_layout_without_the_green_view(widget, widget_module, scene, slicer_mod, monkeypatch, tmp_path):
-    """sliceWidget("Green") is None in a layout without the green view: saving asks for a layout with the three
+    """A layout without the green view (its slice node exists, unmapped): saving asks for a layout with the three
     views instead of failing; Show slices switches to Four-Up. The slice nodes are fetched by ID."""
     for name in ("Red", "Green", "Yellow"):
         node = slicer_mod.vtkMRMLSliceNode()
         node.SetLayoutName(name)
         node.SetSingletonTag(name)
         scene.AddNode(node)
-    layout = FakeLayoutManager({"Red", "Yellow"})
-    monkeypatch.setattr(slicer_mod, "app", type("App", (), {"layoutManager": lambda self: layout})(), raising=False)
+    layout = FakeLayoutManager(scene, {"Red", "Yellow"})
+    monkeypatch.setattr(slicer_mod, "app", type("App", (), {"layoutManager": lambda self: layout,
+                                                            "processEvents": lambda self: None})(), raising=False)
     nodes = widget.sliceNodes()
     assert {v: n.GetID() for v, n in nodes.items()} == {
         "axial": "vtkMRMLSliceNodeRed", "coronal": "vtkMRMLSliceNodeGreen", "sagittal": "vtkMRMLSliceNodeYellow"}
