@@ -83,3 +83,28 @@ def test_every_quoted_command_uses_options_it_has():
                                         ("see `fmabs predict --x` here", ["fmabs predict --x"])])
 def test_quoted_commands_are_found(text, want):
     assert _quoted_commands(text) == want
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_every_relative_link_and_image_in_the_docs_exists():
+    missing = []
+    for doc in DOCS:
+        for target in LINK.findall(doc.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+://", target) or target.startswith(("#", "mailto:")):
+                continue
+            path = (doc.parent / target.split("#")[0]).resolve()
+            if not path.exists():
+                missing.append(f"{doc.relative_to(REPO)}: {target}")
+    assert not missing, "links or images that lead nowhere:\n" + "\n".join(missing)
+
+
+def test_the_readme_is_short_and_its_test_command_is_what_ci_runs():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 120
+    line = next(ln for ln in readme.splitlines() if "pytest" in ln and "pip install" in ln)
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").replace(" -q", "")
+    for step in (s.strip() for s in line.split("&&")):
+        assert step in ci, f"the README's step {step!r} is not what .ci/run runs"
+    assert "docs/troubleshooting.md" in readme and "docs/slicer.md" in readme
