@@ -38,6 +38,8 @@ def test_corpus_covers_every_class():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_case(case: hc.Case, assets: Path, tmp_path: Path, capsys, caplog):
+    """One case of the corpus. Skips only a read-only-folder case where no unwritable folder exists (neither a
+    chmod 555 folder nor, as root, /sys); under FMABS_STRICT_SKIPS that skip fails."""
     folder = tmp_path / "case"
     env = hc.Env(folder, assets)
     try:

@@ -56,6 +56,7 @@ CODE = textwrap.dedent("""
 
 
 def test_modules_work_without_fcntl(tmp_path):
+    """Needs VTK (slicer-core, in the test extra): a missing one fails under FMABS_STRICT_SKIPS."""
     pytest.importorskip("vtk", reason="SlicerFMABSLib.logic needs VTK (slicer-core)")
     code = CODE.format(repo=str(REPO), module=str(REPO / "SlicerFMABS"))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)

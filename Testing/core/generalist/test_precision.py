@@ -38,6 +38,7 @@ def test_bf16_without_native_units_warns(cpu_bf16, caplog):
 
 
 def test_detection_reads_this_machines_flags(cpu_bf16, monkeypatch):
+    """Skips where /proc/cpuinfo does not exist (not Linux): there is nothing to compare the detection with."""
     monkeypatch.delenv(precision.ENV_CPU_BF16, raising=False)
     precision.cpu_has_bf16.cache_clear()
     try:
