@@ -266,7 +266,8 @@ def _precision_worker(name: str, device: str, la_dir: str | None, scans: int, sl
 
 
 def bench_precision(scans: int = 2, slices: int = 4, device: str = "cpu", la_dir: str | None = None,
-                    configs: tuple[str, ...] | None = None, encoder_slices: int = 6) -> dict:
+                    configs: tuple[str, ...] | None = None, encoder_slices: int = 6,
+                    progress=lambda items, **kw: items) -> dict:
     """Pseudo-label Dice and time of the generalist in each precision, layout and runtime, on the same prompts.
 
     Why: a faster encoder (or a cheaper stored embedding) is only a default if it changes the
@@ -287,7 +288,8 @@ def bench_precision(scans: int = 2, slices: int = 4, device: str = "cpu", la_dir
         raise InputError(f"unknown precision config(s) {', '.join(unknown)}; choose from {', '.join(PRECISION_CONFIGS)}.")
     dev = str(resolve_device(device))
     load_la_cases(Path(la_dir) if la_dir else None, 1)  # a missing folder fails here, with one line
-    results = [_run_isolated_fn(_precision_worker, c, dev, la_dir, scans, slices, encoder_slices) for c in configs]
+    results = [_run_isolated_fn(_precision_worker, c, dev, la_dir, scans, slices, encoder_slices)
+               for c in progress(configs, desc="configurations")]
     ref = results[0]
     rows = []
     for r in results:

@@ -38,7 +38,8 @@ def prompt_masks(truth: np.ndarray, margin: int) -> dict[str, np.ndarray]:
 
 def bench_ceiling(la_dir: str | None, scans: int = 2, generalist: str = "litemedsam", device: str = "cpu",
                   checkpoint: str | None = None, margin: int = 2, fusion: str = "mv", box_jitter: int = 10,
-                  max_slices: int | None = None, seed: int = 0, case_ids: list[str] | None = None) -> dict[str, Any]:
+                  max_slices: int | None = None, seed: int = 0, case_ids: list[str] | None = None,
+                  progress=lambda items, **kw: items) -> dict[str, Any]:
     """Pseudo-label Dice per scan, prompt and view; each slice is encoded once for the three prompts."""
     from fmabs_core.cli.bench import load_la_cases
     from fmabs_core.generalist import get_generalist
@@ -52,7 +53,7 @@ def bench_ceiling(la_dir: str | None, scans: int = 2, generalist: str = "litemed
     cases = load_la_cases(Path(la_dir) if la_dir else None, scans, ids=case_ids)
     g = get_generalist(generalist, device=device, checkpoint=checkpoint)
     rows = []
-    for case, image, truth in cases:
+    for case, image, truth in progress(cases, desc="scans"):
         cache = EmbeddingCache(g.device)  # per scan: its slices are reused by its three prompt masks only
         truth = truth.astype(np.uint8)
         for name, mask in prompt_masks(truth, margin).items():

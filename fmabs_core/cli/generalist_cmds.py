@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,7 +233,12 @@ def _weights_list(args: argparse.Namespace) -> int:
 def _weights_fetch(args: argparse.Namespace) -> int:
     from fmabs_core.generalist import weights as W
 
-    path = W.fetch(args.name, dest_dir=args.dest, url=args.url, force=args.overwrite)
+    from tqdm import tqdm
+
+    def bar(total, desc):
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not sys.stderr.isatty())
+
+    path = W.fetch(args.name, dest_dir=args.dest, url=args.url, force=args.overwrite, progress=bar)
     print(path)
     return 0
 
@@ -440,7 +446,10 @@ def _bench_precision(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench import bench_precision, format_precision
 
     check_json_output(args)
-    report = bench_precision(args.scans, args.pseudo_max_slices, args.device, args.la, args.configs, args.encoder_slices)
+    from fmabs_core.cli.common import progress
+
+    report = bench_precision(args.scans, args.pseudo_max_slices, args.device, args.la, args.configs, args.encoder_slices,
+                             progress=progress)
     emit(args, report, lambda: format_precision(report))
     return 0
 
@@ -449,8 +458,10 @@ def _bench_ceiling(args: argparse.Namespace) -> int:
     from fmabs_core.cli.bench_ceiling import bench_ceiling, format_ceiling
 
     check_json_output(args)
+    from fmabs_core.cli.common import progress
+
     report = bench_ceiling(args.la, args.scans, args.generalist, args.device, args.generalist_checkpoint, args.margin,
-                           args.fusion, args.box_jitter, args.pseudo_max_slices, case_ids=args.cases)
+                           args.fusion, args.box_jitter, args.pseudo_max_slices, case_ids=args.cases, progress=progress)
     emit(args, report, lambda: format_ceiling(report))
     return 0
 

@@ -36,7 +36,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    problems = Project(args.project).check()
+    problems = Project(args.project).check(progress=progress)
     for p in problems:
         print(f"  - {p}")
     print(f"{len(problems)} problem(s) found")

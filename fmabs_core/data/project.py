@@ -239,10 +239,11 @@ class Project:
         return case
 
     # ---- integrity --------------------------------------------------------------------------------
-    def check(self) -> list[Problem]:
-        """Every problem found in the project's image/label/cross-label files, not only the first."""
+    def check(self, progress: Callable[..., Iterator] | None = None) -> list[Problem]:
+        """Every problem found in the project's image/label/cross-label files, not only the first.
+        ``progress``: wraps the scans (a progress bar in the CLI)."""
         problems: list[Problem] = []
-        for case in self.cases:
+        for case in (progress or (lambda items, **kw: items))(self.cases, desc="checking scans"):
             try:
                 img = self.load_image(case)
             except InputError as exc:

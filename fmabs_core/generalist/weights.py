@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from fmabs_core.errors import WeightsError
 
@@ -291,6 +292,7 @@ def fetch(
     url: str | None = None,
     force: bool = False,
     timeout: float = 60.0,
+    progress: Any = None,
 ) -> Path:
     """Download a checkpoint into the cache (or ``dest_dir``), checked, then renamed into place.
 
@@ -322,7 +324,10 @@ def fetch(
         with os.fdopen(fd, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http(s) URL from the registry)
+                    bar = progress(total=entry.size or _length(resp), desc=entry.filename) if progress else None
                     for chunk in iter(lambda: resp.read(1 << 20), b""):
+                        if bar is not None:
+                            bar.update(len(chunk))
                         out.write(chunk)
                         sha.update(chunk)
                         md5.update(chunk)
@@ -359,6 +364,13 @@ def fetch(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _length(response: Any) -> int | None:
+    try:
+        return int(response.headers.get("Content-Length"))
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def with_values(name: str, **changes) -> WeightsEntry:
