@@ -88,7 +88,7 @@ def test_internal_error_prints_one_line_and_saves_the_traceback(assets, tmp_path
     shutil.copytree(assets / "proj", proj)
     monkeypatch.delenv("FMABS_CRASH_DIR", raising=False)
 
-    def boom(self):
+    def boom(self, *args, **kwargs):
         raise ZeroDivisionError("a bug in the checker")
 
     monkeypatch.setattr(Project, "check", boom)

@@ -96,4 +96,4 @@ def test_parameter_widgets_exist_and_fit_their_kind():
         assert name in parameters.NAMES, name
         assert widgets.get(widget) == fits[kind], (name, widget, widgets.get(widget))
         assert kind in signals
-    assert set(parameters.NAMES) - set(bound) == {"labelVolume", "labelSegmentation"}  # no widget: set by Load/Draw
+    assert set(parameters.NAMES) - set(bound) == {"labelVolume", "labelSegmentation", "labelPlanes"}  # no widget: set by Load/Draw/Show slices

@@ -201,13 +201,20 @@ def test_wrong_checkpoint_is_clear(tmp_path):
 
 
 @pytest.mark.slow
-def test_mobilesam_builds_from_a_local_checkpoint(tmp_path):
-    """Offline use with a local path: a (randomly initialised) MobileSAM state dict loads and decodes."""
+def test_mobilesam_builds_from_a_local_checkpoint(tmp_path, monkeypatch):
+    """Offline use with a local path: a (randomly initialised) MobileSAM state dict is refused until its
+    sha256 is recorded as trusted (no hash is published for it), then loads and decodes."""
     from mobile_sam import sam_model_registry
 
+    from fmabs_core.generalist import weights as W
+
+    monkeypatch.setenv("FMABS_CACHE", str(tmp_path / "cache"))  # never the user's own trust records
     torch.manual_seed(0)
     path = tmp_path / "mobile_sam.pt"
     torch.save(sam_model_registry["vit_t"](checkpoint=None).state_dict(), path)
+    with pytest.raises(WeightsError, match="no sha256 is recorded for mobilesam"):
+        get_generalist("mobilesam", checkpoint=str(path))
+    W.trust("mobilesam", path)
     g = get_generalist("mobilesam", checkpoint=str(path))
     assert g.image_size == 1024 and g.multimask
     x, geom = g.preprocess(np.random.default_rng(0).normal(size=(1, 50, 70)).astype(np.float32))

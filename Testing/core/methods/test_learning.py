@@ -2,16 +2,20 @@
 
 Ten 40 x 40 x 32 phantoms (``make_phantom``, easy), 7 for training (4 cross-labelled by the simulated
 expert at the truth's centre, 3 unlabelled) and 3 held out; V-Net width 8, 32^3 patches, batch 1 + 1,
-seed 0, 150 iterations; Dice on the 3 held-out scans (mean).
+seed 0, 150 iterations, dropout 0; Dice on the 3 held-out scans (mean).
 
-Floors, from the runs of 2026-12-07 (2 CPU cores, the same settings; measured Dice in brackets, seeds 0
-and 1) less a margin:
-- an untrained network (3 initialisations): Dice 0.007 to 0.078 on these scans; every floor is far above.
-- sup, mt, ua-mt, cps, fmabs: 0.95-0.97 (seed 0) -> floor 0.85.
-- cfr-mt with cross-labels and 20 fine-tuning iterations of LiteMedSAM: 0.55 -> floor 0.35 (CFR's
-  tuned generalist learns little from so few steps; what it must reach here is "learned", not "good").
-- mt at 60 iterations collapsed to an empty prediction (Dice 0.0) with seed 0 while the others were at
-  0.94-0.96: 150 iterations is where every family had learned.
+Why dropout 0 (the paper's V-Net uses 0.5): at this tiny scale dropout 0.5 makes learning a matter of the
+seed. Measured 2026-12-07 (2 CPU cores, these settings): with 0.5, seed 0 gave sup .960, mt .963, ua-mt
+.964, cps .951, fmabs .965, but seed 1 gave 0.0 (an empty prediction) for sup, mt, ua-mt and cps, and sup
+with seed 1 was still at 0.207 after 400 iterations. With dropout 0, sup over seeds 0-4: .965 .911 .960
+.966 .964. The test is about "does each family learn", not about the paper's regulariser.
+
+Floors, from the dropout-0 runs of 2026-12-07 (seeds 0 and 1; measured Dice in brackets) less a margin:
+- an untrained network (3 initialisations): Dice 0.007 to 0.113 on these scans; every floor is far above.
+- sup (.965, .911), mt (.961, .914), ua-mt (.965, .912), cps (.964, .933), fmabs (.964, .938) -> 0.85.
+- cfr-mt with cross-labels and 20 fine-tuning iterations of LiteMedSAM: .933 with seed 0, but 0.0 with
+  seed 1 (the collapse that issue 25 is about) -> floor 0.60 with seed 0. The test catches an
+  implementation that does not learn; it does not show that CFR is robust, which it is not yet.
 
 And the generalist must earn its place on a weak teacher: prompted by a teacher eroded by 2 voxels,
 its fused pseudo-label scores above that teacher (LiteMedSAM, three phantoms).
@@ -28,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 ITERATIONS = 150
 COMMON = ["--patch-size", "32", "32", "32", "--width", "8", "--batch-size", "2", "--labelled-batch-size", "1",
-          "--device", "cpu", "--val-every", "100000", "--ckpt-every", "100000", "--seed", "0"]
+          "--device", "cpu", "--val-every", "100000", "--ckpt-every", "100000", "--seed", "0", "--dropout", "0"]
 #: method -> (its own options, the floor of held-out Dice)
 FAMILIES = {
     "sup": ([], 0.85),
@@ -36,7 +40,7 @@ FAMILIES = {
     "ua-mt": ([], 0.85),
     "cps": ([], 0.85),
     "fmabs": (["--pseudo-max-slices", "2", "--pseudo-max-cases", "4", "--box-jitter", "2"], 0.85),
-    "cfr-mt": (["--labels", "cross", "--finetune-iterations", "20", "--finetune-batch", "1"], 0.35),
+    "cfr-mt": (["--labels", "cross", "--finetune-iterations", "20", "--finetune-batch", "1"], 0.60),
 }
 #: the highest Dice an untrained network reached on these scans (3 initialisations), with room
 UNTRAINED_CEILING = 0.15
