@@ -126,7 +126,7 @@ def check_name(name: str, what: str = "run name") -> str:
 
     Names come from users and files and become paths: no separators, no ``..``, no hidden files.
     """
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"{what} {name!r} is not usable as a folder name: use 1-128 letters, digits, '.', '_' "
                          "or '-', starting with a letter or digit")
     return name

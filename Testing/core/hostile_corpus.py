@@ -618,6 +618,20 @@ def _names_cases() -> list[Case]:
                        ("slash", "a/b"), ("too-long", "r" * 200), ("leading-dash", "-r"), ("space", "my run")]:
         add(f"train-run-{label}", train_run(run), ("run",))
     add("train-run-absolute", train_run(lambda env: str(env.p("abs-run"))), ("run",))
+    add("train-run-trailing-newline", train_run("r1\n"), ("run",))  # a regex's "$" matches before a final newline
+
+    def pseudo_label_case(case: str | Callable[[Env], str]):
+        def build(env):
+            scan = env.image("in/c1.nii.gz")
+            mask = env.label("in/mask.nii.gz")
+            name = case(env) if callable(case) else case
+            return ["pseudo-label", "--image", str(scan), "--prompt-from", str(mask), "--output", str(env.p("out")),
+                    "--case", name, "--device", "cpu"]
+        return build
+
+    for label, case in [("dotdot-escape", "../../victim"), ("newline", "c1\n"), ("slash", "a/b")]:
+        add(f"pseudo-label-case-{label}", pseudo_label_case(case), ("--case",), allowed=())
+    add("pseudo-label-case-absolute", pseudo_label_case(lambda env: str(env.p("victim"))), ("--case",), allowed=())
     add("train-run-nul-byte", train_run("a\x00b"), ("run",), in_process_only=True)
 
     def jobs_run(sub: str, run: str):
@@ -794,6 +808,29 @@ def _options_cases() -> list[Case]:
         add(f"train{'-'.join(opts[:2])}", train(*opts), (opts[0],))
     for opts in [("--iterations", "0"), ("--lr", "nan")]:
         add(f"jobs-start{'-'.join(opts)}", train(*opts, jobs=True), (opts[0],))
+    # method options outside their declared bounds (base.option's low/high/above), refused before anything is saved
+    for method, flag, value in [("mt", "--ema", "2"), ("mt", "--ema", "nan"), ("mt", "--noise-std", "-1"),
+                                ("fmabs", "--pseudo-warmup", "2"), ("fmabs", "--sam-weight", "-1"),
+                                ("fmabs", "--box-jitter", "-5"), ("fmabs", "--n-points", "-2"),
+                                ("fmabs", "--pseudo-max-slices", "0"), ("fmabs", "--pseudo-max-cases", "-1"),
+                                ("fmabs", "--teacher-weight", "1.5"), ("ua-mt", "--mc-passes", "0"),
+                                ("cps", "--cps-weight", "-0.1"), ("cfr-mt", "--finetune-lr", "0")]:
+        add(f"train-{method}{flag}-{value}", train(flag, value, "--method", method), (flag,))
+    add("train-fmabs-warmup-after-stop", train("--pseudo-warmup", "0.9", "--pseudo-stop", "0.5", "--method", "fmabs"),
+        ("--pseudo-warmup", "--pseudo-stop"))
+    add("train-seed--1", train("--seed", "-1"), ("--seed",))
+
+    def pseudo_label(*opts):
+        def build(env):
+            scan = env.image("in/c1.nii.gz")
+            mask = env.label("in/mask.nii.gz")
+            return ["pseudo-label", "--image", str(scan), "--prompt-from", str(mask), "--output", str(env.p("out")),
+                    "--device", "cpu", *opts]
+        return build
+
+    for flag, value in [("--box-jitter", "-5"), ("--jitter", "-30"), ("--n-points", "-2"), ("--points", "-2"),
+                        ("--pseudo-max-slices", "0")]:
+        add(f"pseudo-label{flag}-{value}", pseudo_label(flag, value), (flag,), allowed=())
     return cases
 
 

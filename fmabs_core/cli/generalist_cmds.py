@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fmabs_core.cli.common import (add_device_option, add_generalist_checkpoint_option, add_json_option,
-                                   add_overwrite_option, add_renamed, check_json_output, emit)
-from fmabs_core.contract import FUSIONS
+from fmabs_core.cli.common import (NON_NEGATIVE_INT, POSITIVE_INT, add_device_option,
+                                   add_generalist_checkpoint_option, add_json_option, add_overwrite_option,
+                                   add_renamed, check_json_output, emit)
+from fmabs_core.contract import FUSIONS, check_name
 from fmabs_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -87,20 +88,22 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
                    "(with --adapter: a .nii.gz file, or a folder for <case>_tiled.nii.gz)")
     p.add_argument("--case", help="case name in the output files (default: from the image file name)")
     p.add_argument("--label", help="ground truth: print the Dice of each view and of the fused result")
-    p.add_argument("--pseudo-max-slices", type=int, metavar="N", help="prompt at most N foreground slices per view "
+    p.add_argument("--pseudo-max-slices", type=POSITIVE_INT, metavar="N",
+                   help="prompt at most N foreground slices per view "
                    "(as fmabs train's option; default: every one)")
     add_renamed(p, "--max-slices", "--pseudo-max-slices")
     add_device_option(p)
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="generator seed; a round's scan uses SEED "
                    "ITERATION INDEX (pseudo/round.json lists them)")
-    p.add_argument("--box-jitter", type=int, default=10, help="max random box expansion per side, px (default 10)")
+    p.add_argument("--box-jitter", type=NON_NEGATIVE_INT, default=10,
+                   help="max random box expansion per side, px (default 10)")
     add_renamed(p, "--jitter", "--box-jitter")
     p.add_argument("--box-jitter-fraction", type=float, help="max random box expansion as a share of the box's "
                    "longer side, instead of --box-jitter pixels (as fmabs train's option)")
-    p.add_argument("--n-points", type=int, help="positive points per box (default: the generalist's)")
+    p.add_argument("--n-points", type=NON_NEGATIVE_INT, help="positive points per box (default: the generalist's)")
     add_renamed(p, "--points", "--n-points")
     p.add_argument("--prompt-mode", default="component", choices=["component", "slice"])
-    p.add_argument("--batch-size", type=int, help="slices per encoder call (default: 1 on CPU, more on CUDA)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="slices per encoder call (default: 1 on CPU, more on CUDA)")
     p.add_argument("--generalist-runtime", default="auto", choices=["auto", "torch", "openvino"],
                    help="what runs the encoder, as fmabs train's option: auto (OpenVINO on a CPU when it is installed "
                         "and this scan's prompted slices make its conversion pay, else torch), torch, openvino")
@@ -114,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     add_generalist_checkpoint_option(p)
     p.add_argument("--slices", type=int, default=8, help="slices timed per mode (default 8)")
     add_device_option(p)
-    p.add_argument("--batch-size", type=int, help="encoder batch for the batched path (default: generalist's)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, help="encoder batch for the batched path (default: generalist's)")
     p.add_argument("--image", help="scan to use (default: first LA 2018 scan if present, else synthetic)")
     p.add_argument("--label", help="mask for the prompts (with --image)")
     add_json_option(p)
@@ -274,6 +277,16 @@ def _runtime_for(runtime: str, device: str, prompt: np.ndarray, max_slices: int 
     return resolve_runtime(runtime, resolve_device(device), expected)
 
 
+def _case_name(args: argparse.Namespace) -> str:
+    """``--case`` (or the image's file name) as it becomes part of output file names: one safe name, never a path."""
+    from fmabs_core.data import io
+
+    try:
+        return check_name(args.case or io.case_id(args.image), "--case" if args.case else f"{args.image}: the case id")
+    except ValueError as exc:
+        raise InputError(f"{exc}; give --case NAME.") from None
+
+
 def _pseudo_label(args: argparse.Namespace) -> int:
     if args.adapter:
         return _pseudo_label_tuned(args)
@@ -316,7 +329,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     if args.pseudo_max_slices is not None and args.pseudo_max_slices < 1:
         raise InputError(f"--pseudo-max-slices must be >= 1, got {args.pseudo_max_slices}.")
     check_jitter_fraction(args.box_jitter_fraction)
-    case = args.case or io.case_id(args.image)
+    case = _case_name(args)
     out = Path(args.output)
     targets = [out / f"{case}_{key}.nii.gz" for key in (*io.VIEWS, "fused")]
     existing = [str(t) for t in targets if t.exists()]
@@ -428,7 +441,7 @@ def _pseudo_label_tuned(args: argparse.Namespace) -> int:
         probs = predict_proba(model, zscore(image.array), patch, args.overlap, device, normalise=False)
     seg = probs.argmax(0).astype(np.uint8)
     seconds = time.time() - t0
-    case = args.case or io.case_id(args.image)
+    case = _case_name(args)
     out = Path(args.output)
     if not io.is_nifti(out):
         out = out / f"{case}_tiled.nii.gz"

@@ -9,8 +9,8 @@ from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 from fmabs_core import methods
-from fmabs_core.cli.common import (OVERLAP, PATCH_SIDE, POSITIVE_INT, STDOUT, add_json_option, add_overwrite_option,
-                                   add_device_option, check_json_output, emit, print_json, progress)
+from fmabs_core.cli.common import (OVERLAP, PATCH_SIDE, POSITIVE_INT, STDOUT, add_device_option, add_json_option,
+                                   add_overwrite_option, bounded, check_json_output, emit, print_json, progress)
 from fmabs_core.contract import CONFIG_FILE, DEVICE_HINT, DONE, EVENTS_FILE, EXPERTS, FAILED, STRATEGIES, WAITING
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
@@ -272,8 +272,12 @@ def _option_type(tp: object) -> type:
     text = str(tp)
     for kind in (int, float, bool, str):
         if tp is kind or text.startswith(kind.__name__):
-            return kind if kind is not bool else _bool
+            return {bool: _bool, float: FINITE_FLOAT}.get(kind, kind)  # bounds: methods.base.check_bounds
     return str
+
+
+#: a method's float option: a finite number (its declared bounds are checked with the other options)
+FINITE_FLOAT = bounded(float)
 
 
 def _bool(text: str) -> bool:

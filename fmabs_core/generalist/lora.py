@@ -267,7 +267,7 @@ def _digest(payload: Mapping[str, Any]) -> str:
 
 def _check_sha(sha: str, what: str) -> str:
     s = str(sha).strip().lower()
-    if not _SHA256.match(s):
+    if not _SHA256.fullmatch(s):
         raise InputError(f"{what} must be a 64-digit hex sha256 of the base checkpoint file, got {sha!r}.")
     return s
 

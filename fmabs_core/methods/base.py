@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
@@ -17,9 +17,40 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-def option(default: Any, help: str) -> Any:  # noqa: A002 - the word the command line shows
-    """A method option: a dataclass field whose ``help`` becomes the ``fmabs train`` option's help text."""
-    return field(default=default, metadata={"help": help})
+def option(default: Any, help: str, low: float | None = None, high: float | None = None,  # noqa: A002
+           above: float | None = None) -> Any:
+    """A method option: a dataclass field whose ``help`` becomes the ``fmabs train`` option's help text.
+
+    ``low``/``high``: the inclusive bounds of a number; ``above``: a strict lower bound. A value outside them
+    is refused by :func:`check_bounds` when the options are read, before anything is saved.
+    """
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "above": above})
+
+
+def check_bounds(config: Any) -> Any:
+    """``config`` if every numeric option is finite and within its declared bounds, else an InputError naming the
+    option as the command line spells it (``None`` stands for "the default" where the field allows it)."""
+    import math
+
+    from fmabs_core.errors import InputError
+
+    for f in fields(config):
+        low, high, above = (f.metadata.get(k) for k in ("low", "high", "above"))
+        value = getattr(config, f.name)
+        if (low is None and high is None and above is None) or value is None or isinstance(value, bool):
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{flag} {value}: give a finite number")
+        if (low is not None and value < low) or (high is not None and value > high) or \
+                (above is not None and value <= above):
+            parts = [f"above {above:g}" if above is not None else None,
+                     f"at least {low:g}" if low is not None else None,
+                     f"at most {high:g}" if high is not None else None]
+            raise InputError(f"{flag} {value:g}: it must be {' and '.join(p for p in parts if p)}")
+    if callable(getattr(config, "check", None)):  # a Config's own checks across its options
+        config.check()
+    return config
 
 
 @dataclass
@@ -47,7 +78,7 @@ class Method:
 
     @classmethod
     def make_config(cls, options: Mapping[str, Any]) -> Any:
-        return from_dict(cls.Config, dict(options), f"options of method '{cls.name}'")
+        return check_bounds(from_dict(cls.Config, dict(options), f"options of method '{cls.name}'"))
 
     @classmethod
     def describe(cls) -> str:

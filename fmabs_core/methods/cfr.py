@@ -51,16 +51,16 @@ class CFRConfig(TeacherConfig):
                                   "or cross (cross-labels, 255 ignored)")
     generalist: str = option("litemedsam", "SAM-family model: litemedsam (embedded), mobilesam, sam_vit_b, medsam")
     generalist_checkpoint: str | None = option(None, "weights file of the generalist (default: the cache)")
-    rank: int = option(4, "LoRA rank on q and v of the generalist's image encoder (sam-lora, CFR fine-tuning)")
+    rank: int = option(4, "LoRA rank on q and v of the generalist's image encoder (sam-lora, CFR fine-tuning)", low=1)
     grid: int | None = option(None, "slices per canvas side; a crop with more than grid^2 axial slices is split "
                                     "over several canvases (default: 4 for litemedsam, measured by fmabs tile-grid; "
-                                    "one canvas per crop for SAM)")
-    finetune_iterations: int = option(6000, "CFR: iterations of the generalist's fine-tuning stage")
-    finetune_lr: float = option(0.001, "CFR: AdamW learning rate of the fine-tuning stage")
-    finetune_batch: int = option(2, "CFR: crops per batch of the fine-tuning stage")
-    pl_weight: float = option(1.0, "CFR: weight of the pseudo-label loss on the unlabelled crops")
+                                    "one canvas per crop for SAM)", low=1)
+    finetune_iterations: int = option(6000, "CFR: iterations of the generalist's fine-tuning stage", low=1)
+    finetune_lr: float = option(0.001, "CFR: AdamW learning rate of the fine-tuning stage", above=0)
+    finetune_batch: int = option(2, "CFR: crops per batch of the fine-tuning stage", low=1)
+    pl_weight: float = option(1.0, "CFR: weight of the pseudo-label loss on the unlabelled crops", low=0)
     st_rounds: int = option(1, "cfr-st: self-training rounds; after the first (the generalist's labels) the "
-                               "network's own predictions replace the unlabelled scans' pseudo-labels")
+                               "network's own predictions replace the unlabelled scans' pseudo-labels", low=1)
 
 
 # ---- loss pieces ---------------------------------------------------------------------------------------

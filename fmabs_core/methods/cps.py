@@ -25,8 +25,9 @@ SEED_OFFSET_B = 104729
 
 @dataclass
 class CPSConfig:
-    cps_weight: float = option(0.1, "CPS: weight of the cross pseudo-supervision loss at the end of its ramp")
-    rampup: float = option(1.0, "length of the consistency weight's sigmoid ramp, as a fraction of the iterations")
+    cps_weight: float = option(0.1, "CPS: weight of the cross pseudo-supervision loss at the end of its ramp", low=0)
+    rampup: float = option(1.0, "length of the consistency weight's sigmoid ramp, as a fraction of the iterations",
+                           low=0)
 
 
 def cross_pseudo_loss(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

@@ -48,33 +48,45 @@ class FMABSConfig(MeanTeacherConfig):
     embedding_cache: str = option("auto", "where slice embeddings are kept between rounds so that each slice is "
                                           "encoded once: auto (by size), device, host, disk (run folder), off")
     embedding_cache_gb: float | None = option(None, "bound of the embedding cache in GB, least recently used "
-                                                    "slices evicted (default: half the free memory of its tier)")
+                                                    "slices evicted (default: half the free memory of its tier)",
+                                              above=0)
     embedding_dtype: str = option("auto", "stored embeddings: auto (bf16 if the encoder runs in bf16, else "
                                           "float16), bfloat16, float16, float32")
-    fusion: str = option("auto", "how the teacher and the three views' answers become one pseudo-label: auto (each "
-                                 "round, the rule below, or the teacher's own mask, that scores best on the expert's "
-                                 "drawn slices), mv (2 of 3 views, the paper's), ua (all 3), soft (the teacher's and the views' probabilities averaged, "
-                               "see --teacher-weight), gate (the teacher where it is confident, else mv), staple "
-                               "(SimpleITK's STAPLE over the teacher and the views); docs/pseudo-labels.md")
+    fusion: str = option("auto", "how the teacher and the three views' answers become one pseudo-label: auto "
+                                 "(each round, the rule below, or the teacher's own mask, that scores best on the "
+                                 "expert's drawn slices), mv (2 of 3 views, the paper's), ua (all 3), soft (the "
+                                 "teacher's and the views' probabilities averaged, see --teacher-weight), gate (the "
+                                 "teacher where it is confident, else mv), staple (SimpleITK's STAPLE over the "
+                                 "teacher and the views); docs/pseudo-labels.md")
     teacher_weight: float = option(0.5, "with --fusion soft: the teacher's share of the vote (0: the views alone, 1: "
-                                        "the teacher alone)")
-    gate_confidence: float = option(0.9, "with --fusion gate: the teacher's probability above which its label stands")
-    sam_weight: float = option(0.5, "weight of the pseudo-label loss at the start (it decays to 0)")
-    nt_gamma: float = option(1.5, "exponent of the noise-tolerant Dice (2 = plain Dice)")
-    pseudo_warmup: float = option(0.06, "fraction of the iterations before the first pseudo-label round")
-    pseudo_every: float = option(0.06, "fraction of the iterations between rounds")
-    pseudo_stop: float = option(0.8, "no new round after this fraction of the iterations")
-    pseudo_max_slices: int | None = option(None, "generalist calls per view and scan (CPU runs; default: all)")
-    pseudo_max_cases: int | None = option(None, "scans pseudo-labelled per round (CPU runs; default: all)")
-    box_jitter: int = option(10, "random enlargement of each box prompt, pixels per side")
+                                        "the teacher alone)", low=0, high=1)
+    gate_confidence: float = option(0.9, "with --fusion gate: the teacher's probability above which its label stands",
+                                    low=0.5, high=1)
+    sam_weight: float = option(0.5, "weight of the pseudo-label loss at the start (it decays to 0)", low=0)
+    nt_gamma: float = option(1.5, "exponent of the noise-tolerant Dice (2 = plain Dice)", above=0)
+    pseudo_warmup: float = option(0.06, "fraction of the iterations before the first pseudo-label round", low=0, high=1)
+    pseudo_every: float = option(0.06, "fraction of the iterations between rounds", above=0, high=1)
+    pseudo_stop: float = option(0.8, "no new round after this fraction of the iterations", low=0, high=1)
+    pseudo_max_slices: int | None = option(None, "generalist calls per view and scan (CPU runs; default: all)", low=1)
+    pseudo_max_cases: int | None = option(None, "scans pseudo-labelled per round (CPU runs; default: all)", low=1)
+    box_jitter: int = option(10, "random enlargement of each box prompt, pixels per side", low=0)
     box_jitter_fraction: float | None = option(None, "random enlargement of each box prompt as a share of its longer "
-                                                     "side, instead of --box-jitter pixels (e.g. 0.1)")
-    n_points: int | None = option(None, "positive points per box (default: the generalist's)")
+                                                     "side, instead of --box-jitter pixels (e.g. 0.1)", above=0, high=1)
+    n_points: int | None = option(None, "positive points per box (default: the generalist's)", low=0)
     pseudo_source: str = option("generalist", "generalist (FM-ABS), or teacher: an ablation whose pseudo-label is "
                                               "the teacher's own mask (self-training, no generalist), to measure "
                                               "what the generalist adds")
     crosslabel_overrides: bool = option(True, "on a cross-labelled scan's labelled planes the pseudo-label loss "
                                         "uses the expert's label, not the fused pseudo-label")
+
+    def check(self) -> None:
+        """Options that are each in range but together mean no pseudo-label round would ever run."""
+        from fmabs_core.errors import InputError
+
+        if self.pseudo_warmup > self.pseudo_stop:
+            raise InputError(f"--pseudo-warmup {self.pseudo_warmup:g} is after --pseudo-stop {self.pseudo_stop:g}: "
+                             "no pseudo-label round would run; give a warm-up below the stop (fractions of the "
+                             "iterations)")
 
 
 @register

@@ -24,15 +24,15 @@ from fmabs_core.training.api import TrainContext
 class TeacherConfig:
     """The options every EMA-teacher method shares (one ``fmabs train`` option each: mt, fmabs, ua-mt, cfr-*)."""
 
-    ema: float = option(0.99, "EMA rate of the teacher (after UA-MT's ramp)")
-    consistency: float = option(0.1, "weight of the consistency loss at the end of its ramp")
-    noise_std: float = option(0.1, "std of the Gaussian noise added to the teacher's input")
-    noise_clip: float = option(0.2, "clip of that noise")
+    ema: float = option(0.99, "EMA rate of the teacher (after UA-MT's ramp)", low=0, high=1)
+    consistency: float = option(0.1, "weight of the consistency loss at the end of its ramp", low=0)
+    noise_std: float = option(0.1, "std of the Gaussian noise added to the teacher's input", low=0)
+    noise_clip: float = option(0.2, "clip of that noise", low=0)
 
 
 @dataclass
 class MeanTeacherConfig(TeacherConfig):
-    log_gamma: float = option(0.3, "contrast perturbation: gamma = exp(U(-log_gamma, log_gamma))")
+    log_gamma: float = option(0.3, "contrast perturbation: gamma = exp(U(-log_gamma, log_gamma))", low=0)
 
 
 @torch.no_grad()

@@ -32,12 +32,12 @@ LABEL_KINDS = ("dense", "cross")
 class SamLoraConfig:
     generalist: str = option("litemedsam", "SAM-family model: litemedsam (embedded), mobilesam, sam_vit_b, medsam")
     generalist_checkpoint: str | None = option(None, "weights file of the generalist (default: the cache)")
-    rank: int = option(4, "LoRA rank on q and v of the generalist's image encoder (sam-lora)")
+    rank: int = option(4, "LoRA rank on q and v of the generalist's image encoder (sam-lora)", low=1)
     grid: int | None = option(None, "slices per canvas side; a crop with more than grid^2 axial slices is split "
                                     "over several canvases (default: 4 for litemedsam, measured by fmabs tile-grid; "
-                                    "one canvas per crop for SAM)")
+                                    "one canvas per crop for SAM)", low=1)
     labels: str = option("dense", "labels to fine-tune on: dense (labels/) or cross (cross-labels, 255 ignored)")
-    bezier: float = option(0.5, "probability of the Bezier intensity-curve augmentation of each crop")
+    bezier: float = option(0.5, "probability of the Bezier intensity-curve augmentation of each crop", low=0, high=1)
 
 
 def _bezier_lut(n: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class UAMTConfig(TeacherConfig):
     # MT's contrast perturbation (log_gamma) is not part of UA-MT, hence TeacherConfig, not MeanTeacherConfig
-    mc_passes: int = option(8, "UA-MT: stochastic teacher passes (T) for the uncertainty")
-    rampup: float = option(1.0, "length of the consistency weight's sigmoid ramp, as a fraction of the iterations")
+    mc_passes: int = option(8, "UA-MT: stochastic teacher passes (T) for the uncertainty", low=1)
+    rampup: float = option(1.0, "length of the consistency weight's sigmoid ramp, as a fraction of the iterations",
+                           low=0)
 
 
 def mc_uncertainty(teacher: torch.nn.Module, x: torch.Tensor, passes: int, std: float, clip: float

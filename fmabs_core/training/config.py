@@ -141,6 +141,8 @@ class TrainConfig:
         for option, value in positive.items():
             if value < 1:
                 raise InputError(f"--{option} must be at least 1 (got {value})")
+        if not 0 <= self.seed < 2**32:
+            raise InputError(f"--seed must be between 0 and 2^32 - 1 (got {self.seed})")
         if not 0 <= self.labelled_bs <= self.batch_size:
             raise InputError(f"--labelled-batch-size must be between 0 and --batch-size {self.batch_size} "
                              f"(got {self.labelled_bs})")
