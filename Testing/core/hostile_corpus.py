@@ -819,6 +819,12 @@ def _options_cases() -> list[Case]:
     add("train-fmabs-warmup-after-stop", train("--pseudo-warmup", "0.9", "--pseudo-stop", "0.5", "--method", "fmabs"),
         ("--pseudo-warmup", "--pseudo-stop"))
     add("train-seed--1", train("--seed", "-1"), ("--seed",))
+    add("train-patch-size-256GiB", train("--patch-size", "4096", "4096", "4096"), ("--patch-size", "GiB"))
+
+    def tile_grid_huge(env):
+        return ["tile-grid", "--project", str(env.project()), "--device", "cpu", "--patch-size", "4096", "4096", "4096"]
+
+    add("tile-grid-patch-size-256GiB", tile_grid_huge, ("--patch-size", "GiB"))
 
     def pseudo_label(*opts):
         def build(env):

@@ -78,8 +78,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fmabs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if _stdout_closed():  # `fmabs ... | head`: the reader has what it wanted; a normal end
+            return 0
+        return internal_error(exc, argv, args)
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback in a file
         return internal_error(exc, argv, args)
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output's reader has gone; if so, point it at /dev/null so that the exit's flush is quiet."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() (Windows) or no real stdout: trust the error
+        closed = True
+    if closed:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+    return closed
 
 
 def internal_error(exc: BaseException, argv: list[str], args: argparse.Namespace | None = None) -> int:

@@ -8,7 +8,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from tqdm import tqdm
 
@@ -145,6 +145,19 @@ OVERLAP = bounded(float, 0.0, 1.0, hi_open=True)
 FRACTION = bounded(float, 0.0, 1.0, hi_open=True)
 UNIT = bounded(float, 0.0, 1.0)
 PATCH_SIDE = bounded(int, 1, 4096)
+
+
+def check_patch_memory(patch: Sequence[int], copies: int, option: str = "--patch-size") -> None:
+    """Refuse a crop size whose ``copies`` float32 arrays alone would not fit in the memory available now,
+    before anything is allocated (4096^3 is 256 GiB per array: the process would be killed, not told)."""
+    import psutil
+
+    need = math.prod(int(v) for v in patch) * 4 * copies
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise InputError(f"{option} {' '.join(map(str, patch))}: {copies} float32 crop(s) of that size need "
+                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB available; give a smaller "
+                         f"{option}.")
 POSITIVE_SECONDS = bounded(float, 0.0)
 
 

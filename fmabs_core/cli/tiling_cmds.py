@@ -6,7 +6,8 @@ import argparse
 import logging
 
 from fmabs_core.cli.common import (STDOUT, add_device_option, add_generalist_checkpoint_option, add_json_option,
-                                   add_overwrite_option, bounded, check_json_output, emit, progress)
+                                   add_overwrite_option, bounded, check_json_output, check_patch_memory, emit,
+                                   progress)
 from fmabs_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def _tile_grid(args: argparse.Namespace) -> int:
 
     project = Project(args.project)
     check_json_output(args)
+    check_patch_memory(args.patch_size, copies=3)  # the crop's image, label and its tiled canvas
     # training scans only: the grid is a choice, never made on validation scans
     pool = project.split("train") or project.cases
     labelled = [c for c in pool if project.has_label(c)][: args.cases]

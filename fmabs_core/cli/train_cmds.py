@@ -10,7 +10,8 @@ from pathlib import Path
 
 from fmabs_core import methods
 from fmabs_core.cli.common import (OVERLAP, PATCH_SIDE, POSITIVE_INT, STDOUT, add_device_option, add_json_option,
-                                   add_overwrite_option, bounded, check_json_output, emit, print_json, progress)
+                                   add_overwrite_option, bounded, check_json_output, check_patch_memory, emit, print_json,
+                                   progress)
 from fmabs_core.contract import CONFIG_FILE, DEVICE_HINT, DONE, EVENTS_FILE, EXPERTS, FAILED, STRATEGIES, WAITING
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
@@ -116,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     project = Project(args.project)
     cfg = config_from_args(args, project)
+    check_patch_memory(cfg.patch_size, copies=2 * cfg.batch_size)  # each crop's image and label, before the network's
     outcome = train(project, args.run, cfg, progress=progress, install_signal_handlers=True)
     return report(outcome, project.run_dir(args.run))
 

@@ -106,3 +106,19 @@ def test_device_is_described_once():
         device = _options(parser).get("--device")
         if device is not None:
             assert device.help.startswith(DEVICE_HINT), f"{command}: --device says {device.help!r}"
+
+
+def test_a_reader_that_closes_early_is_a_normal_end():
+    """`fmabs methods --json | head -c 1`: the reader closes the pipe; fmabs exits 0 without a crash report.
+    (Before: "internal error (BrokenPipeError)" and exit 1.)"""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before fmabs writes a byte
+    try:
+        done = subprocess.run([sys.executable, "-m", "fmabs_core", "methods", "--json"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr
