@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from scipy import ndimage
 
-from fmabs_core.contract import PROJECT_FILE
+from fmabs_core.contract import CROSSLABELS_DIR, IMAGES_DIR, LABELS_DIR, PROJECT_FILE, RUNS_DIR
 from fmabs_core.data import io
 from fmabs_core.data.project import Project, plan_import
 from fmabs_core.errors import InputError
@@ -190,7 +190,16 @@ def _link(src: Path, dst: Path) -> None:
 def cell_project(root: Path, prepared: Path, split: Split, classes: dict[str, Any]) -> Project:
     """The cell's project (created, or completed after an interruption): the training and validation scans."""
     if root.exists() and not (root / PROJECT_FILE).exists():
-        shutil.rmtree(root)  # our own half-made folder: nothing in it ran (no fmabs.json, no run)
+        # our own half-made folder holds only the linked scans: redo it. Anything else (a run, a user's file)
+        # is not ours to delete: say so and stop.
+        ours = (IMAGES_DIR, LABELS_DIR, CROSSLABELS_DIR, RUNS_DIR)
+        others = sorted([p.name for p in root.iterdir() if p.name not in ours and not p.name.startswith(".fmabs")]
+                        + [f"{RUNS_DIR}/{p.name}" for p in (root / RUNS_DIR).glob("*")])
+        if others:
+            raise InputError(f"{root}: this cell's project has no {PROJECT_FILE} but holds {', '.join(others)}; "
+                             "nothing here is deleted. Move the folder away (or delete it if you do not need it) "
+                             "and run the same command again to redo the cell.")
+        shutil.rmtree(root)
     project = Project.create(root, {int(k): v for k, v in classes.items()}, exist_ok=True)
     cases = split.train + split.val
     for cid in cases:

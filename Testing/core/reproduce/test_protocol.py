@@ -210,3 +210,29 @@ def test_scans_are_prepared_on_threads_in_order_and_a_bad_scan_stops_with_its_er
 
     with pytest.raises(InputError, match="c.nii.gz"):
         list(in_threads(bad, ["a", "b", "c", "d"]))
+
+
+def test_a_cell_project_without_its_document_is_redone_only_when_nothing_ran(tmp_path):
+    """A half-made cell (only the linked scans) is redone; one holding a run (or anything else) is never deleted.
+    (Before: the whole folder, finished run included, was removed whenever fmabs.json was missing.)"""
+    prepared = tmp_path / "prepared"
+    for sub in ("images", "labels"):
+        (prepared / sub).mkdir(parents=True)
+    import nibabel as nib
+
+    for cid in ("a", "b"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), prepared / "images" / f"{cid}.nii.gz")
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), prepared / "labels" / f"{cid}.nii.gz")
+    split = D.Split(str(prepared), str(prepared), True, 0, ["a"], ["b"], ["c"], "by hand")
+    root = tmp_path / "cell"
+    project = D.cell_project(root, prepared, split, {"1": "x"})
+    (root / "fmabs.json").unlink()  # interrupted before the document was written: only the scans are there
+    project = D.cell_project(root, prepared, split, {"1": "x"})
+    assert project.cases == ["a", "b"]
+    run = root / "runs" / "run"
+    run.mkdir(parents=True)
+    (run / "model.pt").write_bytes(b"a finished model")
+    (root / "fmabs.json").unlink()
+    with pytest.raises(InputError, match="nothing here is deleted"):
+        D.cell_project(root, prepared, split, {"1": "x"})
+    assert (run / "model.pt").read_bytes() == b"a finished model"
