@@ -1052,8 +1052,35 @@ def _model_cases() -> list[Case]:
     return cases
 
 
+def _training_label_grid_cases() -> list[Case]:
+    """A project's cross-label or dense label off its scan's grid: `fmabs check` reports it; training must refuse it
+    too (it used to train on it and exit 0)."""
+    cases: list[Case] = []
+    shifted = EYE.copy()
+    shifted[:3, 3] = (5.0, 0.0, 0.0)
+
+    def build_with(kind: str, data: bytes):
+        def build(env):
+            proj = env.project()
+            case = _crosslabelled(proj)[0]
+            folder = "crosslabels" if kind == "crosslabel" else "labels"
+            env.write(proj / folder / f"{case}.nii.gz", _gz(data))
+            method = ["--method", "sup-dense"] if kind == "label" else []
+            return ["train", "--project", str(proj), "--run", "fresh", *TINY_TRAIN, *method]
+        return build
+
+    for kind in ("crosslabel", "label"):
+        cases.append(Case(f"affine/train-{kind}-shifted", "affine",
+                          build_with(kind, nifti_bytes(_label_array(), sform=shifted)), ("affine differs",), ("proj",)))
+        cases.append(Case(f"affine/train-{kind}-other-shape", "affine",
+                          build_with(kind, nifti_bytes(_label_array()[:, :, :12])), ("differs from its image",),
+                          ("proj",)))
+    return cases
+
+
 def all_cases() -> list[Case]:
     cases = (_volume_cases() + _project_doc_cases() + _run_doc_cases() + _names_cases() + _options_cases()
+             + _training_label_grid_cases()
              + _output_cases() + _model_cases())
     seen: set[str] = set()
     for c in cases:

@@ -241,20 +241,27 @@ class Trainer:
         self.train_cases: list[Case] = []
         self._grids.clear()
         labelled, unlabelled = [], []
+        problems: list[str] = []  # labels off their scan's grid: all of them named at once, before any step
         for cid in self.progress(train, desc="loading scans"):
             volume = project.load_image(cid)
             case = Case(cid, zscore(volume.array))
             self._grids[cid] = volume.grid()
             if project.has_label(cid):
-                case.extra["label"] = project.load_label(cid).array  # evaluation and the simulated expert
+                label = project.load_label(cid)
+                problems += io.check_pair(volume, label)
+                case.extra["label"] = label.array  # evaluation and the simulated expert
             usable = chosen is None or cid in chosen
             if self.method.supervision == "dense":
                 if "label" in case.extra and usable:
                     case.target = case.extra["label"]
             elif project.crosslabel_path(cid).exists() and usable:
-                case.target = project.load_crosslabel(cid).array
+                cross = project.load_crosslabel(cid)
+                problems += io.check_pair(volume, cross)
+                case.target = cross.array
             (labelled if case.target is not None else unlabelled).append(case)
             self.train_cases.append(case)
+        if problems:
+            raise InputError(" ".join(problems) + " (`fmabs check` lists every such problem of the project.)")
         if not labelled:
             kind = "dense labels" if self.method.supervision == "dense" else "cross-labels"
             raise InputError(f"{project.root}: no training scan has {kind}; "
@@ -278,7 +285,11 @@ class Trainer:
         by_id = {c.id: c for c in self.train_cases}
         for cid in case_ids:
             case = by_id[cid]
-            case.target = self.project.load_crosslabel(cid).array
+            cross = self.project.load_crosslabel(cid)
+            problems = io.check_pair(self.project.load_image(cid), cross)
+            if problems:
+                raise InputError(" ".join(problems))
+            case.target = cross.array
             if case in self.unlabelled:
                 self.unlabelled.remove(case)
             if case not in self.labelled:
