@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fmabs_core.contract import RUNS_DIR
+from fmabs_core.contract import DONE, MODEL_FILE, RUNS_DIR, STATUS_FILE
 from fmabs_core.runs import jobs
 from fmabs_core.data.project import Project
 from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.cli.common import (POSITIVE_SECONDS, STDOUT, add_json_option, add_overwrite_option, check_json_output,
-                                   check_run_files, emit)
+                                   check_run_files, check_status, emit)
 from fmabs_core.cli.train_cmds import add_train_arguments, config_from_args
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     project = Project(args.project)  # fails early, in the foreground, on a bad project
     project.run_dir(args.run)  # a safe run name inside the project
     config_from_args(args, project)  # every option checked here, before anything is written or started
+    run_dir = project.run_dir(args.run)
+    if (run_dir / STATUS_FILE).is_file() and check_status(run_dir).get("state") == DONE:
+        raise InputError(f"run '{args.run}' ({run_dir}) has finished: its model is {run_dir / MODEL_FILE}. "
+                         "Nothing is started; choose a new --run to train again.")
     argv = train_argv(args)
     argv[argv.index("--project") + 1] = str(project.root.resolve())
     job = jobs.start_job(project.run_dir(args.run), argv)

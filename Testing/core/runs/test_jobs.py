@@ -141,3 +141,15 @@ def test_cancel_in_process_checkpoints(project):
     Trainer(project, "c", cfg).train()
     assert read_status(run)["state"] == "done"
     assert [e["iteration"] for e in read_events(run) if e["type"] == "started"] == [0, 3]
+
+
+def test_start_refuses_a_finished_run(project, capsys):
+    """`fmabs jobs start` on a finished run says so and starts nothing (it printed "started" and exited 0,
+    and the job had nothing to do)."""
+    opts = _train_opts(project, "finished", iterations=2)
+    assert main(["train", *opts]) == 0
+    capsys.readouterr()
+    assert main(["jobs", "start", *opts]) == 2
+    err = capsys.readouterr().err
+    assert "has finished" in err and "--run" in err
+    assert not (project.run_dir("finished") / "job.json").exists()
