@@ -171,7 +171,7 @@ STATUS_TYPES: dict[str, tuple[type, ...]] = {
 }
 _TYPE_NAMES = {_NUMBER: "a number", (int,): "an integer", (str,): "a string", (dict,): "an object", (list,): "a list"}
 JOB_TYPES: dict[str, tuple[type, ...]] = {"pid": (int,), "started": _NUMBER, "argv": (list,), "host": (str,),
-                                          "log": (str,)}
+                                          "log": (str,), "created": _NUMBER}
 
 
 def read_run_document(path: Path, types: dict[str, tuple[type, ...]]) -> dict[str, Any]:

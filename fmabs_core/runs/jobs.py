@@ -68,7 +68,8 @@ def start_job(run_dir: Path, train_argv: Sequence[str], python: str | None = Non
         out.flush()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 close_fds=True, env=job_env, **process.detached_popen_kwargs())
-    info = {"pid": proc.pid, "argv": argv, "started": time.time(), "host": socket.gethostname(), "log": str(log_path)}
+    info = {"pid": proc.pid, "argv": argv, "started": time.time(), "host": socket.gethostname(), "log": str(log_path),
+            "created": process.created(proc.pid)}  # with the pid, names this very process (pids are reused)
     tmp = run_dir / f".{JOB_FILE}.tmp"
     tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
     os.replace(tmp, run_dir / JOB_FILE)
@@ -97,7 +98,7 @@ def job_status(run_dir: Path) -> dict[str, Any]:
             state = STARTING  # a fresh process owns the run but has not written its status yet
     elif job and float(job.get("started", 0)) > float(status.get("updated", 0)):
         # launched after the last status write and not holding the lock (yet, or any more)
-        if pid_alive(job.get("pid")):
+        if _is_job(job):
             state, status["pid"] = STARTING, job.get("pid")
         elif state not in FINAL_STATES or state is None:
             state = CRASHED
@@ -194,6 +195,11 @@ def list_runs(project_root: Path) -> list[dict[str, Any]]:
 
 
 # ---- cancelling ---------------------------------------------------------------------------------
+def _is_job(job: dict[str, Any]) -> bool:
+    """Whether job.json's pid is still the job it launched (not a later process that got the same id)."""
+    return process.is_process(job.get("pid"), job.get("created"))
+
+
 def cancel_job(run_dir: Path, timeout_s: float = 60.0, kill_after: bool = False) -> dict[str, Any]:
     """Ask the process that holds the run to stop, then wait for it to checkpoint and let go of the run.
 
@@ -208,7 +214,7 @@ def cancel_job(run_dir: Path, timeout_s: float = 60.0, kill_after: bool = False)
     pid = (holder or {}).get("pid")
     if holder is None:
         job = read_json(run_dir / JOB_FILE)
-        if job and pid_alive(job.get("pid")):
+        if job and _is_job(job):
             pid = job["pid"]  # launched but not yet holding the lock
         else:
             status = job_status(run_dir)

@@ -48,6 +48,27 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def created(pid: int) -> float | None:
+    """The process's start time (seconds since the epoch), or None when there is no such process."""
+    try:
+        return float(psutil.Process(int(pid)).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def is_process(pid: int | None, started: float | None) -> bool:
+    """Whether ``pid`` is alive and still the process that was started at ``started`` (from :func:`created`).
+
+    A process id is reused once its process has gone: a crashed job's recorded pid may name another user's
+    program by now, which must never be signalled. Without a recorded start time only liveness is known."""
+    if not pid_alive(pid):
+        return False
+    if started is None:
+        return True
+    now = created(int(pid))
+    return now is not None and abs(now - float(started)) < 1.0
+
+
 def terminate(pid: int) -> bool:
     """Ask one process to stop: SIGTERM on POSIX (the trainer checkpoints first), TerminateProcess on
     Windows (immediate; see the module docstring). Returns False when there was no such process."""

@@ -153,3 +153,28 @@ def test_start_refuses_a_finished_run(project, capsys):
     err = capsys.readouterr().err
     assert "has finished" in err and "--run" in err
     assert not (project.run_dir("finished") / "job.json").exists()
+
+
+def test_cancel_never_signals_a_process_that_reused_the_jobs_pid(project):
+    """A crashed job's pid now names another live process (pids are reused): cancel reports the crash and
+    leaves that process alone. (Before: it sent the process SIGTERM, with --kill its whole tree.)"""
+    import subprocess
+
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        run = project.run_dir("reused")
+        run.mkdir(parents=True)
+        (run / "status.json").write_text(json.dumps({"state": "running", "iteration": 3, "iterations": 10,
+                                                     "pid": bystander.pid, "host": socket.gethostname(),
+                                                     "updated": time.time() - 100}))
+        # the job was launched (and died) long before the bystander started, under the pid it has now
+        (run / "job.json").write_text(json.dumps({"pid": bystander.pid, "started": time.time(), "argv": ["fmabs"],
+                                                  "host": socket.gethostname(), "log": str(run / "train.log"),
+                                                  "created": time.time() - 3600}))
+        assert jobs.job_status(run)["state"] == "crashed"
+        assert jobs.cancel_job(run, timeout_s=1, kill_after=True)["state"] == "crashed"
+        time.sleep(0.2)
+        assert bystander.poll() is None, "the unrelated process was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()
