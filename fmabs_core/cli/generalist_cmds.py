@@ -434,6 +434,13 @@ def _pseudo_label_tuned(args: argparse.Namespace) -> int:
         problems = io.check_pair(image, gt)
         if problems:
             raise InputError(" ".join(problems))
+    case = _case_name(args)
+    out = Path(args.output)
+    if not io.is_nifti(out):
+        out = out / f"{case}_tiled.nii.gz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    protect = tuple(Path(p) for p in (args.image, args.label, args.adapter) if p)
+    io.check_output_file(out, protect, args.overwrite, "--output")  # before the minutes of work, not after
     device = resolve_device(args.device, fallback=False)
     model = load_tuned(args.adapter, device, checkpoint=args.generalist_checkpoint)
     t0 = time.time()
@@ -441,12 +448,6 @@ def _pseudo_label_tuned(args: argparse.Namespace) -> int:
         probs = predict_proba(model, zscore(image.array), patch, args.overlap, device, normalise=False)
     seg = probs.argmax(0).astype(np.uint8)
     seconds = time.time() - t0
-    case = _case_name(args)
-    out = Path(args.output)
-    if not io.is_nifti(out):
-        out = out / f"{case}_tiled.nii.gz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    protect = tuple(Path(p) for p in (args.image, args.label, args.adapter) if p)
     io.save_like(seg, image, out, np.uint8, protect=protect)
     print(f"{case}: prompt-free {meta['generalist']} + LoRA adapter, patch {' x '.join(map(str, patch))}, "
           f"{seconds:.1f} s -> {out}")

@@ -261,6 +261,13 @@ def test_fmabs_train_sam_lora_then_pseudo_label_with_the_adapter(tmp_path, phant
     seg, ref = nib.load(str(out)), nib.load(str(image))
     assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
     assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1}
+    # the written label is the user's now: the same command refuses to replace it, before any work
+    before = out.read_bytes()
+    assert main(["pseudo-label", "--adapter", str(model), "--image", str(image), "--output", str(out),
+                 "--device", "cpu"]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["pseudo-label", "--adapter", str(model), "--image", str(image), "--output", str(out),
+                 "--device", "cpu", "--overwrite"]) == 0
     # with --adapter the prompts have no meaning: refused, not silently ignored
     assert main(["pseudo-label", "--adapter", str(model), "--image", str(image), "--prompt-from", str(label),
                  "--output", str(tmp_path / "x"), "--device", "cpu"]) == 2
