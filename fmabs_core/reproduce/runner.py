@@ -223,6 +223,12 @@ def check_out(out: Path, train_dir: Path, test_dir: Path | None) -> None:
             raise InputError(f"--out {out}: overlaps {option} {folder}; choose a folder outside your data")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is a file; give a folder")
+    if out.is_dir() and not (out / "protocol.json").exists():
+        found = sorted(p.name for p in out.iterdir())
+        if found:  # not an earlier reproduction's folder: the report's files would replace the user's
+            raise InputError(f"--out {out}: holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}, "
+                             "and is not the folder of an earlier reproduction; choose a new or empty folder "
+                             "(or an earlier reproduction's, to resume it)")
     if not out.exists() and not out.parent.is_dir():
         raise InputError(f"--out {out}: its parent folder {out.parent} does not exist")
 

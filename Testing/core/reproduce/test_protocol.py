@@ -236,3 +236,23 @@ def test_a_cell_project_without_its_document_is_redone_only_when_nothing_ran(tmp
     with pytest.raises(InputError, match="nothing here is deleted"):
         D.cell_project(root, prepared, split, {"1": "x"})
     assert (run / "model.pt").read_bytes() == b"a finished model"
+
+
+def test_out_holding_a_users_files_is_refused(tmp_path):
+    """--out at a folder of the user's (a table.md of theirs) is refused before anything is written; an empty
+    folder and an earlier reproduction's folder (it has protocol.json) are accepted."""
+    from fmabs_core.reproduce.runner import check_out
+
+    data = tmp_path / "data"
+    data.mkdir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "table.md").write_text("my own table")
+    with pytest.raises(InputError, match="table.md"):
+        check_out(mine, data, None)
+    assert (mine / "table.md").read_text() == "my own table"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_out(empty, data, None)
+    (mine / "protocol.json").write_text("{}")
+    check_out(mine, data, None)  # an earlier reproduction's folder: resumed
