@@ -208,7 +208,13 @@ def load(name_or_path: str) -> Protocol:
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise InputError(f"{path}: no such protocol file (shipped protocols: {', '.join(shipped())})")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the protocol as "
+                             "UTF-8 JSON") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
     else:
         names = shipped()
         if name_or_path not in names:
@@ -219,4 +225,7 @@ def load(name_or_path: str) -> Protocol:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply to be a protocol; start from `fmabs reproduce "
+                         "la-fmabs --show`") from None
     return Protocol.from_dict(data, where)

@@ -243,6 +243,8 @@ def reproduce(protocol: Protocol, train_dir: Path, test_dir: Path | None, out: P
     train_dir, out = Path(train_dir), Path(out)
     check_out(out, train_dir, test_dir)
     cells = plan(protocol, scale, seeds, rows)
+    for cell in cells:  # every row's and the scale's options checked before anything is written
+        train_config(protocol, scale, cell, None, device)
     split, pairs = D.make_split(protocol, scale, train_dir, Path(test_dir) if test_dir else None)
     out.mkdir(exist_ok=True)
     _write_once(out / "protocol.json", json.dumps({"protocol": protocol.to_dict(), "scale": scale_name}, indent=2),

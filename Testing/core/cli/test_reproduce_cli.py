@@ -27,6 +27,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, phantom_data
         # 8 phantom scans: holding out the protocol's 20 test scans is impossible
         (["reproduce", "la-fmabs", "--train", str(phantom_data), "--out", str(out)], "give a --test folder"),
     ]
+    # broken protocol files: deep nesting, not UTF-8, a row option its method lacks (was written, then refused)
+    assert main(["reproduce", "la-fmabs", "--show"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    shown["rows"][0]["options"] = {"ema": 5}
+    (tmp_path / "opt.json").write_text(json.dumps(shown))
+    (tmp_path / "deep.json").write_text("[" * 100000 + "]" * 100000)
+    (tmp_path / "latin.json").write_bytes(b"\xff\xfe{}")
+    for name, word in (("opt.json", "'ema'"), ("deep.json", "nested too deeply"), ("latin.json", "not UTF-8")):
+        cases.append((["reproduce", str(tmp_path / name), "--train", str(phantom_data), "--out", str(out),
+                       "--methods", "sup"], word))
     for argv, word in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
