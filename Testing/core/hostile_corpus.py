@@ -536,6 +536,9 @@ def _run_doc_case(name: str, file: str, content, command: str = "status", keys: 
             target.mkdir()
         elif content is _DELETE:
             target.unlink(missing_ok=True)
+        elif content is _LINK:
+            target.unlink(missing_ok=True)
+            target.symlink_to(target)  # a link to itself: "too many levels of symbolic links"
         else:
             text = content if isinstance(content, str) else json.dumps(content)
             target.write_text(text)
@@ -555,7 +558,7 @@ def _run_doc_case(name: str, file: str, content, command: str = "status", keys: 
     return Case(f"run-doc/{name}/{command}", "run-doc", build, (file,) + keys, ("proj", "out"))
 
 
-_FOLDER, _DELETE = object(), object()
+_FOLDER, _DELETE, _LINK = object(), object(), object()
 
 
 def _checkpoint_run(env: Env, proj: Path) -> Path:
@@ -597,6 +600,10 @@ def _run_doc_cases() -> list[Case]:
         r("config-invalid-json", "config.json", "{", command="predict-ckpt"),
         r("config-list", "config.json", [1], command="train"),
         r("config-iterations-text", "config.json", {"iterations": "many"}, command="train", keys=("iterations",)),
+        r("lock-is-folder", ".lock", _FOLDER, command="train"),
+        r("lock-is-folder", ".lock", _FOLDER),
+        r("lock-is-link", ".lock", _LINK, command="train"),
+        r("lock-is-link", ".lock", _LINK),
     ]
 
 

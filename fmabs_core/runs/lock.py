@@ -20,7 +20,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from fmabs_core.contract import LOCK_FILE
-from fmabs_core.errors import FmabsError
+from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.runs.process import pid_alive
 
 __all__ = ["LOCK_FILE", "HOLDER_FILE", "RunBusyError", "RunLock", "lock_holder", "pid_alive", "read_json"]
@@ -39,6 +39,15 @@ def read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def check_lock_file(path: Path) -> None:
+    """A run's lock file must be a plain file (or absent): a folder or a link there is damage (or a trick), named
+    with what to do rather than failing inside the lock library."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        kind = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "not a plain file"
+        raise InputError(f"{path}: the run's lock file is {kind}; the run folder is damaged. Remove {path} "
+                         "(nothing else in the run is lost) and run the command again.")
 
 
 class RunLock:
@@ -64,6 +73,7 @@ class RunLock:
         if self._lock is not None:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_lock_file(self.path)
         lock = FileLock(str(self.path), thread_local=False)
         try:
             lock.acquire(timeout=self.wait_s, poll_interval=0.05)
@@ -74,6 +84,9 @@ class RunLock:
                 f"run '{self.run_dir.name}' ({self.run_dir}) is already being trained by {who}; "
                 f"cancel it first ('fmabs jobs cancel --project ... --run {self.run_dir.name}') "
                 "or choose another --run") from None
+        except OSError as exc:  # e.g. a read-only run folder
+            raise InputError(f"{self.path}: the run's lock file cannot be created ({exc.strerror}); make "
+                             f"{self.run_dir} writable, or choose another --run") from None
         try:
             _write_json(self.holder_path, {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
         except BaseException:
@@ -109,8 +122,9 @@ def lock_holder(run_dir: Path) -> dict[str, Any] | None:
     """
     run_dir = Path(run_dir)
     path = run_dir / LOCK_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
+    check_lock_file(path)
     probe = FileLock(str(path), thread_local=False)
     try:
         probe.acquire(timeout=0)
