@@ -357,6 +357,15 @@ def fetch(
                 "nothing was saved; retry or check the URL."
             )
         if entry.sha256 is None:  # what the publisher's URL (or the user's --url) served is what later uses must match
+            from fmabs_core.generalist.models import _load_state  # torch only here: `weights list` stays light
+
+            try:  # with no hash to compare, at least the format: an error page or junk is never kept nor trusted
+                _load_state(tmp)
+            except WeightsError as exc:
+                raise WeightsError(f"{url}: what was downloaded for {entry.name} is not a PyTorch checkpoint "
+                                   f"({str(exc).split('(', 1)[-1].rstrip('. ')}; nothing was saved or recorded. "
+                                   "Check the URL, or download the file by hand and record it with "
+                                   f"`fmabs weights trust {entry.name} --path FILE`.") from None
             record_trust(entry, digest, n, f"downloaded from {url}")
         os.replace(tmp, target)
         log.info("saved %s (%d bytes, sha256 %s)", target, n, digest)

@@ -82,9 +82,19 @@ def test_fetch_http_error_is_clear(server, tmp_path):
     assert list(dest.iterdir()) == []
 
 
+def _checkpoint_bytes() -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.arange(6.0)}, buf)
+    return buf.getvalue()
+
+
 def test_fetch_name_hash_prefix(server, tmp_path):
     base, root = server
-    data = b"abc" * 999
+    data = _checkpoint_bytes()  # no sha256 recorded: what is kept must at least be a weights-only checkpoint
     (root / "w.bin").write_bytes(data)
     md5 = hashlib.md5(data).hexdigest()
     ok = _entry(base + "w.bin", data, sha256=None, size=None, name_hash=md5[:6])
@@ -148,9 +158,14 @@ def test_cli_weights_list_fetch_verify(server, tmp_path, monkeypatch, capsys):
     assert "ok (present, size, sha256)" in capsys.readouterr().out
     # fetch from a mirror URL: a file whose size differs from the registry is refused
     base, root = server
-    (root / "mobile_sam.pt").write_bytes(b"tiny")
+    (root / "mobile_sam.pt").write_bytes(b"tiny")  # junk: no hash is published for mobilesam, so the format decides
+    with pytest.raises(WeightsError, match="not a PyTorch checkpoint"):
+        _cli(["weights", "fetch", "mobilesam", "--url", base + "mobile_sam.pt"])
+    assert not (tmp_path / "cache" / "mobile_sam.pt").exists()
+    tiny = _checkpoint_bytes()
+    (root / "mobile_sam.pt").write_bytes(tiny)
     assert _cli(["weights", "fetch", "mobilesam", "--url", base + "mobile_sam.pt"]) == 0
-    assert (tmp_path / "cache" / "mobile_sam.pt").read_bytes() == b"tiny"
+    assert (tmp_path / "cache" / "mobile_sam.pt").read_bytes() == tiny
     capsys.readouterr()
     assert _cli(["weights", "verify", "mobilesam"]) == 0  # against the hash recorded at the download
     assert "sha256 (your record)" in capsys.readouterr().out
@@ -217,3 +232,14 @@ def test_cli_weights_trust(tmp_path, capsys):
     assert digest in capsys.readouterr().out
     assert _cli(["weights", "list"]) == 0
     assert "yours: " + digest[:8] in capsys.readouterr().out
+
+
+def test_fetch_without_a_recorded_hash_keeps_no_junk(server, tmp_path):
+    """No sha256 is published for the name: 2 KiB of junk (an error page, a wrong URL) is neither kept nor
+    recorded as trusted. (Before: it was stored as the weights file and its hash recorded.)"""
+    base, root = server
+    (root / "junk.bin").write_bytes(b"<html>not found</html>" + bytes(2000))
+    entry = _entry(base + "junk.bin", b"", sha256=None, size=None)
+    with pytest.raises(WeightsError, match="is not a PyTorch checkpoint"):
+        W.fetch(entry, dest_dir=tmp_path / "c")
+    assert list((tmp_path / "c").iterdir()) == [] and W.trusted_records() == {}
