@@ -292,7 +292,8 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         return _pseudo_label_tuned(args)
     from fmabs_core.data import io
     from fmabs_core.generalist import get_generalist
-    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, save_pseudolabels
+    from fmabs_core.cli.common import progress
+    from fmabs_core.generalist.pseudolabel import dice, multiview_pseudolabel, planned_slices, save_pseudolabels
 
     from fmabs_core.generalist.embcache import EmbeddingCache
     from fmabs_core.generalist.prompts import check_jitter_fraction
@@ -343,12 +344,13 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     # The same steps as a round: the scan z-scored as training sees it, and the slices decoded from embeddings
     # stored at the round's precision (its embedding cache), so a round's inputs give the round's label.
     cache = EmbeddingCache(g.device, tier="host", dtype=args.embedding_dtype, compute_dtype=g.amp_dtype)
-    result = multiview_pseudolabel(
-        g, zscore(image.array), prompt, np.random.default_rng(args.seed), fusion="mv",
-        box_jitter=args.box_jitter, n_points=args.n_points, max_slices_per_view=args.pseudo_max_slices,
-        batch_size=args.batch_size, prompt_mode=args.prompt_mode, keep_probs=rule.needs_probs, cache=cache,
-        box_jitter_fraction=args.box_jitter_fraction,
-    )
+    with progress(None, desc="slices", total=planned_slices(prompt, args.pseudo_max_slices)) as bar:
+        result = multiview_pseudolabel(
+            g, zscore(image.array), prompt, np.random.default_rng(args.seed), fusion="mv",
+            box_jitter=args.box_jitter, n_points=args.n_points, max_slices_per_view=args.pseudo_max_slices,
+            batch_size=args.batch_size, prompt_mode=args.prompt_mode, keep_probs=rule.needs_probs, cache=cache,
+            box_jitter_fraction=args.box_jitter_fraction, on_slices=bar.update,
+        )
     if args.pseudo_max_slices is not None:
         fill_unprompted(result, teacher)
     views = {v: result[v] for v in io.VIEWS}

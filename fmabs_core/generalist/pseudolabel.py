@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -120,6 +120,7 @@ def view_pseudolabel(
     timing: dict[str, float] | None = None,
     probs: dict[int, np.ndarray] | None = None,
     box_jitter_fraction: float | None = None,
+    on_slices: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """One view's 3D pseudo-label (XYZ uint8), the prompted slice indices and the number of prompts.
 
@@ -128,6 +129,7 @@ def view_pseudolabel(
     With ``cache`` (and ``scan_id``, the scan's content hash) slices encoded before are only decoded.
     ``timing``: seconds spent encoding (cache look-ups included) and decoding are added to its "encode" and
     "decode" entries (on a GPU after a synchronisation, so that the split says where a round's time goes).
+    ``on_slices``: called with the number of slices just answered (a progress bar's ``update``).
     """
     timing = {} if timing is None else timing
     img_v = view_slices(image, view, orientation)
@@ -180,6 +182,8 @@ def view_pseudolabel(
                 lab[win] = c
                 best[win] = pc[win]
             out[k] = lab
+        if on_slices is not None:
+            on_slices(len(chunk))
     if soft is not None:
         probs.update({c: from_view_slices(v, view, orientation) for c, v in soft.items()})
     return from_view_slices(out, view, orientation), idx, n_prompts
@@ -209,6 +213,7 @@ def multiview_pseudolabel(
     scan_id: str | None = None,
     keep_probs: bool = False,
     box_jitter_fraction: float | None = None,
+    on_slices: Callable[[int], object] | None = None,
 ) -> PseudoLabels:
     """Axial, coronal and sagittal generalist pseudo-labels of one scan, and their fusion.
 
@@ -221,7 +226,8 @@ def multiview_pseudolabel(
     embeddings kept across calls (rounds) under ``scan_id`` (default: the image's content hash).
     ``box_jitter_fraction``: each box enlarged by up to that share of its longer side instead of ``box_jitter``
     pixels. ``keep_probs``: also keep each view's per-class probabilities (``result.probs[view][class]``, float16),
-    which the soft fusions need.
+    which the soft fusions need. ``on_slices``: called with each batch's number of slices answered (a progress bar
+    over :func:`planned_slices`).
     """
     image = np.asarray(image)
     prompt_mask = np.asarray(prompt_mask)
@@ -244,7 +250,7 @@ def multiview_pseudolabel(
         vol, idx, n = view_pseudolabel(
             generalist, image, prompt_mask, view, rng, window, box_jitter, n_points, max_slices_per_view,
             batch_size, prompt_mode, min_component_px, orientation, cache, scan_id, result.timing,
-            result.probs.setdefault(view, {}) if keep_probs else None, box_jitter_fraction,
+            result.probs.setdefault(view, {}) if keep_probs else None, box_jitter_fraction, on_slices,
         )
         result[view], result.slices[view] = vol, idx
         result.prompts += n
@@ -275,6 +281,18 @@ def on_slices(shape: tuple[int, ...], view: str, index: np.ndarray) -> np.ndarra
     sel[VIEW_AXIS[view]] = index
     mask[tuple(sel)] = True
     return mask
+
+
+def planned_slices(prompt_mask: np.ndarray, max_slices_per_view: int | None = None) -> int:
+    """How many slices :func:`multiview_pseudolabel` will prompt for ``prompt_mask``: the foreground slices of each
+    view, at most ``max_slices_per_view`` each (the total of a progress bar)."""
+    fg = (np.asarray(prompt_mask) > 0) & (np.asarray(prompt_mask) != UNLABELLED)
+    total = 0
+    for view in VIEWS:
+        axis = VIEW_AXIS[view]
+        n = int(fg.any(axis=tuple(a for a in range(3) if a != axis)).sum())
+        total += n if max_slices_per_view is None else min(n, max_slices_per_view)
+    return total
 
 
 def prompted_slices_bound(shape: tuple[int, ...], max_slices_per_view: int | None) -> int:

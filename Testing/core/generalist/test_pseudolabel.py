@@ -258,3 +258,17 @@ def test_scaled_jitter_follows_the_box_not_the_pixel_grid():
             for p in slice_prompts(mask, rng, jitter=0, n_points=0, jitter_fraction=0.1)]
     grow = np.abs(np.array(grow))
     assert grow.max() == 10 and grow.min() == 0
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+def test_progress_counts_every_prompted_slice_once(cap):
+    """The progress hook `fmabs pseudo-label` draws its bar with: the slices it reports add up to the slices
+    prompted, and planned_slices (the bar's total) says that number before the work starts."""
+    from fmabs_core.generalist.pseudolabel import planned_slices
+
+    mask = _cuboids()
+    done: list[int] = []
+    res = multiview_pseudolabel(BoxGeneralist(), mask.astype(np.float32), mask, np.random.default_rng(0),
+                                box_jitter=0, max_slices_per_view=cap, on_slices=done.append)
+    prompted = sum(v.size for v in res.slices.values())
+    assert prompted > 0 and sum(done) == prompted == planned_slices(mask, cap)
