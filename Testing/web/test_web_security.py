@@ -98,7 +98,7 @@ def test_non_loopback_bind_needs_the_token(phantom_project, server_factory):
     assert list((phantom_project / "uploads").iterdir()) == []  # nothing half-written is left
 
 
-def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
+def test_bad_command_lines_are_one_line_errors(tmp_path, capsys, monkeypatch):
     from fmabs_core.cli import main
 
     assert main(["web", "--project", str(tmp_path)]) == 2
@@ -108,3 +108,29 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, capsys):
     assert "--port 0" in capsys.readouterr().err
     assert main(["web", "--project", str(tmp_path), "--token", "short"]) == 2
     assert "--token" in capsys.readouterr().err
+    # the token from the environment is named as such, not as --token
+    monkeypatch.setenv(security.TOKEN_ENV, "short")
+    assert main(["web", "--project", str(tmp_path)]) == 2
+    assert "FMABS_WEB_TOKEN" in capsys.readouterr().err
+
+
+def test_a_busy_port_or_an_unknown_host_is_refused_before_serving(tmp_path, capsys):
+    """Before: "serving ... at http://..." was printed, then a traceback (the port in use, the host unknown)."""
+    import socket
+
+    from fmabs_core.cli import main
+
+    Path(tmp_path / "fmabs.json").write_text("{}")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        assert main(["web", "--project", str(tmp_path), "--port", str(port)]) == 2
+        out, err = capsys.readouterr()
+        assert f"--port {port}" in err and "serving" not in out
+    finally:
+        busy.close()
+    assert main(["web", "--project", str(tmp_path), "--host", "no-such-host.invalid"]) == 2
+    out, err = capsys.readouterr()
+    assert "--host no-such-host.invalid" in err and "serving" not in out

@@ -18,9 +18,10 @@ def cmd_web(args: argparse.Namespace) -> int:
         raise InputError(f"--port {args.port}: give a port between 1 and 65535")
     if args.max_upload_mb <= 0:
         raise InputError(f"--max-upload-mb {args.max_upload_mb}: give a positive size in MB")
-    from fmabs_core.web.security import access_token  # standard library only
+    from fmabs_core.web.security import access_token, check_listen  # standard library only
 
     token = access_token(args.host, args.token)
+    check_listen(args.host, args.port)
     try:
         from fmabs_core.web.app import WebOptions, serve
     except ImportError as exc:

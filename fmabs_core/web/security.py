@@ -41,19 +41,41 @@ def is_loopback(host: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
-def check_token(token: str) -> str:
-    """A token given by the user: long enough to resist guessing, printable, no spaces."""
+def check_token(token: str, source: str = "--token") -> str:
+    """A token given by the user (``source``: the option or variable it came from): long enough to resist
+    guessing, printable, no spaces."""
     if len(token) < 16 or not token.isprintable() or any(c.isspace() for c in token):
-        raise InputError("--token: use at least 16 printable characters without spaces "
+        raise InputError(f"{source}: use at least 16 printable characters without spaces "
                          "(or leave it out and fmabs web generates one)")
     return token
 
 
+def check_listen(host: str, port: int) -> None:
+    """Refuse, before anything is printed or built, a host that does not resolve or a port already in use."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InputError(f"--host {host}: cannot be resolved to an address of this machine ({exc}); give "
+                         "127.0.0.1 (the default) or this machine's name or address") from None
+    family, kind, proto, _, address = infos[0]
+    probe = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        probe.bind(address)
+    except OSError as exc:
+        raise InputError(f"--port {port}: cannot listen on {host} ({exc.strerror}); another program (another "
+                         "fmabs web?) may use it: choose another --port") from None
+    finally:
+        probe.close()
+
+
 def access_token(host: str, token: str | None) -> str | None:
     """The token sessions must present: the given one, a new one for a non-loopback host, else None."""
-    token = token or os.environ.get(TOKEN_ENV) or None
     if token:
-        return check_token(token)
+        return check_token(token, "--token")
+    if os.environ.get(TOKEN_ENV):
+        return check_token(os.environ[TOKEN_ENV], TOKEN_ENV)
     if is_loopback(host):
         return None
     return secrets.token_urlsafe(24)
