@@ -186,7 +186,7 @@ def _check_published(entry: WeightsEntry, p: Path) -> None:
     if entry.size is not None and size != entry.size:
         raise WeightsError(
             f"{p}: size {size} bytes, expected {entry.size} for {entry.name} ({entry.filename}); the file is "
-            f"incomplete or not the published checkpoint. Delete it and {_how_to_get(entry)}."
+            f"incomplete or not the published checkpoint. {_what_to_do(entry, p)}."
         )
     if entry.name_hash is not None:
         sha, md5 = file_hashes(p)
@@ -194,7 +194,7 @@ def _check_published(entry: WeightsEntry, p: Path) -> None:
             raise WeightsError(
                 f"{p}: hash {md5} (md5) / {sha} (sha256) does not start with {entry.name_hash}, the prefix in the "
                 f"published name {entry.filename}; the file is corrupt or a different checkpoint. "
-                f"Delete it and {_how_to_get(entry)}."
+                f"{_what_to_do(entry, p)}."
             )
 
 
@@ -232,6 +232,19 @@ def file_hashes(path: str | os.PathLike) -> tuple[str, str]:
             sha.update(chunk)
             md5.update(chunk)
     return sha.hexdigest(), md5.hexdigest()
+
+
+def _what_to_do(entry: WeightsEntry, p: Path) -> str:
+    """Advice for a file that fails its checks: ours (the cache's or the package's) may be deleted and fetched
+    again; a file the user named is theirs, so they are told to check it, never to delete it."""
+    try:
+        ours = p.resolve() == default_path(entry).resolve()
+    except OSError:
+        ours = False
+    if ours:
+        return f"Delete it and {_how_to_get(entry)}"
+    return (f"Check that you named the {entry.name} checkpoint ({entry.filename}) with --generalist-checkpoint, "
+            f"or leave the option out to use {default_path(entry)}")
 
 
 def _how_to_get(entry: WeightsEntry) -> str:

@@ -194,8 +194,10 @@ def test_sam_family_missing_weights_is_clear(name, tmp_path, monkeypatch):
 def test_wrong_checkpoint_is_clear(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="size 16 bytes, expected 375042383"):
+    with pytest.raises(WeightsError, match="size 16 bytes, expected 375042383") as exc:
         get_generalist("sam_vit_b", checkpoint=str(junk))
+    # the user's own file: they are told to check what they named, never to delete it
+    assert "Delete" not in str(exc.value) and "--generalist-checkpoint" in str(exc.value)
     with pytest.raises(WeightsError, match="cannot be loaded as a weights-only"):
         get_generalist("mobilesam", checkpoint=str(junk), check=False)
 
