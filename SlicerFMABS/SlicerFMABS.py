@@ -443,7 +443,7 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self.ui.caseListWidget.clear()
             for case, labelled in rows:
-                self.ui.caseListWidget.addItem(("\u2713 " if labelled else "    ") + case)
+                self.ui.caseListWidget.addItem(("\u2713 " if labelled else "    ") + core.display_name(case))
             for combo, values in ((self.ui.caseComboBox, [case for case, _ in rows]),
                                   (self.ui.reviewCaseComboBox, [case for case, _ in rows]),
                                   (self.ui.reviewRunComboBox, runs), (self.ui.modelComboBox, core.trained_runs())):

@@ -132,6 +132,30 @@ def check_name(name: str, what: str = "run name") -> str:
     return name
 
 
+def safe_case_id(name: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
+    """A safe case id for a clinician's own file name (``my scan 1`` -> ``my_scan_1``, ``Müller`` -> ``Muller``),
+    not in ``taken``; the original name is kept by the project (``fmabs.json`` ``names``).
+
+    Accents are dropped (NFKD), every other character outside letters, digits and ``._-`` becomes ``_``; a name
+    with nothing left (non-Latin letters only) becomes ``scan-<hash>``; a clash gets ``-2``, ``-3``, ...
+    """
+    import hashlib
+    import unicodedata
+
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", ascii_name).replace("..", "_")
+    slug = re.sub(r"^[^A-Za-z0-9]+", "", slug).rstrip("._-")
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    if not slug:
+        slug = f"scan-{digest}"
+    if len(slug) > 120:
+        slug = f"{slug[:111]}-{digest}"
+    candidate, n = slug, 2
+    while candidate in taken:
+        candidate, n = f"{slug}-{n}", n + 1
+    return check_name(candidate, "case id")
+
+
 def parse_classes(text: str | None) -> dict[int, str]:
     """``'1:left atrium, 2:scar'`` -> ``{1: 'left atrium', 2: 'scar'}``; a bare list is numbered from 1.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import tempfile
 import time
@@ -50,9 +49,8 @@ def _usable_name(name: str) -> bool:
 
 
 def safe_name(name: str) -> str:
-    """A case / file name from a node name: letters, digits, ``._-`` only."""
-    out = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
-    return out or "scan"
+    """A case / file name from a node name: the project's one rule (:func:`fmabs_core.contract.safe_case_id`)."""
+    return contract.safe_case_id(name)
 
 
 @dataclass
@@ -126,6 +124,10 @@ class FMABSLogic:
         labelled = set(project.crosslabelled())
         return [(case, case in labelled) for case in project.cases]
 
+    def display_name(self, case: str) -> str:
+        """The case id, with the scan's own file or node name when it was imported under another id."""
+        return self.require_project().display_name(case)
+
     def add_folder(self, folder: str | os.PathLike) -> tuple[list[str], list[str]]:
         """Import a folder of scans (or imagesTr/labelsTr); returns (new cases, problems)."""
         project = self.require_project()
@@ -146,12 +148,13 @@ class FMABSLogic:
                 node.SetAttribute(CASE_ATTRIBUTE, case)
                 continue
             source = self.unmodified_nifti_file(node)
+            original = node.GetName() if case != node.GetName() else None  # shown beside the id in the panels
             if source is not None:
-                project.add_case(source, case=case)
+                project.add_case(source, case=case, name=original)
             else:
                 with tempfile.TemporaryDirectory(prefix="fmabs-add-") as tmp:
                     path = self.write_volume_nifti(node, Path(tmp) / f"{case}.nii.gz")
-                    project.add_case(path, case=case)
+                    project.add_case(path, case=case, name=original)
             node.SetAttribute(CASE_ATTRIBUTE, case)
             existing.add(case)
             added.append(case)

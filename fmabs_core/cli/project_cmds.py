@@ -30,6 +30,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  - {p}")
         return 2
+    renamed = project.original_names()
+    if renamed:
+        print(f"{len(renamed)} scan(s) imported under a case id other than their file name (kept in the project):")
+        for case, original in sorted(renamed.items()):
+            print(f"  - {original} -> {case}")
     print(f"project {project.root}: {len(project.cases)} scans, "
           f"{len(project.split('train'))} train / {len(project.split('val'))} validation")
     return 0

@@ -12,14 +12,14 @@ import logging
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from filelock import FileLock
 
 from fmabs_core.contract import (CROSSLABELS_DIR, IMAGES_DIR, LABELS_DIR, MAX_CLASS, PROJECT_FILE, RUNS_DIR,
-                                 check_name)
+                                 check_name, safe_case_id)
 from fmabs_core.data import io
 from fmabs_core.errors import InputError, ProjectError
 
@@ -142,6 +142,16 @@ class Project:
     def split(self, name: str) -> list[str]:
         return list(self.read()["split"].get(name, []))
 
+    def original_names(self) -> dict[str, str]:
+        """case id -> the scan's own file name, for scans imported under a safe id (``my scan 1.nii.gz``)."""
+        names = self.read().get("names") or {}
+        return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
+
+    def display_name(self, case: str) -> str:
+        """What the panels show for a case: its id, and the file name it came from when that differs."""
+        original = self.original_names().get(case)
+        return f"{case} ({original})" if original else case
+
     def set_split(self, val_fraction: float = 0.2, seed: int = 0, val: list[str] | None = None) -> None:
         if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 <= val_fraction < 1):
             raise InputError(f"--val-fraction must be a number in [0, 1) (got {val_fraction})")
@@ -209,9 +219,11 @@ class Project:
 
     # ---- adding scans ---------------------------------------------------------------------------
     def add_case(
-        self, image: str | Path, label: str | Path | None = None, case: str | None = None, check: bool = True
+        self, image: str | Path, label: str | Path | None = None, case: str | None = None, check: bool = True,
+        name: str | None = None,
     ) -> str:
-        """Copy a scan (and its dense label) into the project; the user's files are never touched."""
+        """Copy a scan (and its dense label) into the project; the user's files are never touched.
+        ``name``: the scan's own file name when the case id differs from it (kept in ``fmabs.json`` ``names``)."""
         image = Path(image)
         case = case or io.case_id(image)
         try:
@@ -234,6 +246,8 @@ class Project:
         def change(meta: dict[str, Any]) -> None:
             meta["cases"].append(case)
             meta["split"]["train"].append(case)
+            if name is not None:
+                meta.setdefault("names", {})[case] = str(name)
 
         self.update(change)
         return case
@@ -306,7 +320,8 @@ def check_meta(meta: Any, path: Path | str = PROJECT_FILE) -> dict[str, Any]:
 
     Required: ``classes`` (object, values 1..254), ``cases`` (list of distinct safe names: they become file
     names), ``split`` (object of lists of known cases). Optional: ``version`` (an integer this version
-    can read), ``budget`` (null or an integer >= 1), ``rounds`` (a list of objects). Other keys are kept.
+    can read), ``budget`` (null or an integer >= 1), ``rounds`` (a list of objects), ``names`` (case id -> the
+    scan's own file name, for scans imported under a safe id). Other keys are kept.
     """
     fix = "; fix the file or restore it from a backup"
     if not isinstance(meta, dict):
@@ -344,6 +359,9 @@ def check_meta(meta: Any, path: Path | str = PROJECT_FILE) -> dict[str, Any]:
         unknown = [c for c in members if c not in seen]
         if unknown:
             raise ProjectError(f"{path}: key 'split'.{name} names case(s) {unknown[:5]} that are not in 'cases'{fix}")
+    names = meta.get("names", {})
+    if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+        raise ProjectError(f"{path}: key 'names' must be an object of case id -> file name, found {_short(names)}{fix}")
     budget = meta.get("budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise ProjectError(f"{path}: key 'budget' must be null or a whole number of scans >= 1, found "
@@ -396,6 +414,13 @@ class ImportPlan:
     pairs: list[tuple[Path, Path | None]]
     problems: list[Problem]
     skipped: list[str]
+    #: scan file -> its case id (the file name, or a safe id made from it: :func:`fmabs_core.contract.safe_case_id`)
+    ids: dict[Path, str] = field(default_factory=dict)
+    #: case id -> the scan's own file name, for the ids that are not the file name
+    names: dict[str, str] = field(default_factory=dict)
+
+    def case_id(self, image: Path) -> str:
+        return self.ids.get(Path(image), io.case_id(image))
 
 
 def plan_import(src: str | Path) -> ImportPlan:
@@ -431,17 +456,32 @@ def plan_import(src: str | Path) -> ImportPlan:
                 problems.append(Problem(cid, str(paths[0]), f"case '{cid}' has {len(paths)} {kind} files: "
                                         f"{', '.join(map(str, paths))}; keep one (the case id is the file name "
                                         "without .nii/.nii.gz and _0000)."))
-    for cid, paths in by_id.items():
-        try:
-            check_name(cid, "case id")
-        except ValueError as exc:
-            problems.append(Problem(cid, str(paths[0]), f"{paths[0]}: {exc} (the case id is the file name without "
-                                    ".nii/.nii.gz); rename the file."))
+    # A clinician's own file name ("my scan 1.nii.gz", accents, other scripts) is imported under a safe id; the
+    # project keeps the original name. Names that are safe already keep their id.
+    safe = {cid for cid in by_id if _is_safe(cid)}
+    ids: dict[Path, str] = {}
+    names: dict[str, str] = {}
+    taken = set(safe)
+    for cid, paths in sorted(by_id.items()):
+        new_id = cid if cid in safe else safe_case_id(cid, taken)
+        taken.add(new_id)
+        for p in paths:
+            ids[p] = new_id
+        if new_id != cid:
+            names[new_id] = paths[0].name
     for cid, paths in labels_by_id.items():
         if cid not in by_id:
             skipped += [f"{p}: a label without a scan of the same name" for p in paths]
     pairs = [(paths[0], labels_by_id.get(cid, [None])[0]) for cid, paths in by_id.items()]
-    return ImportPlan(sorted(pairs, key=lambda pair: pair[0].name), problems, skipped)
+    return ImportPlan(sorted(pairs, key=lambda pair: pair[0].name), problems, skipped, ids, names)
+
+
+def _is_safe(case: str) -> bool:
+    try:
+        check_name(case, "case id")
+        return True
+    except ValueError:
+        return False
 
 
 def _why_skipped(path: Path) -> str:
@@ -495,7 +535,7 @@ def import_folder(
     n_classes = existing.num_classes if existing is not None else max(classes or {1: "foreground"})
     iterator = progress(iter(pairs)) if progress else pairs
     for image, label in iterator:
-        cid = io.case_id(image)
+        cid = plan.case_id(image)
         if cid in bad_ids:
             continue
         try:
@@ -517,11 +557,12 @@ def import_folder(
         return project, problems
     present = set(project.cases)
     for image, label in pairs:
-        if io.case_id(image) in present:
+        cid = plan.case_id(image)
+        if cid in present:
             log.info("skipping %s: already in the project", image)
             if skipped is not None:
-                skipped.append(f"{image}: case '{io.case_id(image)}' is already in the project")
+                skipped.append(f"{image}: case '{cid}' is already in the project")
             continue
-        project.add_case(image, label, check=False)  # checked above
+        project.add_case(image, label, case=cid, check=False, name=plan.names.get(cid))  # checked above
     project.set_split(val_fraction=val_fraction, seed=seed)
     return project, []
