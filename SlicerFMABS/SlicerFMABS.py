@@ -143,6 +143,18 @@ Built on 3D Slicer, MONAI, PyTorch and the PyTorch extension (PyTorch Utils).
         icon = resourcePath("Icons/SlicerFMABS.png")
         if os.path.exists(icon):
             self.parent.icon = qt.QIcon(icon)
+        # Sample Data > FM-ABS: phantom scans to try the loop without one's own data (after startup, as the
+        # template registers sample data: the Sample Data module may load after this one)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """Add the FM-ABS phantoms to the Sample Data module (SlicerFMABSLib/sampledata.py)."""
+    from SlicerFMABSLib import sampledata
+
+    folder = Path(resourcePath("SampleData/" + sampledata.FILES[0])).parent
+    if not sampledata.register(folder, thumbnail=resourcePath("Icons/SlicerFMABS.png")):
+        logging.info("SlicerFMABS: sample data not registered (no Sample Data module, or files missing in %s)", folder)
 
 
 #
@@ -873,8 +885,8 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
 
     def runTest(self) -> None:
         self.skipped: list[str] = []
-        for test in (self.test_module_widget, self.test_crosslabel_review_export, self.test_run_watcher,
-                     self.test_cancel_stops_the_process_tree, self.test_fmabs_job):
+        for test in (self.test_module_widget, self.test_sample_data, self.test_crosslabel_review_export,
+                     self.test_run_watcher, self.test_cancel_stops_the_process_tree, self.test_fmabs_job):
             self.setUp()
             test()
         if self.skipped and os.environ.get(self.ALLOW_SKIPS_VARIABLE) != "1":
@@ -919,6 +931,20 @@ class SlicerFMABSTest(ScriptedLoadableModuleTest):
             slicer.app.processEvents()
             time.sleep(0.1)
         self.fail(f"timed out waiting for {what}")
+
+    def test_sample_data(self) -> None:
+        """Sample Data > FM-ABS loads four scans and a segmentation of the first scan's drawn planes (checksums
+        checked by Sample Data itself)."""
+        import SampleData
+
+        from SlicerFMABSLib import sampledata
+
+        registerSampleData()
+        nodes = SampleData.SampleDataLogic().downloadSamples(sampledata.SAMPLE_NAME)
+        self.assertEqual(len(nodes), len(sampledata.FILES))
+        self.assertTrue(all(n.IsA("vtkMRMLScalarVolumeNode") for n in nodes[:-1]))
+        self.assertTrue(nodes[-1].IsA("vtkMRMLSegmentationNode"))
+        self.assertEqual(nodes[-1].GetSegmentation().GetNumberOfSegments(), 1)
 
     def test_module_widget(self) -> None:
         """The panels load from the .ui, every section is there, and the widgets follow the parameter node."""

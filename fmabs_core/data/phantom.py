@@ -108,3 +108,40 @@ def write_dataset(folder: str | Path, n_cases: int = 16, shape: tuple[int, int, 
             with atomic_path(path) as tmp:
                 nib.save(nib.Nifti1Image(arr, affine), str(tmp))
     return folder
+
+
+#: the sample scans the Slicer module registers with Sample Data (SlicerFMABS/SlicerFMABSLib/sampledata.py)
+SAMPLE_SCANS = 4
+SAMPLE_SHAPE = (48, 48, 40)
+SAMPLE_SEED = 2026
+
+
+def sample_file_names(n: int = SAMPLE_SCANS) -> list[str]:
+    """The scans, then the drawn planes of the first (what a clinician's three slices look like)."""
+    return [f"FMABS-phantom-{i + 1}.nii.gz" for i in range(n)] + ["FMABS-phantom-1-drawn.nii.gz"]
+
+
+def write_sample(folder: str | Path, n: int = SAMPLE_SCANS) -> list[Path]:
+    """Small phantom scans (int16, 1 x 1 x 1.25 mm, axis-aligned) and the three drawn planes of the first
+    (1 = the structure on the planes, 0 elsewhere, as a segmentation); deterministic for the seed."""
+    from fmabs_core.active.expert import simulated_crosslabel
+    from fmabs_core.contract import UNLABELLED
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(SAMPLE_SEED)
+    affine = np.diag([1.0, 1.0, 1.25, 1.0])  # RAS, axis-aligned: the file's grid is the canonical one
+    names = sample_file_names(n)
+    written = []
+    for i in range(n):
+        image, label = make_phantom(SAMPLE_SHAPE, rng)
+        arrays = [(names[i], np.rint(image * 1000).astype(np.int16))]
+        if i == 0:
+            cross, _ = simulated_crosslabel(label, {}, "truth")
+            arrays.append((names[-1], ((cross != UNLABELLED) & (cross > 0)).astype(np.uint8)))
+        for name, arr in arrays:
+            path = folder / name
+            with atomic_path(path) as tmp:
+                nib.save(nib.Nifti1Image(arr, affine), str(tmp))
+            written.append(path)
+    return written
