@@ -314,14 +314,14 @@ def test_in_app_test_fails_when_a_part_is_skipped(widget_module, monkeypatch):
     test.setUp = lambda: None
     test.delayDisplay = lambda text: None
     ran = []
-    for name in ("test_module_widget", "test_crosslabel_review_export", "test_run_watcher",
+    for name in ("test_module_widget", "test_sample_data", "test_crosslabel_review_export", "test_run_watcher",
                  "test_cancel_stops_the_process_tree"):
         monkeypatch.setattr(test, name, lambda name=name: ran.append(name), raising=False)
     monkeypatch.setattr(test, "test_fmabs_job", lambda: test._skip("Running an fmabs job", "no PyTorch"))
     monkeypatch.delenv(test.ALLOW_SKIPS_VARIABLE, raising=False)
     with pytest.raises(AssertionError, match=r"1 part\(s\) did not run: Running an fmabs job \(no PyTorch\)"):
         test.runTest()
-    assert len(ran) == 4  # the other parts ran first
+    assert len(ran) == 5  # the other parts ran first
     monkeypatch.setenv(test.ALLOW_SKIPS_VARIABLE, "1")  # a Slicer without PyTorch, on purpose
     test.runTest()
     monkeypatch.setattr(test, "test_fmabs_job", lambda: ran.append("job"))
