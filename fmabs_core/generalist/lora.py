@@ -345,6 +345,15 @@ def _read_adapter(path: Path) -> dict[str, Any]:
             raise WeightsError(f"{path}: adapter field {key!r} is missing or not a {typ.__name__}; the file is damaged.")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state"].items()):
         raise WeightsError(f"{path}: adapter state must map names to tensors; the file is damaged.")
+    if payload["rank"] < 1 or not math.isfinite(payload["alpha"]) or payload["alpha"] <= 0:
+        raise WeightsError(f"{path}: adapter rank {payload['rank']} / alpha {payload['alpha']} are not a LoRA "
+                           "scaling (rank >= 1, a finite alpha > 0); the file is damaged.")
+    try:
+        meta = json.loads(payload["meta"])
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: adapter field 'meta' is not a JSON object; the file is damaged.")
     if _digest(payload) != payload["digest"]:
         raise WeightsError(f"{path}: content checksum mismatch: the adapter was corrupted or edited after saving. "
                            "Re-export it from the fine-tuning run.")

@@ -216,11 +216,21 @@ def build_tiled_segmenter(generalist: str, num_classes_plus_bg: int, checkpoint:
 def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The adapter file's header (base name, rank, alpha) and ``meta`` dict, checked (digest) but not loaded."""
     payload = lora._read_adapter(Path(path))
-    meta = json.loads(payload["meta"])
+    meta = json.loads(payload["meta"])  # an object: checked by _read_adapter
     missing = [k for k in ("generalist", "num_classes") if k not in meta]
     if missing:
         raise WeightsError(f"{path}: this LoRA adapter was not written by a tiled (CFR) fine-tuning run: its metadata "
                            f"lacks {', '.join(missing)}.")
+    kinds = {"generalist": (str,), "num_classes": (int,), "grid": (int, type(None)), "pad": (int,),
+             "patch_size": (list, type(None))}
+    for key, allowed in kinds.items():
+        value = meta.get(key)
+        if key in meta and (isinstance(value, bool) or not isinstance(value, allowed)):
+            raise WeightsError(f"{path}: adapter metadata {key!r} is {value!r}, not a "
+                               f"{' or '.join(t.__name__ for t in allowed)}; the file is damaged.")
+    if meta["num_classes"] < 1 or (meta.get("grid") is not None and meta["grid"] < 1):
+        raise WeightsError(f"{path}: adapter metadata num_classes {meta['num_classes']} / grid {meta.get('grid')} "
+                           "must be at least 1; the file is damaged.")
     return {"base_name": payload["base_name"], "rank": payload["rank"], "alpha": payload["alpha"], "meta": meta}
 
 

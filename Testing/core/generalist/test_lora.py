@@ -335,3 +335,29 @@ def test_save_is_atomic(small_adapter, sha):
         save_adapter(path, model, "litemedsam", "nothex")
     assert path.read_bytes() == before  # the old adapter is intact
     assert [p.name for p in path.parent.iterdir()] == ["a.pt"]  # and no temp file is left
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"meta": "5"}, "'meta' is not a JSON object"),
+    ({"meta": "{"}, "'meta' is not a JSON object"),
+    ({"alpha": float("nan")}, "alpha nan"),
+    ({"rank": 0}, "rank 0"),
+    ({"meta": '{"generalist": "litemedsam", "num_classes": "two"}'}, "num_classes"),
+    ({"meta": '{"generalist": "litemedsam", "num_classes": 2, "grid": 0}'}, "grid 0"),
+])
+def test_damaged_adapter_metadata_is_named_with_the_file(tmp_path, change, words):
+    """An adapter whose digest is right but whose header is nonsense (edited and re-hashed, or written by other
+    code) is a clear error naming the file, not a crash (before: TypeError, JSONDecodeError or a NaN scale)."""
+    from fmabs_core.errors import WeightsError
+    from fmabs_core.generalist.tiled import read_adapter_meta
+
+    payload = {"format": L.ADAPTER_FORMAT, "version": L.ADAPTER_VERSION, "base_name": "litemedsam",
+               "base_sha256": "0" * 64, "rank": 4, "alpha": 4.0,
+               "meta": '{"generalist": "litemedsam", "num_classes": 2}', "state": {"w": torch.zeros(2)}}
+    payload.update(change)
+    payload["digest"] = L._digest(payload)
+    path = tmp_path / "adapter.pt"
+    torch.save(payload, path)
+    with pytest.raises(WeightsError, match=words) as exc:
+        read_adapter_meta(path)
+    assert str(path) in str(exc.value)
