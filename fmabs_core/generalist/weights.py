@@ -97,9 +97,23 @@ REGISTRY: dict[str, WeightsEntry] = {
 
 
 def cache_dir() -> Path:
-    """``$FMABS_CACHE`` or ``~/.cache/fmabs``."""
+    """``$FMABS_CACHE`` or ``~/.cache/fmabs``; a path that exists and is not a folder is an error naming the variable."""
     env = os.environ.get("FMABS_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fmabs"
+    folder = Path(env).expanduser() if env else Path.home() / ".cache" / "fmabs"
+    if folder.exists() and not folder.is_dir():
+        where = f"FMABS_CACHE={env}" if env else str(folder)
+        raise WeightsError(f"{where}: is a file, not a folder; point FMABS_CACHE at a folder for the weights cache "
+                           "(or unset it to use ~/.cache/fmabs).")
+    return folder
+
+
+def _make_cache_folder(folder: Path) -> None:
+    """Create the cache folder, or say which folder could not be made and how to choose another."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightsError(f"{folder}: the weights cache folder cannot be created ({exc.strerror}); set FMABS_CACHE "
+                           "to a folder you can write.") from None
 
 
 #: the user's own records of weights hashes they trust (see the module's docstring)
@@ -143,7 +157,7 @@ def record_trust(entry: WeightsEntry, sha256: str, size: int, source: str) -> Pa
     from fmabs_core.data.io import atomic_write_text
 
     path = trust_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_cache_folder(path.parent)
     with FileLock(str(path) + ".lock"):
         records = trusted_records()
         records[entry.name] = {"sha256": sha256.lower(), "size": int(size), "filename": entry.filename,
@@ -327,7 +341,7 @@ def fetch(
             raise WeightsError(f"{exc} (or rerun the fetch with --overwrite to replace it)") from None
     if not url:
         raise WeightsError(f"{entry.name}: no download URL is recorded. {_how_to_get(entry)}.")
-    dest.mkdir(parents=True, exist_ok=True)
+    _make_cache_folder(dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=dest)
     tmp = Path(tmp_name)
     try:

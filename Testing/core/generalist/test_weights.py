@@ -243,3 +243,15 @@ def test_fetch_without_a_recorded_hash_keeps_no_junk(server, tmp_path):
     with pytest.raises(WeightsError, match="is not a PyTorch checkpoint"):
         W.fetch(entry, dest_dir=tmp_path / "c")
     assert list((tmp_path / "c").iterdir()) == [] and W.trusted_records() == {}
+
+
+def test_a_cache_variable_that_names_a_file_is_a_clear_error(tmp_path, monkeypatch):
+    """FMABS_CACHE pointing at a file: the variable is named (before: FileExistsError as an internal error)."""
+    f = tmp_path / "not-a-folder"
+    f.write_text("mine")
+    monkeypatch.setenv("FMABS_CACHE", str(f))
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(_checkpoint_bytes())
+    with pytest.raises(WeightsError, match="FMABS_CACHE=.*is a file, not a folder"):
+        W.trust("mobilesam", weights)
+    assert f.read_text() == "mine"
