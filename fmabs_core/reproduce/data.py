@@ -115,6 +115,28 @@ def choose_labelled(train: list[str], n: int, seed: int, setting_index: int, spl
 
 
 # ---- resampling -------------------------------------------------------------------------------------
+#: the fewest voxels a resampled scan keeps along an axis (below, no 3D model or metric means anything)
+MIN_RESAMPLED_SIDE = 8
+
+
+def _too_small(path: Any, old: Any, new: Any, factor: float) -> InputError:
+    return InputError(f"the scale's 'resample' {factor:g} makes {path} of {tuple(int(v) for v in old)} voxels "
+                      f"{tuple(int(v) for v in new)}: fewer than {MIN_RESAMPLED_SIDE} along an axis. Give the "
+                      "protocol's scale a larger 'resample' (a fraction of each axis, e.g. 0.5).")
+
+
+def check_resample(pairs: dict[str, tuple[Path, Path]], factor: float) -> None:
+    """Every scan keeps at least MIN_RESAMPLED_SIDE voxels per axis at the scale's factor: read from the headers,
+    before the reproduction writes anything (a bad scale must not leave a protocol.json that blocks the fix)."""
+    import nibabel as nib
+
+    for image, _label in pairs.values():
+        old = np.array(nib.load(str(image)).shape[:3])
+        new = np.maximum(1, np.round(old * factor)).astype(int)
+        if new.min() < MIN_RESAMPLED_SIDE:
+            raise _too_small(image, old, new, factor)
+
+
 def resample(vol: io.Volume, factor: float, order: int) -> io.Volume:
     """``vol`` with each axis scaled by ``factor`` (voxel edges aligned, affine adjusted); 1: itself."""
     if factor == 1.0:

@@ -246,6 +246,7 @@ def reproduce(protocol: Protocol, train_dir: Path, test_dir: Path | None, out: P
     for cell in cells:  # every row's and the scale's options checked before anything is written
         train_config(protocol, scale, cell, None, device)
     split, pairs = D.make_split(protocol, scale, train_dir, Path(test_dir) if test_dir else None)
+    D.check_resample({c: pairs[c] for c in split.train + split.val + split.test}, scale.resample)
     out.mkdir(exist_ok=True)
     _write_once(out / "protocol.json", json.dumps({"protocol": protocol.to_dict(), "scale": scale_name}, indent=2),
                 "protocol or scale")

@@ -256,3 +256,13 @@ def test_out_holding_a_users_files_is_refused(tmp_path):
     check_out(empty, data, None)
     (mine / "protocol.json").write_text("{}")
     check_out(mine, data, None)  # an earlier reproduction's folder: resumed
+
+
+def test_a_resample_that_leaves_too_few_voxels_is_refused_from_the_headers(tmp_path):
+    """The scale's 'resample' is checked against every scan's header before anything is written (before: the
+    error named a generated file in the cell's project, after protocol.json was written)."""
+    data = _dataset(tmp_path / "d", range(2))  # 16^3 phantoms
+    pairs = {p.name: (p, data / "labelsTr" / p.name) for p in sorted((data / "imagesTr").glob("*.nii.gz"))}
+    D.check_resample(pairs, 0.5)  # 8 voxels per axis: enough
+    with pytest.raises(InputError, match=r"'resample' 0.25 makes .*imagesTr.* \(16, 16, 16\) voxels \(4, 4, 4\)"):
+        D.check_resample(pairs, 0.25)
