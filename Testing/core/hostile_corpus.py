@@ -826,6 +826,23 @@ def _options_cases() -> list[Case]:
     add("train-fmabs-warmup-after-stop", train("--pseudo-warmup", "0.9", "--pseudo-stop", "0.5", "--method", "fmabs"),
         ("--pseudo-warmup", "--pseudo-stop"))
     add("train-seed--1", train("--seed", "-1"), ("--seed",))
+    # choices checked when the options are read: the run folder is not written, so the corrected command is not
+    # refused as "a run that exists with other options" (before: config.json saved with the bad value)
+    add("train-fmabs-embedding-dtype-bogus", train("--method", "fmabs", "--embedding-dtype", "bogus"),
+        ("--embedding-dtype",), allowed=("out",))
+    add("train-fmabs-fusion-bogus", train("--method", "fmabs", "--fusion", "bogus"), ("--fusion",), allowed=("out",))
+    add("train-cfr-labels-bogus", train("--method", "cfr-mt", "--labels", "bogus"), ("--labels",), allowed=("out",))
+
+    def tiled_junk_adapter(env):
+        junk = env.write("junk.pth", "not an adapter")
+        return train("--method", "fmabs", "--adapter-mode", "tiled", "--adapter", str(junk))(env)
+
+    add("train-fmabs-tiled-junk-adapter", tiled_junk_adapter, ("junk.pth",), allowed=("out",))
+
+    def demo_unknown_method(env):
+        return ["demo", "--methods", "banana", "--output", str(env.p("demo"))]
+
+    add("demo-methods-banana", demo_unknown_method, ("--methods", "banana"), allowed=())
     add("train-patch-size-256GiB", train("--patch-size", "4096", "4096", "4096"), ("--patch-size", "GiB"))
 
     def tile_grid_huge(env):

@@ -98,6 +98,10 @@ def run_demo(cfg: DemoConfig, progress: Callable[..., Iterable] | None = None) -
 
     start = time.time()
     out = Path(cfg.output)
+    unknown = [m for m in cfg.methods if m not in methods.available()]
+    if unknown or not cfg.methods:  # before anything is written: a corrected command must not meet "already ran"
+        raise InputError(f"--methods {','.join(cfg.methods)}: {', '.join(unknown) or 'none given'} not a method; "
+                         f"choose among {', '.join(methods.available())}")
     if (out / "project" / "fmabs.json").exists():
         raise InputError(f"{out}: a demo already ran here; remove the folder or choose another --output.")
     if cfg.data is None:

@@ -22,23 +22,7 @@ from fmabs_core.generalist.base import Generalist
 log = logging.getLogger(__name__)
 
 
-def _load_state(path: Path) -> dict:
-    """State dict from an untrusted checkpoint file (``weights_only=True``: no code runs)."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated zip, disallowed globals...
-        raise WeightsError(
-            f"{path}: cannot be loaded as a weights-only PyTorch checkpoint ({exc}). "
-            "Re-download it or check it is the right file."
-        ) from exc
-    if isinstance(state, dict):
-        for key in ("model", "state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict.")
-    return state
+_load_state = W.load_state_dict_file  # the one reader of untrusted checkpoint files (weights.py)
 
 
 def _load_into(model: torch.nn.Module, path: Path, name: str) -> None:

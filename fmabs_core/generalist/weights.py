@@ -384,10 +384,8 @@ def fetch(
                 "nothing was saved; retry or check the URL."
             )
         if entry.sha256 is None:  # what the publisher's URL (or the user's --url) served is what later uses must match
-            from fmabs_core.generalist.models import _load_state  # torch only here: `weights list` stays light
-
             try:  # with no hash to compare, at least the format: an error page or junk is never kept nor trusted
-                _load_state(tmp)
+                load_state_dict_file(tmp)
             except WeightsError as exc:
                 raise WeightsError(f"{url}: what was downloaded for {entry.name} is not a PyTorch checkpoint "
                                    f"({str(exc).split('(', 1)[-1].rstrip('. ')}; nothing was saved or recorded. "
@@ -400,6 +398,27 @@ def fetch(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict:
+    """State dict from an untrusted checkpoint file (``weights_only=True``: no code runs)."""
+    import torch  # here only: `fmabs weights list` stays light
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, disallowed globals...
+        raise WeightsError(
+            f"{path}: cannot be loaded as a weights-only PyTorch checkpoint ({exc}). "
+            "Re-download it or check it is the right file."
+        ) from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict.")
+    return state
 
 
 def _length(response: Any) -> int | None:

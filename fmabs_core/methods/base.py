@@ -78,7 +78,9 @@ class Method:
 
     @classmethod
     def make_config(cls, options: Mapping[str, Any]) -> Any:
-        return check_bounds(from_dict(cls.Config, dict(options), f"options of method '{cls.name}'"))
+        config = check_bounds(from_dict(cls.Config, dict(options), f"options of method '{cls.name}'"))
+        cls(config)  # the method's own checks (choices, combinations) run here, before any run folder is written
+        return config
 
     @classmethod
     def describe(cls) -> str:

@@ -87,6 +87,7 @@ class FMABSConfig(MeanTeacherConfig):
             raise InputError(f"--pseudo-warmup {self.pseudo_warmup:g} is after --pseudo-stop {self.pseudo_stop:g}: "
                              "no pseudo-label round would run; give a warm-up below the stop (fractions of the "
                              "iterations)")
+        _check_options(self)  # the choices and the adapter, when the options are read (not at the first round)
 
 
 @register
@@ -509,6 +510,13 @@ def _check_options(cfg: FMABSConfig) -> None:
     check_jitter_fraction(cfg.box_jitter_fraction)
     if cfg.embedding_cache_gb is not None and not cfg.embedding_cache_gb > 0:
         raise InputError(f"--embedding-cache-gb must be a positive number of GB (got {cfg.embedding_cache_gb})")
+    if cfg.adapter:  # readable, an adapter, and (tiled) one of a CFR fine-tuning run: before the run is written
+        from pathlib import Path
+
+        from fmabs_core.generalist import lora
+        from fmabs_core.generalist.tiled import read_adapter_meta
+
+        read_adapter_meta(cfg.adapter) if cfg.adapter_mode == "tiled" else lora._read_adapter(Path(cfg.adapter))
 
 
 def _load_tiled(adapter: str, tr: TrainContext):
