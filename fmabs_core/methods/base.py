@@ -78,9 +78,8 @@ class Method:
 
     @classmethod
     def make_config(cls, options: Mapping[str, Any]) -> Any:
-        config = check_bounds(from_dict(cls.Config, dict(options), f"options of method '{cls.name}'"))
-        cls(config)  # the method's own checks (choices, combinations) run here, before any run folder is written
-        return config
+        """The method's options, checked (types, bounds, the Config's own ``check``) before any run folder is written."""
+        return check_bounds(from_dict(cls.Config, dict(options), f"options of method '{cls.name}'"))
 
     @classmethod
     def describe(cls) -> str:

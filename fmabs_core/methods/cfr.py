@@ -62,6 +62,10 @@ class CFRConfig(TeacherConfig):
     st_rounds: int = option(1, "cfr-st: self-training rounds; after the first (the generalist's labels) the "
                                "network's own predictions replace the unlabelled scans' pseudo-labels", low=1)
 
+    def check(self) -> None:
+        if self.labels not in LABEL_KINDS:
+            raise InputError(f"--labels {self.labels!r}: choose {' or '.join(LABEL_KINDS)}")
+
 
 # ---- loss pieces ---------------------------------------------------------------------------------------
 def pseudo_label_loss(logits: torch.Tensor, pseudo: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
@@ -112,14 +116,7 @@ class CFRMethod(Method):
 
     def __init__(self, config: CFRConfig | None = None):
         super().__init__(config)
-        cfg = self.config
-        if cfg.labels not in LABEL_KINDS:
-            raise InputError(f"--labels {cfg.labels!r}: choose {' or '.join(LABEL_KINDS)}")
-        if cfg.pl_weight < 0:
-            raise InputError(f"--pl-weight must be >= 0 (got {cfg.pl_weight})")
-        if cfg.st_rounds < 1:
-            raise InputError(f"--st-rounds must be at least 1 (got {cfg.st_rounds})")
-        self.supervision = cfg.labels  # which labels the engine puts in the labelled pool
+        self.supervision = self.config.labels  # which labels the engine puts in the labelled pool
 
     # ---- pseudo-labels ------------------------------------------------------------------------------
     def pseudo_path(self, tr: TrainContext, case_id: str, layer: str = GENERALIST_LAYER):

@@ -99,8 +99,7 @@ class FMABS(MeanTeacher):
 
     def setup(self, tr: TrainContext) -> None:
         super().setup(tr)
-        cfg = self.config
-        _check_options(cfg)
+        cfg = self.config  # checked when the options were read (FMABSConfig.check)
         n = tr.cfg.iterations
         self.warmup = int(round(cfg.pseudo_warmup * n))
         self.every = max(1, int(round(cfg.pseudo_every * n)))
@@ -508,15 +507,16 @@ def _check_options(cfg: FMABSConfig) -> None:
 
     FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence).check()
     check_jitter_fraction(cfg.box_jitter_fraction)
-    if cfg.embedding_cache_gb is not None and not cfg.embedding_cache_gb > 0:
-        raise InputError(f"--embedding-cache-gb must be a positive number of GB (got {cfg.embedding_cache_gb})")
     if cfg.adapter:  # readable, an adapter, and (tiled) one of a CFR fine-tuning run: before the run is written
         from pathlib import Path
 
         from fmabs_core.generalist import lora
         from fmabs_core.generalist.tiled import read_adapter_meta
 
-        read_adapter_meta(cfg.adapter) if cfg.adapter_mode == "tiled" else lora._read_adapter(Path(cfg.adapter))
+        if cfg.adapter_mode == "tiled":
+            read_adapter_meta(cfg.adapter)
+        else:
+            lora._read_adapter(Path(cfg.adapter))
 
 
 def _load_tiled(adapter: str, tr: TrainContext):

@@ -39,6 +39,13 @@ class SamLoraConfig:
     labels: str = option("dense", "labels to fine-tune on: dense (labels/) or cross (cross-labels, 255 ignored)")
     bezier: float = option(0.5, "probability of the Bezier intensity-curve augmentation of each crop", low=0, high=1)
 
+    def check(self) -> None:
+        if self.labels not in LABEL_KINDS:
+            raise InputError(f"--labels {self.labels!r}: choose {' or '.join(LABEL_KINDS)}")
+        from fmabs_core.generalist.models import canonical_name
+
+        canonical_name(self.generalist)  # an unknown name fails before any data is loaded
+
 
 def _bezier_lut(n: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """A random cubic Bezier intensity curve through (0, 0) and (1, 1) (Models Genesis' non-linear
@@ -93,19 +100,7 @@ class SamLora(Method):
 
     def __init__(self, config: SamLoraConfig | None = None):
         super().__init__(config)
-        cfg = self.config
-        if cfg.labels not in LABEL_KINDS:
-            raise InputError(f"--labels {cfg.labels!r}: choose {' or '.join(LABEL_KINDS)}")
-        if cfg.rank < 1:
-            raise InputError(f"--rank must be >= 1 (got {cfg.rank})")
-        if cfg.grid is not None and cfg.grid < 1:
-            raise InputError(f"--grid must be >= 1 slice per canvas side (got {cfg.grid})")
-        if not 0.0 <= cfg.bezier <= 1.0:
-            raise InputError(f"--bezier is a probability in [0, 1] (got {cfg.bezier})")
-        from fmabs_core.generalist.models import canonical_name
-
-        canonical_name(cfg.generalist)  # an unknown name fails before any data is loaded
-        self.supervision = cfg.labels
+        self.supervision = self.config.labels
         self.base_sha256: str | None = None
 
     def build_network(self, tr: TrainContext) -> nn.Module:
