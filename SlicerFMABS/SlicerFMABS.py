@@ -454,8 +454,9 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGUI = True  # refilling the lists must not overwrite the stored choices
         try:
             self.ui.caseListWidget.clear()
+            shown = core.display_names()
             for case, labelled in rows:
-                self.ui.caseListWidget.addItem(("\u2713 " if labelled else "    ") + core.display_name(case))
+                self.ui.caseListWidget.addItem(("\u2713 " if labelled else "    ") + shown.get(case, case))
             for combo, values in ((self.ui.caseComboBox, [case for case, _ in rows]),
                                   (self.ui.reviewCaseComboBox, [case for case, _ in rows]),
                                   (self.ui.reviewRunComboBox, runs), (self.ui.modelComboBox, core.trained_runs())):

@@ -132,6 +132,15 @@ def check_name(name: str, what: str = "run name") -> str:
     return name
 
 
+def is_safe_name(name: str) -> bool:
+    """Whether :func:`check_name` accepts ``name`` (a name to list or keep as it is, not an error to report)."""
+    try:
+        check_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def safe_case_id(name: str, taken: set[str] | frozenset[str] = frozenset()) -> str:
     """A safe case id for a clinician's own file name (``my scan 1`` -> ``my_scan_1``, ``Müller`` -> ``Muller``),
     not in ``taken``; the original name is kept by the project (``fmabs.json`` ``names``).

@@ -39,15 +39,6 @@ CASE_ATTRIBUTE = "FMABS.case"
 LAYER_ATTRIBUTE = "FMABS.layer"
 
 
-def _usable_name(name: str) -> bool:
-    """A run folder fmabs can use (a hand-made folder such as 'my run' is not listed)."""
-    try:
-        contract.check_name(name)
-    except ValueError:
-        return False
-    return True
-
-
 def safe_name(name: str) -> str:
     """A case / file name from a node name: the project's one rule (:func:`fmabs_core.contract.safe_case_id`)."""
     return contract.safe_case_id(name)
@@ -124,9 +115,9 @@ class FMABSLogic:
         labelled = set(project.crosslabelled())
         return [(case, case in labelled) for case in project.cases]
 
-    def display_name(self, case: str) -> str:
-        """The case id, with the scan's own file or node name when it was imported under another id."""
-        return self.require_project().display_name(case)
+    def display_names(self) -> dict[str, str]:
+        """case id -> the id, with the scan's own file or node name when it was imported under another id."""
+        return self.require_project().display_names()
 
     def add_folder(self, folder: str | os.PathLike) -> tuple[list[str], list[str]]:
         """Import a folder of scans (or imagesTr/labelsTr); returns (new cases, problems)."""
@@ -368,7 +359,7 @@ class FMABSLogic:
     def runs(self) -> list[str]:
         project = self.require_project()
         root = project.root / RUNS_DIR
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and _usable_name(p.name)) if root.is_dir() else []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and contract.is_safe_name(p.name)) if root.is_dir() else []
 
     def trained_runs(self) -> list[str]:
         """Runs with a model to segment with (a finished run, or any checkpoint)."""

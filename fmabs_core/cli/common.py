@@ -145,6 +145,7 @@ OVERLAP = bounded(float, 0.0, 1.0, hi_open=True)
 FRACTION = bounded(float, 0.0, 1.0, hi_open=True)
 UNIT = bounded(float, 0.0, 1.0)
 PATCH_SIDE = bounded(int, 1, 4096)
+POSITIVE_SECONDS = bounded(float, 0.0)
 
 
 def check_patch_memory(patch: Sequence[int], copies: int, option: str = "--patch-size") -> None:
@@ -158,7 +159,6 @@ def check_patch_memory(patch: Sequence[int], copies: int, option: str = "--patch
         raise InputError(f"{option} {' '.join(map(str, patch))}: {copies} float32 crop(s) of that size need "
                          f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB available; give a smaller "
                          f"{option}.")
-POSITIVE_SECONDS = bounded(float, 0.0)
 
 
 # ---- a run's documents -------------------------------------------------------------------------------

@@ -327,8 +327,6 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         problems += io.check_pair(image, cross)
     if problems:
         raise InputError(" ".join(problems))
-    if args.pseudo_max_slices is not None and args.pseudo_max_slices < 1:
-        raise InputError(f"--pseudo-max-slices must be >= 1, got {args.pseudo_max_slices}.")
     check_jitter_fraction(args.box_jitter_fraction)
     case = _case_name(args)
     out = Path(args.output)

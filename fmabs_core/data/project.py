@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock
 
 from fmabs_core.contract import (CROSSLABELS_DIR, IMAGES_DIR, LABELS_DIR, MAX_CLASS, PROJECT_FILE, RUNS_DIR,
-                                 check_name, safe_case_id)
+                                 check_name, is_safe_name, safe_case_id)
 from fmabs_core.data import io
 from fmabs_core.errors import InputError, ProjectError
 
@@ -147,10 +147,11 @@ class Project:
         names = self.read().get("names") or {}
         return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
 
-    def display_name(self, case: str) -> str:
-        """What the panels show for a case: its id, and the file name it came from when that differs."""
-        original = self.original_names().get(case)
-        return f"{case} ({original})" if original else case
+    def display_names(self) -> dict[str, str]:
+        """case id -> what the panels show: the id, and the file name it came from when that differs (one read of
+        fmabs.json for the whole list)."""
+        original = self.original_names()
+        return {case: f"{case} ({original[case]})" if case in original else case for case in self.cases}
 
     def set_split(self, val_fraction: float = 0.2, seed: int = 0, val: list[str] | None = None) -> None:
         if not (isinstance(val_fraction, (int, float)) and math.isfinite(val_fraction) and 0 <= val_fraction < 1):
@@ -458,7 +459,7 @@ def plan_import(src: str | Path) -> ImportPlan:
                                         "without .nii/.nii.gz and _0000)."))
     # A clinician's own file name ("my scan 1.nii.gz", accents, other scripts) is imported under a safe id; the
     # project keeps the original name. Names that are safe already keep their id.
-    safe = {cid for cid in by_id if _is_safe(cid)}
+    safe = {cid for cid in by_id if is_safe_name(cid)}
     ids: dict[Path, str] = {}
     names: dict[str, str] = {}
     taken = set(safe)
@@ -474,14 +475,6 @@ def plan_import(src: str | Path) -> ImportPlan:
             skipped += [f"{p}: a label without a scan of the same name" for p in paths]
     pairs = [(paths[0], labels_by_id.get(cid, [None])[0]) for cid, paths in by_id.items()]
     return ImportPlan(sorted(pairs, key=lambda pair: pair[0].name), problems, skipped, ids, names)
-
-
-def _is_safe(case: str) -> bool:
-    try:
-        check_name(case, "case id")
-        return True
-    except ValueError:
-        return False
 
 
 def _why_skipped(path: Path) -> str:

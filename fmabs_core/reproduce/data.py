@@ -119,10 +119,9 @@ def choose_labelled(train: list[str], n: int, seed: int, setting_index: int, spl
 MIN_RESAMPLED_SIDE = 8
 
 
-def _too_small(path: Any, old: Any, new: Any, factor: float) -> InputError:
-    return InputError(f"the scale's 'resample' {factor:g} makes {path} of {tuple(int(v) for v in old)} voxels "
-                      f"{tuple(int(v) for v in new)}: fewer than {MIN_RESAMPLED_SIDE} along an axis. Give the "
-                      "protocol's scale a larger 'resample' (a fraction of each axis, e.g. 0.5).")
+def resampled_shape(shape: Any, factor: float) -> np.ndarray:
+    """The voxels per axis of a scan of ``shape`` resampled by ``factor`` (at least 1 each)."""
+    return np.maximum(1, np.round(np.array(shape[:3]) * factor)).astype(int)
 
 
 def check_resample(pairs: dict[str, tuple[Path, Path]], factor: float) -> None:
@@ -131,10 +130,12 @@ def check_resample(pairs: dict[str, tuple[Path, Path]], factor: float) -> None:
     import nibabel as nib
 
     for image, _label in pairs.values():
-        old = np.array(nib.load(str(image)).shape[:3])
-        new = np.maximum(1, np.round(old * factor)).astype(int)
+        old = nib.load(str(image)).shape[:3]
+        new = resampled_shape(old, factor)
         if new.min() < MIN_RESAMPLED_SIDE:
-            raise _too_small(image, old, new, factor)
+            raise InputError(f"the scale's 'resample' {factor:g} makes {image} of {tuple(int(v) for v in old)} "
+                             f"voxels {tuple(int(v) for v in new)}: fewer than {MIN_RESAMPLED_SIDE} along an axis. "
+                             "Give the protocol's scale a larger 'resample' (a fraction of each axis, e.g. 0.5).")
 
 
 def resample(vol: io.Volume, factor: float, order: int) -> io.Volume:
@@ -142,7 +143,7 @@ def resample(vol: io.Volume, factor: float, order: int) -> io.Volume:
     if factor == 1.0:
         return vol
     old = np.array(vol.array.shape[:3])
-    new = np.maximum(1, np.round(old * factor)).astype(int)
+    new = resampled_shape(old, factor)
     arr = ndimage.zoom(vol.array, new / old, order=order, grid_mode=True, mode="grid-constant" if order == 0
                        else "nearest")
     scale = old / new
@@ -185,7 +186,7 @@ def prepare(pairs: dict[str, tuple[Path, Path]], cases: Iterable[str], folder: P
 
 def in_threads(fn: Callable[[str], str], cases: list[str]) -> Iterator[str]:
     """``fn`` over ``cases`` on a few threads, yielding as each finishes: gzip and zoom release the GIL, so
-    preparing 80 LA scans takes a fraction of the time on a machine with many cores (a GPU lease's)."""
+    preparing 80 LA scans takes a fraction of the time on a machine with many cores (a typical GPU machine)."""
     workers = max(1, min(8, (os.cpu_count() or 1), len(cases)))
     if workers == 1:
         yield from map(fn, cases)

@@ -174,8 +174,8 @@ class Protocol:
     def with_iterations(self, scale_name: str, iterations: int) -> tuple["Protocol", str]:
         """A copy with one more scale, ``scale_name`` trained for ``iterations``, and that scale's name.
 
-        For a fixed time budget (a GPU lease): the paper's scale with the most iterations that fit. The
-        new scale is named (``paper-3000it``) so that its cells, protocol.json and table say so.
+        For a fixed time budget (a GPU machine rented by the hour): the paper's scale with the most iterations
+        that fit. The new scale is named (``paper-3000it``) so that its cells, protocol.json and table say so.
         """
         if iterations < 1:
             raise InputError(f"--iterations must be at least 1 (got {iterations})")

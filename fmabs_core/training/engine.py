@@ -286,7 +286,7 @@ class Trainer:
         for cid in case_ids:
             case = by_id[cid]
             cross = self.project.load_crosslabel(cid)
-            problems = io.check_pair(self.project.load_image(cid), cross)
+            problems = io.check_pair(self._grids.get(cid) or self.project.load_image(cid), cross)
             if problems:
                 raise InputError(" ".join(problems))
             case.target = cross.array

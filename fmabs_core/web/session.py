@@ -291,8 +291,8 @@ class WebSession:
         return sorted(p.name for p in folder.glob("*.nii.gz")) if folder.is_dir() else []
 
     def scan_choices(self) -> list[dict[str, str]]:
-        project = self.logic.require_project()
-        cases = [{"title": f"project: {project.display_name(c)}", "value": f"case:{c}"} for c in project.cases]
+        cases = [{"title": f"project: {shown}", "value": f"case:{c}"}
+                 for c, shown in self.logic.require_project().display_names().items()]
         return cases + [{"title": f"uploaded: {u}", "value": f"upload:{u}"} for u in self.uploads()]
 
     def _segment_volume(self, choice: str) -> Any:

@@ -39,7 +39,7 @@ def test_clinicians_file_names_are_imported_under_safe_ids(tmp_path, phantom_dat
     assert sorted(names.values()) == ["Müller Ärger.nii.gz", "my scan 1.nii.gz", "患者一.nii.gz"]
     assert "my_scan_1" in project.cases and names.get("my_scan_1") is None  # a safe name keeps its id
     case = next(c for c, n in names.items() if n == "my scan 1.nii.gz")
-    assert case.startswith("my_scan_1-") and project.display_name(case) == f"{case} (my scan 1.nii.gz)"
+    assert case.startswith("my_scan_1-") and project.display_names()[case] == f"{case} (my scan 1.nii.gz)"
     assert all(project.image_path(c).is_file() for c in project.cases)
     # importing the same folder again adds nothing: the ids are the same
     again, problems = import_folder(src, tmp_path / "proj")
