@@ -487,6 +487,8 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume = self.logic.core.start_labelling(case)
             slicer.util.setSliceViewerLayers(background=volume, foreground=None, label=None, fit=True)
             self.onShowSlices()
+            if self.logic.params.labelSegmentation is not None and self.logic.core.drawn_slices(case):
+                self.ui.labelStatusLabel.text += " Shown: the saved cross-label; edit it and Save (it asks before replacing)."
 
     def onSuggest(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not ask for suggestions.", waitCursor=True):

@@ -234,9 +234,26 @@ class FMABSLogic:
         return {v: {"index": int(shape[geometry.VIEW_AXIS[v]] // 2), "ras": None} for v in VIEWS}
 
     def slices_for(self, case: str, volume_node: Any, suggestions: Sequence[jobs.Suggestion] = ()) -> dict[str, Any]:
-        """The planes to label on a scan: the first suggestion for it with slices, else the middle planes."""
+        """The planes to label on a scan: the first suggestion for it with slices, else the planes of its saved
+        cross-label (what the expert drew), else the middle planes."""
         suggestion = next((s for s in suggestions if s.case == case and s.slices), None)
-        return suggestion.slices if suggestion else self.centre_slices(volume_node)
+        if suggestion:
+            return suggestion.slices
+        return self.drawn_slices(case) or self.centre_slices(volume_node)
+
+    def drawn_slices(self, case: str) -> dict[str, dict[str, Any]] | None:
+        """The planes of the scan's saved cross-label (the first of each view), or None when it has none or a view
+        has no plane."""
+        from fmabs_core.data.crosslabel import labelled_planes
+
+        project = self.require_project()
+        path = project.crosslabel_path(case)
+        if not path.exists():
+            return None
+        planes = labelled_planes(project.load_crosslabel(case).array)
+        if not all(planes.get(v) for v in VIEWS):
+            return None
+        return {v: {"index": int(planes[v][0]), "ras": None} for v in VIEWS}
 
     def place_views(self, volume_node: Any, slices: Mapping[str, Any], slice_nodes: Mapping[str, Any]) -> dict[str, float]:
         """Align the red/green/yellow views with the volume and move them to the given planes."""
@@ -299,8 +316,25 @@ class FMABSLogic:
         params = self.params
         drawing = params.labelSegmentation
         keep = drawing is not None and drawing.GetAttribute(CASE_ATTRIBUTE) == case
-        params.update(case=case, labelVolume=volume, labelSegmentation=drawing if keep else None)
+        params.update(case=case, labelVolume=volume, labelSegmentation=drawing if keep else self.saved_drawing(case, volume))
         return volume
+
+    def saved_drawing(self, case: str, volume_node: Any) -> Any:
+        """The scan's saved cross-label as the Label panel's drawing (None when it has none): the expert sees what
+        they drew and edits it, rather than an empty drawing that, saved with Replace, would erase it."""
+        project = self.require_project()
+        path = project.crosslabel_path(case)
+        if not path.exists():
+            return None
+        node = segmentations.load_label_file_as_segmentation(self.seg_logic, self.scene, path, volume_node,
+                                                             f"{case} cross-label", project.classes, "drawing")
+        drawn = {c: sid for sid, c in segmentations.class_of_segments(node, project.classes).items()}
+        drawn.update(segmentations.add_class_segments(node, {c: n for c, n in project.classes.items() if c not in drawn}))
+        for index, value in enumerate(sorted(drawn)):  # in class order, as a new drawing's (Class to draw: nth)
+            node.GetSegmentation().SetSegmentIndex(drawn[value], index)
+        node.SetAttribute(CASE_ATTRIBUTE, case)
+        node.SetAttribute(LAYER_ATTRIBUTE, "drawing")
+        return node
 
     def label_segmentation(self) -> Any:
         """The Label panel's drawing for its volume, created (one empty segment per class) when there is none."""

@@ -325,3 +325,37 @@ def test_an_empty_plane_is_asked_about_before_anything_is_written(project_logic,
     report = logic.save_crosslabel("patient01", seg, volume, planes, confirm_empty=lambda v: True)
     assert report is not None and logic.project.crosslabel_path("patient01").exists()
     assert not any(w.startswith("Nothing is drawn on") for w in report.warnings)  # asked already
+
+
+def test_loading_a_cross_labelled_scan_shows_what_was_drawn_on_its_planes(project_logic, scene):
+    """Load on a scan with a saved cross-label: the drawing holds the saved classes (segments in class order, a
+    class not drawn present and empty), the views go to the drawn planes, and saving it again with Replace writes
+    the same file: editing starts from what the expert drew, never from an empty drawing that would erase it."""
+    from fmabs_core.data import io as fio
+    from SlicerFMABSLib import geometry, segmentations
+
+    logic, volume = project_logic
+    _, shape = geometry.canonical_grid(volume)
+    assert logic.start_labelling("patient01") is volume and logic.params.labelSegmentation is None  # nothing saved yet
+    planes = {"axial": 4, "coronal": 10, "sagittal": 6}
+    cross = np.full(shape, 255, np.uint8)
+    cross[6], cross[:, 10], cross[:, :, 4] = 0, 0, 0
+    cross[6, 4:12, 2:9] = 2  # the second class only: the first is not drawn on this scan
+    image = fio.load_image(logic.project.image_path("patient01"))
+    fio.save_like(cross, image, logic.project.crosslabel_path("patient01"), np.uint8)
+
+    logic.start_labelling("patient01")
+    drawing = logic.params.labelSegmentation
+    assert drawing is not None and logic.label_segmentation() is drawing
+    segmentation = drawing.GetSegmentation()
+    names = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+             for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["atrium", "scar"]  # the project's classes in order: "Class to draw" picks the nth
+    classes = segmentations.class_of_segments(drawing, logic.project.classes)
+    drawn, _ = segmentations.segmentation_to_canonical(logic.seg_logic, scene, drawing, volume, classes)
+    np.testing.assert_array_equal(drawn, np.where(cross == 2, 2, 0))
+    assert {v: e["index"] for v, e in logic.slices_for("patient01", volume).items()} == planes
+
+    report = logic.save_crosslabel("patient01", drawing, volume, planes)
+    assert report.path == logic.project.crosslabel_path("patient01")
+    np.testing.assert_array_equal(logic.project.load_crosslabel("patient01").array, cross)

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from web_helpers import CHROMIUM, CHROMIUM_ARGS, Server
+from web_helpers import Server, chromium_page
 
 
 @pytest.fixture
@@ -44,17 +44,5 @@ def server_factory(tmp_path) -> Iterator:
 @pytest.fixture
 def browser_page(tmp_path) -> Iterator:
     """A fresh headless chromium page (own profile folder), 1500x900."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1500, "height": 900}, accept_downloads=True)
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.errors = errors
-        try:
-            yield page
-        finally:
-            context.close()
+    with chromium_page(tmp_path / "chromium-profile") as page:
+        yield page

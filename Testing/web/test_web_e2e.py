@@ -19,48 +19,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from web_helpers import ARTEFACTS, need_web
+from web_helpers import ARTEFACTS, fill, need_web, shot, tab, text_of, wait_text
 
 pytestmark = pytest.mark.slow
 
 TINY = "--patch-size 32 32 32 --width 4 --batch-size 2 --labelled-batch-size 1 --val-every 1000"
-
-
-def text_of(page, selector: str) -> str:
-    return page.locator(selector).inner_text()
-
-
-def wait_text(page, selector: str, pattern: str, timeout_s: float = 60.0) -> str:
-    """Wait until the element's text matches ``pattern`` (a regex); returns the text."""
-    deadline = time.time() + timeout_s
-    last = ""
-    while time.time() < deadline:
-        try:
-            last = text_of(page, selector)
-        except Exception:  # noqa: BLE001 - not rendered yet
-            last = ""
-        if re.search(pattern, last):
-            return last
-        page.wait_for_timeout(250)
-    message = text_of(page, "#message") if page.locator("#message").count() else ""
-    raise AssertionError(f"{selector}: {pattern!r} not seen in {timeout_s:.0f} s; last text {last!r}; message {message!r}")
-
-
-def shot(page, name: str) -> None:
-    ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    page.wait_for_timeout(700)  # let the views stream their last frame
-    page.screenshot(path=str(ARTEFACTS / f"{name}.png"))
-
-
-def tab(page, key: str) -> None:
-    page.click(f"#tab-{key}")
-    page.wait_for_timeout(300)
-
-
-def fill(page, selector: str, value: str) -> None:
-    page.fill(selector, value)
-    page.locator(selector).blur()
-    page.wait_for_timeout(200)
 
 
 def paint_stroke(page, view_index: int) -> None:

@@ -3,7 +3,9 @@ conftest.py files in Testing/ would make "from conftest import" ambiguous)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -82,3 +85,70 @@ class Server:
                 self.process.kill()
                 self.process.wait(10)
         self.handle.close()
+
+
+# ---- the page: what a user does, and waiting for what they would see -----------------------------------
+def text_of(page, selector: str) -> str:
+    return page.locator(selector).inner_text()
+
+
+def wait_text(page, selector: str, pattern: str, timeout_s: float = 60.0) -> str:
+    """Wait until the element's text matches ``pattern`` (a regex); returns the text."""
+    deadline = time.time() + timeout_s
+    last = ""
+    while time.time() < deadline:
+        try:
+            last = text_of(page, selector)
+        except Exception:  # noqa: BLE001 - not rendered yet
+            last = ""
+        if re.search(pattern, last):
+            return last
+        page.wait_for_timeout(250)
+    message = text_of(page, "#message") if page.locator("#message").count() else ""
+    raise AssertionError(f"{selector}: {pattern!r} not seen in {timeout_s:.0f} s; last text {last!r}; message {message!r}")
+
+
+def shot(page, name: str, folder: Path = ARTEFACTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(700)  # let the views stream their last frame
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def tab(page, key: str) -> None:
+    page.click(f"#tab-{key}")
+    page.wait_for_timeout(300)
+
+
+def fill(page, selector: str, value: str) -> None:
+    page.fill(selector, value)
+    page.locator(selector).blur()
+    page.wait_for_timeout(200)
+
+
+def choose(page, select_id: str, option: str) -> None:
+    """Pick the first option whose title starts with ``option`` in the drop-down list whose input is ``#select_id``
+    (a scan's title may say more than its name, e.g. that it is cross-labelled)."""
+    page.locator(".v-field", has=page.locator(f"#{select_id}")).click()
+    page.get_by_role("option", name=re.compile("^" + re.escape(option))).first.click()
+    page.wait_for_timeout(300)
+
+
+@contextlib.contextmanager
+def chromium_page(profile: Path, width: int = 1500, height: int = 900) -> Iterator:
+    """A fresh headless Debian chromium page with its own profile folder; ``page.errors`` collects page errors."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": width, "height": height}, accept_downloads=True)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.errors = errors
+        try:
+            yield page
+        finally:
+            context.close()

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from scipy import ndimage
 
 from fmabs_core.contract import MODEL_FILE
+from fmabs_core.data.components import largest_component
 from fmabs_core.device import tune_cpu_allocator
 from fmabs_core.runs.checkpoint import load_checkpoint
 from fmabs_core.data.intensity import zscore
@@ -97,20 +97,6 @@ def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[i
                                          predictor=_WindowProbabilities(model), overlap=ov, mode=mode)
     out = probs.float()[0].cpu().numpy()
     model.train(was_training)
-    return out
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component of each foreground class (26-connectivity)."""
-    out = np.zeros_like(mask)
-    for c in np.unique(mask):
-        if c == 0:
-            continue
-        lab, n = ndimage.label(mask == c, structure=np.ones((3, 3, 3)))
-        if n == 0:
-            continue
-        sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-        out[lab == (int(np.argmax(sizes)) + 1)] = c
     return out
 
 

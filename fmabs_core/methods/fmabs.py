@@ -76,6 +76,10 @@ class FMABSConfig(MeanTeacherConfig):
     pseudo_source: str = option("generalist", "generalist (FM-ABS), or teacher: an ablation whose pseudo-label is "
                                               "the teacher's own mask (self-training, no generalist), to measure "
                                               "what the generalist adds")
+    largest_component: bool = option(True, "keep only the largest connected part of each class of the teacher's "
+                                            "mask before it prompts the generalist and becomes a pseudo-label (the "
+                                            "in-training teacher's islands of false positives go); false for a "
+                                            "class drawn as several separate parts; docs/pseudo-labels.md")
     crosslabel_overrides: bool = option(True, "on a cross-labelled scan's labelled planes the pseudo-label loss "
                                         "uses the expert's label, not the fused pseudo-label")
 
@@ -113,6 +117,8 @@ class FMABS(MeanTeacher):
         self._tuned = None
         self._tiled: dict[str, np.ndarray] = {}
         self._clock = _new_clock()
+        #: per scan of the round: voxels --largest-component removed from the teacher (and the raw teacher's Dice)
+        self._cleaned: dict[str, dict] = {}
         if cfg.pseudo_source == "teacher":
             pass  # the ablation needs no generalist
         elif cfg.adapter_mode == "tiled":
@@ -203,6 +209,7 @@ class FMABS(MeanTeacher):
     def _generalist_views(self, tr, it: int, k: int, case, keep_probs: bool):
         """The teacher's (quantised) probabilities and the generalist's three views of one scan, as a round makes
         them; ``k``: the scan's place in the training scans (its generator key: the same in every phase and rank)."""
+        from fmabs_core.data.components import keep_largest_probs
         from fmabs_core.generalist.fusion import fill_unprompted, quantise_probs
         from fmabs_core.generalist.pseudolabel import multiview_pseudolabel
 
@@ -211,6 +218,10 @@ class FMABS(MeanTeacher):
         t = time.perf_counter()
         # quantised as they are written (pseudo/<case>_teacher.nii.gz), so `fmabs pseudo-label` replays a round exactly
         teacher = quantise_probs(tr.predict(self.teacher, case.image))
+        if cfg.largest_component:  # before it prompts: the generalist is not asked about the teacher's islands
+            raw = teacher.argmax(0).astype(np.uint8)
+            teacher, removed = keep_largest_probs(teacher)
+            self._cleaned[case.id] = _cleaning_scores(case, raw, removed)
         clock["teacher"] += time.perf_counter() - t
         if cfg.pseudo_source == "teacher":
             return teacher, None
@@ -239,14 +250,15 @@ class FMABS(MeanTeacher):
         rule = self._round_rule()
         teacher, result = self._unstash(tr, case) or self._generalist_views(tr, it, k, case, rule.needs_probs)
         prompt = teacher.argmax(0).astype(np.uint8)
+        cleaned = self._cleaned.pop(case.id, None)
         if result is None:  # --pseudo-source teacher
             tr.save_pseudolabels(case, {"fused": prompt})
-            return prompt, _round_scores(case, prompt, prompt)
+            return prompt, _round_scores(case, prompt, prompt, cleaned)
         t = time.perf_counter()
         result["fused"] = combine({v: result[v] for v in VIEWS}, teacher, rule, result.probs)
         tr.save_pseudolabels(case, result, teacher_probs=teacher)  # each rank writes the scans it labelled
         self._clock["save"] += time.perf_counter() - t
-        return result["fused"].astype(np.uint8), _round_scores(case, prompt, result["fused"])
+        return result["fused"].astype(np.uint8), _round_scores(case, prompt, result["fused"], cleaned)
 
     def _round_rule(self):
         """The fusion of this round: the option's, or the one ``--fusion auto`` chose for it."""
@@ -347,6 +359,7 @@ class FMABS(MeanTeacher):
         distributed.broadcast_module(self.teacher)  # BN statistics drift per rank: prompt from rank 0's teacher
         start = time.time()
         self._clock = _new_clock()
+        self._cleaned = {}
         if self._uses_auto() and "auto" not in self.partial:
             self._choose_fusion(tr, it)
         mine: dict[str, tuple[np.ndarray, dict | None]] = {}
@@ -553,16 +566,30 @@ def round_seed(seed: int, it: int, i: int) -> list[int]:
     return [int(seed), int(it), int(i)]
 
 
-def _round_scores(case, teacher: np.ndarray, fused: np.ndarray) -> dict | None:
+def _cleaning_scores(case, raw: np.ndarray, removed: int) -> dict:
+    """What ``--largest-component`` did to a scan's teacher: voxels removed, and the uncleaned teacher's Dice
+    against the scan's dense label (evaluation projects), so the event shows the cleaning's own gain."""
+    from fmabs_core.inference.metrics import dice_jaccard
+
+    out = {"removed": int(removed)}
+    label = case.extra.get("label")
+    if label is not None:
+        out["teacher_raw"] = float(dice_jaccard(raw, label)[0])
+    return out
+
+
+def _round_scores(case, teacher: np.ndarray, fused: np.ndarray, cleaned: dict | None = None) -> dict | None:
     """A scan's evidence for the round's event: Dice against its dense label (evaluation projects) and the
-    overlap counts of the teacher and the fused label with the expert's drawn planes (what the user sees)."""
+    overlap counts of the teacher and the fused label with the expert's drawn planes (what the user sees);
+    with ``--largest-component``, what the cleaning removed (see :func:`_cleaning_scores`)."""
     from fmabs_core.generalist.fusion import plane_counts
     from fmabs_core.inference.metrics import dice_jaccard
 
-    out: dict = {}
+    out: dict = dict(cleaned or {})
     label = case.extra.get("label")
     if label is not None:
         out.update(teacher=float(dice_jaccard(teacher, label)[0]), pseudo=float(dice_jaccard(fused, label)[0]))
+        out.setdefault("teacher_raw", out["teacher"])  # resumed mid-round: the cleaning's figure is not kept
     if case.target is not None and (case.target == UNLABELLED).any():  # a cross-label (dense targets: no planes)
         out.update(planes_teacher=plane_counts(teacher, case.target), planes_pseudo=plane_counts(fused, case.target))
     return out or None
@@ -596,6 +623,11 @@ def round_summary(scores: list[dict | None]) -> dict:
     if dense:
         out.update(teacher_dice=float(np.mean([s["teacher"] for s in dense])),
                    pseudo_dice=float(np.mean([s["pseudo"] for s in dense])))
+    cleaned = [s for s in scores if "removed" in s]
+    if cleaned:  # --largest-component: the teacher above is the cleaned one
+        out["teacher_voxels_removed"] = int(sum(s["removed"] for s in cleaned))
+        if dense:
+            out["teacher_raw_dice"] = float(np.mean([s["teacher_raw"] for s in dense]))
     drawn = [s for s in scores if "planes_teacher" in s]
     if drawn:
         t = counts_dice(merge_counts([s["planes_teacher"] for s in drawn]))

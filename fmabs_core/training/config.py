@@ -38,6 +38,8 @@ CROP_MODES = ("uniform", "anchored")
 LEGACY_DEFAULTS: dict[str, Any] = {"flip_axes": [0, 1, 2], "crop": "anchored", "expert_slices": "suggested"}
 #: method options whose default changed in the same commit (such a run's config.json has no "crop")
 LEGACY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"fmabs": {"crosslabel_overrides": False}}
+#: method options added later whose default changes what a run does: a run saved without one resumes without it
+ADDED_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"fmabs": {"largest_component": False}}
 EXPERT_SLICES = ("truth", "suggested")
 
 
@@ -131,6 +133,10 @@ class TrainConfig:
             if "crop" not in data and isinstance(options, dict):
                 legacy = LEGACY_METHOD_OPTIONS.get(str(data.get("method")), {})
                 data = {**data, "method_options": {**legacy, **options}}
+                options = data["method_options"]
+            if isinstance(options, dict):
+                added = ADDED_METHOD_OPTIONS.get(str(data.get("method")), {})
+                data = {**data, "method_options": {**added, **options}}
             data = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in data}, **data}
         return from_dict(cls, data, str(path))
 

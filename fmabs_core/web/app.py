@@ -148,9 +148,11 @@ class WebApp:
         self.refresh_project()
 
     def load_case(self) -> None:
-        self.state.label_status = self.session.load_case(self.state.label_case or "")
+        loaded = self.session.load_case(self.state.label_case or "")
         self.state.label_warnings = []
         self.slices_status()
+        if "saved cross-label" in loaded:  # the drawn planes are shown: say so beside where they are
+            self.state.label_status += ": the saved cross-label (tick Replace to save changes)"
 
     def slices_status(self) -> None:
         shown = self.session.show_slices()

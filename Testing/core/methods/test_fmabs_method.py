@@ -122,3 +122,50 @@ def test_auto_runtime_converts_to_openvino_when_the_rounds_pay_for_it(tmp_path, 
     assert rc == 0
     rounds = [e for e in read_events(Project(proj).run_dir("o")) if e["type"] == "pseudo_label"]
     assert len(rounds) == 1 and rounds[0]["generalist"] == "fp32 on cpu (openvino)"
+
+
+@pytest.mark.parametrize("source", ["teacher", "generalist"])
+def test_the_teachers_islands_are_cut_before_a_round_uses_it(tmp_path, phantom_data, monkeypatch, source):
+    """--largest-component (the default): a teacher whose mask has an island far from the object prompts and
+    labels with its largest part only; the round's event says how much was cut and what the uncut teacher
+    scored; with false the island stays in the pseudo-label (the paper's rounds)."""
+    from fmabs_core.data import io
+    from fmabs_core.training.engine import Trainer
+
+    real = Trainer.predict
+
+    def teacher_with_an_island(self, model, image, overlap=None):
+        probs = real(self, model, image, overlap)
+        probs[:, :3, :3, :3] = 0.0
+        probs[1, :3, :3, :3] = 1.0  # 27 voxels of class 1 in a corner, away from the phantom's object
+        return probs
+
+    monkeypatch.setattr(Trainer, "predict", teacher_with_an_island)
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
+    common = ["--method", "fmabs", "--iterations", "4", "--patch-size", "32", "32", "32", "--width", "4",
+              "--batch-size", "2", "--labelled-batch-size", "1", "--device", "cpu", "--pseudo-warmup", "0.5",
+              "--pseudo-every", "0.5", "--pseudo-stop", "0.9", "--pseudo-max-slices", "1", "--fusion", "mv",
+              "--pseudo-source", source, "--pseudo-max-cases", "3"]
+    for run, cut in (("cut", "true"), ("kept", "false")):
+        assert main(["train", "--project", str(proj), "--run", run, *common, "--largest-component", cut]) == 0
+    project = Project(proj)
+    for run in ("cut", "kept"):
+        folder = project.run_dir(run)
+        (event,) = [e for e in read_events(folder) if e["type"] == "pseudo_label"]
+        fused = sorted((folder / "pseudo").glob("*_fused.nii.gz"))
+        assert len(fused) == event["cases"] == 3
+        corners = [io.load_label(p, 1).array[:3, :3, :3] for p in fused]  # canonical, as the round made them
+        if run == "cut":
+            assert event["teacher_voxels_removed"] >= 3 * 27
+            assert event["teacher_raw_dice"] < event["teacher_dice"]  # the cut alone made the teacher better
+            assert not any(c.any() for c in corners)
+            for p in (folder / "pseudo").glob("*_teacher.nii.gz"):  # what prompted the generalist (and replays)
+                assert not io.load_probabilities(p).array[:3, :3, :3, 1].any()
+        else:
+            assert "teacher_voxels_removed" not in event
+            if source == "teacher":
+                assert all((c == 1).all() for c in corners)
+    options = json.loads((project.run_dir("kept") / "config.json").read_text())["method_options"]
+    assert options["largest_component"] is False

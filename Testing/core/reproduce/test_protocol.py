@@ -94,7 +94,13 @@ def test_plan_and_train_config():
     cfg = train_config(proto, proto.scale("paper"), her, None, "cpu")
     assert (cfg.active, cfg.budget, cfg.iterations) == ("her", 20, 20000)
     both = {c.row.key: c for c in plan(proto, cpu, 1, ["fmabs-no-override", "fmabs-her-suggested", "fmabs-teacher"])}
-    assert train_config(proto, cpu, both["fmabs-teacher"], ["a"], "cpu").method_options["pseudo_source"] == "teacher"
+    teacher = train_config(proto, cpu, both["fmabs-teacher"], ["a"], "cpu").method_options
+    assert teacher["pseudo_source"] == "teacher" and teacher.get("largest_component", True) is True  # as fmabs-auto
+    assert auto.method_options.get("largest_component", True) is True
+    # the paper's rows (majority vote) prompt with the uncut teacher, as the paper's code does
+    paper_rows = [c for c in plan(proto, cpu, 1, None) if c.row.options.get("fusion") == "mv"
+                  and c.row.options.get("pseudo_source") != "teacher"]
+    assert paper_rows and all(c.row.options["largest_component"] is False for c in paper_rows)
     assert train_config(proto, cpu, both["fmabs-no-override"], ["a"], "cpu").method_options["crosslabel_overrides"] is False
     assert train_config(proto, cpu, both["fmabs-her-suggested"], None, "cpu").expert_slices == "suggested"
     proto.rows[0].train["crop"] = "corner"

@@ -168,3 +168,23 @@ def test_an_old_fmabs_run_keeps_the_fused_label_on_its_cross_labelled_planes(tmp
         assert get_method(cfg.method, cfg.method_options).config.crosslabel_overrides is expected
     path.write_text(json.dumps({**old, "method": "sup"}))
     assert "crosslabel_overrides" not in TrainConfig.load(path).method_options
+
+
+def test_an_fmabs_run_saved_before_largest_component_resumes_without_it(tmp_path):
+    """The option came later with the default on: a run whose config.json lacks it resumes as it started (the
+    teacher uncut); a run that named it, or a new one, keeps what it says."""
+    import json
+    from dataclasses import asdict
+
+    from fmabs_core.methods import get_method
+    from fmabs_core.training.config import TrainConfig
+
+    path = tmp_path / "config.json"
+    new = json.loads(json.dumps(asdict(TrainConfig(method="fmabs", method_options={"box_jitter": 4}))))
+    for options, expected in (({"box_jitter": 4}, False), ({"largest_component": True}, True)):
+        path.write_text(json.dumps({**new, "method_options": options}))
+        cfg = TrainConfig.load(path)
+        assert get_method(cfg.method, cfg.method_options).config.largest_component is expected
+    assert get_method("fmabs", {}).config.largest_component is True
+    path.write_text(json.dumps({**new, "method": "mt", "method_options": {}}))
+    assert "largest_component" not in TrainConfig.load(path).method_options
