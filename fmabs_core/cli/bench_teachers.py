@@ -33,6 +33,8 @@ BAND_EDGE = 0.85
 #: the column of --fusion auto (each teacher is one round: chosen on the drawn planes of the project's cross-labelled
 #: scans among the bench's scans, or of all of them when none is cross-labelled)
 AUTO = "auto"
+#: the column of the teacher cut to its largest part (--largest-component): the cut alone, no generalist
+CUT = "cut"
 
 
 def soft_teacher(mask: np.ndarray, num_classes: int, softness: float = 1.5) -> np.ndarray:
@@ -124,9 +126,10 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
                    runs: list[str] | None = None, iterations: list[int] | None = None, made: bool = True,
                    generalist: str = "litemedsam", checkpoint: str | None = None, device: str = "cpu",
                    box_jitter: int = 10, max_slices: int | None = None, seed: int = 0,
-                   cache_dir: str | None = None, progress=None, box_jitter_fraction: float | None = None
-                   ) -> dict[str, Any]:
+                   cache_dir: str | None = None, progress=None, box_jitter_fraction: float | None = None,
+                   largest_component: bool = False) -> dict[str, Any]:
     """Rows of (scan, teacher): the teacher's, each view's and each fusion rule's Dice; see the module doc."""
+    from fmabs_core.data.components import keep_largest_probs
     from fmabs_core.data.crosslabel import simulate
     from fmabs_core.data.project import Project
     from fmabs_core.generalist import get_generalist
@@ -163,6 +166,9 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
         teachers = _chain(teachers, ((n, teacher_probs_for(image, p, str(g.device))) for n, p in teachers_real))
         for name, probs in teachers:
             t0 = time.perf_counter()
+            raw = probs.argmax(0).astype(np.uint8)
+            if largest_component:  # as a round does: the cut teacher prompts, takes part in the fusion, is "teacher"
+                probs, _ = keep_largest_probs(probs)
             prompt = probs.argmax(0).astype(np.uint8)
             result = multiview_pseudolabel(g, image, prompt, np.random.default_rng(seed), fusion="mv",
                                            box_jitter=box_jitter, max_slices_per_view=max_slices, cache=cache,
@@ -170,8 +176,10 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
             if max_slices is not None:
                 fill_unprompted(result, probs)
             views = {v: result[v] for v in VIEWS}
-            row = {"case": case, "teacher": name, "planes": planes, "teacher_dice": dice(prompt, truth),
-                   "teacher_planes": plane_dice(prompt, cross), "seconds": 0.0, "prompts": result.prompts}
+            row = {"case": case, "teacher": name, "planes": planes, "teacher_dice": dice(raw, truth),
+                   "teacher_planes": plane_dice(raw, cross), "seconds": 0.0, "prompts": result.prompts}
+            if largest_component:
+                row[CUT] = dice(prompt, truth)
             row.update({v: dice(views[v], truth) for v in VIEWS})
             fused_by = {}
             for rule_name, rule in rules.items():
@@ -195,12 +203,13 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
         pick = choice.rule
         chosen[name] = {"rule": pick, "heldout_gain": choice.heldout_gain, "scans": len(drawn)}
         for i, _, scores in items:
-            rows[i][AUTO] = rows[i]["teacher_dice"] if pick == "teacher" else scores[pick]
+            rows[i][AUTO] = rows[i].get(CUT, rows[i]["teacher_dice"]) if pick == "teacher" else scores[pick]
     cache.close()
-    names = [*rules, AUTO]
+    names = [*([CUT] if largest_component else []), *rules, AUTO]
     return {"project": str(project.root), "generalist": repr(g), "device": str(g.device),
             "box_jitter": box_jitter if box_jitter_fraction is None else f"{box_jitter_fraction:g} of the box",
-            "max_slices_per_view": max_slices, "seed": seed, "rules": names, "rows": rows,
+            "max_slices_per_view": max_slices, "seed": seed, "largest_component": largest_component, "rules": names,
+            "rows": rows,
             "auto": chosen, "summary": summarise(rows, names)}
 
 

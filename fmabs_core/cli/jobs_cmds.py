@@ -7,6 +7,7 @@ sub-commands only read the run folder (and ``cancel`` sends SIGTERM).
 from __future__ import annotations
 
 import argparse
+import sys
 import logging
 
 from fmabs_core.contract import DONE, MODEL_FILE, RUNS_DIR, STATUS_FILE
@@ -61,6 +62,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     argv = train_argv(args)
     argv[argv.index("--project") + 1] = str(project.root.resolve())
     job = jobs.start_job(project.run_dir(args.run), argv)
+    failed = jobs.confirm_started(job)
+    if failed:
+        print(f"fmabs jobs start: run '{args.run}': {failed}", file=sys.stderr)
+        return 1
     print(f"started pid {job.pid}")
     print(f"run folder: {job.run_dir}")
     print(f"log: {job.log_path}")

@@ -77,6 +77,28 @@ def start_job(run_dir: Path, train_argv: Sequence[str], python: str | None = Non
     return Job(proc.pid, run_dir, log_path, proc)
 
 
+def confirm_started(job: Job, timeout_s: float = 30.0, poll_s: float = 0.2) -> str | None:
+    """Wait until a job just started holds its run's lock (or ``timeout_s`` passes); a message naming the exit code
+    and the end of its log when it exited with an error first (a broken environment, a missing package), else
+    None. So ``fmabs jobs start`` says "started" only for a job that did not die at once."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        code = job.process.poll() if job.process is not None else None
+        if code is not None:
+            if code == 0:
+                return None  # already finished: a run with nothing left to do
+            try:
+                tail = job.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+            except OSError:
+                tail = []
+            return (f"the job exited at once with code {code}; the end of its log {job.log_path}:\n  "
+                    + "\n  ".join(tail))
+        if lock_holder(job.run_dir) is not None:
+            return None
+        time.sleep(poll_s)
+    return None
+
+
 # ---- status -------------------------------------------------------------------------------------
 def resume_hint(run_dir: Path) -> str:
     run_dir = Path(run_dir)

@@ -91,3 +91,24 @@ def test_bench_scores_every_rule_on_the_same_answers(tmp_path, phantom_data):
             assert r[AUTO] == (r["teacher_dice"] if chosen["rule"] == "teacher" else r[chosen["rule"]])
     text = format_teachers(rep)
     assert "worst gain" in text and "auto:" in text
+
+
+@pytest.mark.slow  # runs LiteMedSAM
+def test_bench_with_the_teacher_cut_to_its_largest_part(tmp_path, phantom_data):
+    """--largest-component: the teacher's Dice stays the uncut teacher's, the 'cut' column is the cut teacher's;
+    the weak teacher's separate blobs go (cut above the teacher), a one-part teacher is unchanged, and auto's
+    fallback to the teacher is the cut teacher (what a round with the option would train on)."""
+    from fmabs_core.cli.bench_teachers import CUT
+
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "1"])
+    rep = bench_teachers(str(proj), scans=1, device="cpu", max_slices=1, largest_component=True)
+    assert rep["largest_component"] is True and rep["rules"][0] == CUT
+    rows = {r["teacher"]: r for r in rep["rows"]}
+    assert rows["weak, blobs"][CUT] > rows["weak, blobs"]["teacher_dice"]
+    assert rows["grown 1"][CUT] == rows["grown 1"]["teacher_dice"]
+    for kind, chosen in rep["auto"].items():
+        if chosen["rule"] == "teacher":
+            assert rows[kind][AUTO] == rows[kind][CUT]
+    assert f"{CUT:>8}" in format_teachers(rep).splitlines()[1]

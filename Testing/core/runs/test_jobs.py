@@ -178,3 +178,19 @@ def test_cancel_never_signals_a_process_that_reused_the_jobs_pid(project):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_start_says_so_when_the_job_dies_at_once(project, monkeypatch, tmp_path, capsys):
+    """A job whose interpreter fails before training (here a stand-in that prints an import error and exits 3,
+    as a broken environment would) is reported with its exit code and the end of its log, and the command
+    fails; before, `fmabs jobs start` printed "started pid N" and returned 0."""
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 3\n")
+    broken.chmod(0o755)
+    real = jobs.start_job
+    monkeypatch.setattr(jobs, "start_job", lambda run_dir, argv, **kw: real(run_dir, argv, python=str(broken)))
+    assert main(["jobs", "start", *_train_opts(project, "dies")]) == 1
+    captured = capsys.readouterr()
+    assert "started pid" not in captured.out
+    assert "exited at once with code 3" in captured.err and "No module named 'torch'" in captured.err
+    assert "train.log" in captured.err and jobs.job_status(project.run_dir("dies"))["state"] == "crashed"
