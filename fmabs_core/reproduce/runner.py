@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from fmabs_core.inference.metrics import CaseScores, score_case, summarise
 from fmabs_core.reproduce import data as D
 from fmabs_core.reproduce.protocol import Protocol, Row, Scale, Setting
 from fmabs_core.reproduce.report import clean, write_report
+from fmabs_core.data.store import STORE_DIR
 from fmabs_core.training.config import MUTABLE_ON_RESUME, NetConfig, TrainConfig, default_iterations, from_dict
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,9 @@ def run_cell(protocol: Protocol, scale: Scale, cell: Cell, out: Path, split: D.S
               "predict_seconds": time.time() - t1, "run": str(run_dir),
               "cases": [s.as_dict() for s in scores], "summary": summarise(scores)}
     io.atomic_write_text(done, json.dumps(clean(result), indent=2))
+    # the cell's preprocessed scans (--scan-store disk) are a cache of its linked scans: at the paper's scale about
+    # 1 GB per cell, so a finished cell does not keep them
+    shutil.rmtree(project.root / STORE_DIR, ignore_errors=True)
     return clean(result)
 
 

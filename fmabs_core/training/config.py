@@ -21,7 +21,7 @@ from fmabs_core.errors import InputError
 C = TypeVar("C")
 
 #: options a resumed run may change; any other difference from the saved config is refused
-MUTABLE_ON_RESUME = ("device", "val_every", "ckpt_every", "keep_last", "max_val_cases", "val_overlap")
+MUTABLE_ON_RESUME = ("device", "val_every", "ckpt_every", "keep_last", "max_val_cases", "val_overlap", "scan_store")
 
 #: A method's default number of iterations, as its paper trains it. Where paper and code disagree the paper
 #: wins (docs: methods.md): FM-ABS's paper sets t_max = 20 000 (its authors' code runs 10 000), and the rows
@@ -33,13 +33,18 @@ METHOD_ITERATIONS: dict[str, int] = {
 }
 FALLBACK_ITERATIONS = 6000
 CROP_MODES = ("uniform", "anchored")
+#: where training reads the scans from: ``disk`` (preprocessed once into the project's memory-mapped
+#: ``preprocessed/`` files, memory bounded by the patch) or ``ram`` (every scan read into memory at start)
+SCAN_STORES = ("disk", "ram")
 #: the behaviour of runs whose saved config.json predates a key (the paper-faithful defaults came later):
 #: such a run resumes with these values, so that a resume never changes what the run does mid-way
 LEGACY_DEFAULTS: dict[str, Any] = {"flip_axes": [0, 1, 2], "crop": "anchored", "expert_slices": "suggested"}
 #: method options whose default changed in the same commit (such a run's config.json has no "crop")
 LEGACY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"fmabs": {"crosslabel_overrides": False}}
-#: method options added later whose default changes what a run does: a run saved without one resumes without it
-ADDED_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"fmabs": {"largest_component": False}}
+#: method options added later whose default changes what a run does: option -> (the behaviour before it, its
+#: default now). A new run's config names the option (so it resumes as it started); a run saved without it
+#: resumes with the behaviour before it. The defaults now equal the methods' Config defaults (a test ties them).
+ADDED_METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {"fmabs": {"largest_component": (False, True)}}
 EXPERT_SLICES = ("truth", "suggested")
 
 
@@ -81,6 +86,8 @@ class TrainConfig:
     #: a labelled voxel) or ``anchored`` (on a random labelled voxel: starts pile up at the borders)
     crop: str = "uniform"
     labelled_cases: tuple[str, ...] | None = None  # train on these scans' labels only (None: every labelled scan)
+    #: where the scans are read from (SCAN_STORES); the same voxels either way, so a resume may change it
+    scan_store: str = "disk"
     # optimiser: SGD with poly decay, as in UA-MT / FM-ABS
     lr: float = 0.01
     momentum: float = 0.9
@@ -111,6 +118,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.iterations is None:
             self.iterations = default_iterations(self.method)
+        added = ADDED_METHOD_OPTIONS.get(self.method, {})
+        if added and any(k not in self.method_options for k in added):  # named, so that a resume keeps it
+            self.method_options = {**{k: v[1] for k, v in added.items()}, **self.method_options}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -135,8 +145,8 @@ class TrainConfig:
                 data = {**data, "method_options": {**legacy, **options}}
                 options = data["method_options"]
             if isinstance(options, dict):
-                added = ADDED_METHOD_OPTIONS.get(str(data.get("method")), {})
-                data = {**data, "method_options": {**added, **options}}
+                before = {k: v[0] for k, v in ADDED_METHOD_OPTIONS.get(str(data.get("method")), {}).items()}
+                data = {**data, "method_options": {**before, **options}}
             data = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in data}, **data}
         return from_dict(cls, data, str(path))
 
@@ -162,6 +172,8 @@ class TrainConfig:
             raise InputError(f"--dropout must be in [0, 1) (got {self.net.dropout})")
         if self.crop not in CROP_MODES:
             raise InputError(f"crop '{self.crop}': choose {' or '.join(CROP_MODES)}")
+        if self.scan_store not in SCAN_STORES:
+            raise InputError(f"scan_store '{self.scan_store}': choose {' or '.join(SCAN_STORES)}")
         if not self.flip_axes == tuple(sorted(set(self.flip_axes))) or not set(self.flip_axes) <= {0, 1, 2}:
             raise InputError(f"flip_axes {list(self.flip_axes)}: give distinct axes among 0, 1, 2 in increasing order")
         if self.expert_slices not in EXPERT_SLICES:

@@ -118,6 +118,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         random.setstate((version, tuple(internal), gauss))
 
 
+class _OffGrid(Exception):
+    """A label or cross-label is not on its scan's grid (the problem is already recorded)."""
+
+
 class Trainer:
     """Owns the network, optimiser, sampler and run folder; calls the method's hooks each step.
 
@@ -242,26 +246,28 @@ class Trainer:
         self._grids.clear()
         labelled, unlabelled = [], []
         problems: list[str] = []  # labels off their scan's grid: all of them named at once, before any step
-        for cid in self.progress(train, desc="loading scans"):
-            volume = project.load_image(cid)
-            case = Case(cid, zscore(volume.array))
-            self._grids[cid] = volume.grid()
-            if project.has_label(cid):
-                label = project.load_label(cid)
-                problems += io.check_pair(volume, label)
-                case.extra["label"] = label.array  # evaluation and the simulated expert
+        read = self._read_scan_store if cfg.scan_store == "disk" else self._read_in_ram
+        for cid in self.progress(train, desc="loading scans" if cfg.scan_store == "ram" else "preprocessed scans"):
             usable = chosen is None or cid in chosen
+            cross = self.method.supervision != "dense" and usable and project.crosslabel_path(cid).exists()
+            image, grid, label, target = read(cid, cross, problems)
+            case = Case(cid, image)
+            self._grids[cid] = grid
+            if label is not None:
+                case.extra["label"] = label  # evaluation and the simulated expert
             if self.method.supervision == "dense":
-                if "label" in case.extra and usable:
-                    case.target = case.extra["label"]
-            elif project.crosslabel_path(cid).exists() and usable:
-                cross = project.load_crosslabel(cid)
-                problems += io.check_pair(volume, cross)
-                case.target = cross.array
+                if label is not None and usable:
+                    case.target = label
+            elif target is not None:
+                case.target = target
             (labelled if case.target is not None else unlabelled).append(case)
             self.train_cases.append(case)
         if problems:
             raise InputError(" ".join(problems) + " (`fmabs check` lists every such problem of the project.)")
+        if cfg.scan_store == "disk" and self.dist.rank == 0:
+            from fmabs_core.data.store import store_of
+
+            store_of(project.root).drop(set(project.cases))  # scans removed from the project
         if not labelled:
             kind = "dense labels" if self.method.supervision == "dense" else "cross-labels"
             raise InputError(f"{project.root}: no training scan has {kind}; "
@@ -277,6 +283,49 @@ class Trainer:
         self.val_cases = [c for c in project.split("val") if project.has_label(c)][: cfg.max_val_cases]
         log.info("%d labelled and %d unlabelled training scans, %d validation scans, patch %s",
                  len(labelled), len(unlabelled), len(self.val_cases), self.patch)
+
+    def _read_in_ram(self, cid: str, cross: bool, problems: list[str]) -> tuple:
+        """``--scan-store ram``: (z-scored image, grid, label or None, cross-label or None) read into memory."""
+        project = self.project
+        volume = project.load_image(cid)
+        label = target = None
+        if project.has_label(cid):
+            lab = project.load_label(cid)
+            problems += io.check_pair(volume, lab)
+            label = lab.array
+        if cross:
+            vol = project.load_crosslabel(cid)
+            problems += io.check_pair(volume, vol)
+            target = vol.array
+        return zscore(volume.array), volume.grid(), label, target
+
+    def _read_scan_store(self, cid: str, cross: bool, problems: list[str]) -> tuple:
+        """``--scan-store disk``: the same arrays, memory-mapped from the project's preprocessed files (built
+        the first time, and again when a scan's file changes; see data/store.py). A label off its scan's grid
+        is named in ``problems`` and not stored."""
+        from fmabs_core.data.store import store_of
+
+        project = self.project
+        store = store_of(project.root)
+        image = store.get(cid, "image", project.image_path(cid), io.load_image)
+
+        def on_grid(volume: io.Volume) -> None:
+            found = io.check_pair(image.grid, volume)
+            if found:
+                problems.extend(found)
+                raise _OffGrid
+
+        label = target = None
+        try:
+            if project.has_label(cid):
+                label = store.get(cid, "label", project.label_path(cid),
+                                  lambda path: io.load_label(path, project.num_classes), on_grid).array
+            if cross:
+                target = store.get(cid, "cross", project.crosslabel_path(cid),
+                                   lambda path: project.load_crosslabel(cid), on_grid).array
+        except _OffGrid:
+            pass  # named in problems: every such scan is named at once, before any step
+        return image.array, image.grid, label, target
 
     def refresh_crosslabels(self, case_ids: list[str]) -> None:
         """Move newly cross-labelled scans from the unlabelled to the labelled pool (active rounds)."""

@@ -188,3 +188,17 @@ def test_an_fmabs_run_saved_before_largest_component_resumes_without_it(tmp_path
     assert get_method("fmabs", {}).config.largest_component is True
     path.write_text(json.dumps({**new, "method": "mt", "method_options": {}}))
     assert "largest_component" not in TrainConfig.load(path).method_options
+
+
+def test_the_added_options_defaults_are_the_methods_defaults():
+    """ADDED_METHOD_OPTIONS names each added option's default now: it must be the method's Config default."""
+    from dataclasses import fields
+
+    from fmabs_core import methods
+    from fmabs_core.training.config import ADDED_METHOD_OPTIONS, TrainConfig
+
+    for method, added in ADDED_METHOD_OPTIONS.items():
+        defaults = {f.name: f.default for f in fields(methods.available()[method].Config)}
+        for option, (_before, now) in added.items():
+            assert defaults[option] == now, (method, option)
+        assert {k: v[1] for k, v in added.items()}.items() <= TrainConfig(method=method).method_options.items()
