@@ -152,6 +152,19 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     add_json_option(p)
     add_overwrite_option(p, "the --json file")
     p.set_defaults(func=_bench_suite)
+    p = bsub.add_parser("memory", help="peak memory of import and training as the number of scans grows, training "
+                                       "from memory (--scan-store ram) and from the preprocessed files (disk)")
+    p.add_argument("--work", required=True, help="folder for the synthetic scans and their projects (made if missing; "
+                                                "reused by a later run)")
+    p.add_argument("--scans", type=int, nargs="+", default=[10, 50], help="project sizes (default 10 50)")
+    p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 160], metavar=("X", "Y", "Z"),
+                   help="voxels per synthetic scan (default 256 256 160; a clinical CT: 512 512 300)")
+    p.add_argument("--iterations", type=int, default=20, help="training iterations per run (default 20)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
+    add_device_option(p)
+    add_json_option(p)
+    add_overwrite_option(p, "the --json file")
+    p.set_defaults(func=_bench_memory)
     p = bsub.add_parser("ceiling", help="the generalist's pseudo-label Dice when prompted with the truth, and with "
                                         "the truth grown and shrunk (a teacher off by a few voxels); LA scans")
     p.add_argument("--la", help="folder with imagesTr/ and labelsTr/ (default ../shared/data/la2018); use "
@@ -522,6 +535,18 @@ def _bench_command(args: argparse.Namespace) -> int:
         raise InputError("--image needs --label (the mask that prompts).")
     report = bench_command(str(image), str(label), args.pseudo_max_slices or None, args.repeats, progress=progress)
     emit(args, report, lambda: format_command(report))
+    return 0
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    from fmabs_core.cli.bench_memory import bench_memory, format_memory
+
+    check_json_output(args)
+    if min(args.scans) < 1 or min(args.shape) < 8 or args.iterations < 2:
+        raise InputError("--scans must be >= 1, --shape >= 8 per axis and --iterations >= 2")
+    report = bench_memory(Path(args.work), args.scans, tuple(args.shape), args.iterations, args.device,
+                          tuple(args.patch_size), progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    emit(args, report, lambda: format_memory(report))
     return 0
 
 
