@@ -96,6 +96,10 @@ def planes_line(event: dict) -> str | None:
         line += f"; fusion chosen on them: {event['fusion']}"
         if isinstance(held, (int, float)):
             line += f" (held-out estimate {100 * held:+.1f})"
+    if event.get("teacher_cut") is True and isinstance(event.get("teacher_voxels_removed"), int):
+        line += f"; teacher cut to its largest part ({event['teacher_voxels_removed']} voxels removed)"
+    elif event.get("teacher_cut") is False:
+        line += "; teacher kept whole (cut, it scored lower on your slices)"
     if event.get("warning"):
         line += f"; WARNING: {event['warning']}"
     return line

@@ -129,7 +129,6 @@ def take(project: Path, case: str, out: Path, cfg: ShotConfig, scratch: Path) ->
             for view in ("axial", "coronal", "sagittal"):  # the fused label and the prediction only
                 page.click(f"#layer-{view}")
                 page.wait_for_timeout(300)
-            page.wait_for_timeout(2000)  # each view streams its frame with the new layers
             shots["review"] = shot(page, "review", out)
 
             tab(page, "segment")

@@ -108,11 +108,21 @@ def wait_text(page, selector: str, pattern: str, timeout_s: float = 60.0) -> str
     raise AssertionError(f"{selector}: {pattern!r} not seen in {timeout_s:.0f} s; last text {last!r}; message {message!r}")
 
 
-def shot(page, name: str, folder: Path = ARTEFACTS) -> Path:
+def shot(page, name: str, folder: Path = ARTEFACTS, settle_s: float = 30.0) -> Path:
+    """A PNG of the page once the views have streamed their last frame: two captures a second apart are the
+    same (the server renders each change and streams it; on a busy machine that takes seconds)."""
     folder.mkdir(parents=True, exist_ok=True)
-    page.wait_for_timeout(700)  # let the views stream their last frame
+    page.wait_for_timeout(700)
+    last = page.screenshot()
+    deadline = time.time() + settle_s
+    while time.time() < deadline:
+        page.wait_for_timeout(1000)
+        now = page.screenshot()
+        if now == last:
+            break
+        last = now
     path = folder / f"{name}.png"
-    page.screenshot(path=str(path))
+    path.write_bytes(last)
     return path
 
 

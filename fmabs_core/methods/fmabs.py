@@ -218,7 +218,8 @@ class FMABS(MeanTeacher):
         t = time.perf_counter()
         # quantised as they are written (pseudo/<case>_teacher.nii.gz), so `fmabs pseudo-label` replays a round exactly
         teacher = quantise_probs(tr.predict(self.teacher, case.image))
-        if cfg.largest_component:  # before it prompts: the generalist is not asked about the teacher's islands
+        if cfg.largest_component and self.partial.get("cut", {}).get("apply", True):
+            # before it prompts: the generalist is not asked about the teacher's islands
             raw = teacher.argmax(0).astype(np.uint8)
             teacher, removed = keep_largest_probs(teacher)
             self._cleaned[case.id] = _cleaning_scores(case, raw, removed)
@@ -270,6 +271,29 @@ class FMABS(MeanTeacher):
         if cfg.fusion != "auto":
             return FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence)
         return AUTO_CANDIDATES[self.partial["auto"]["rule"]]
+
+    def _choose_cut(self, tr) -> None:
+        """``--largest-component``: this round cuts the teacher to its largest part per class unless, on the drawn
+        planes of the cross-labelled training scans pooled, the cut teacher scores below the uncut one (an early
+        teacher whose largest part is not all of the object). Islands away from the planes cannot count
+        against the cut there, so a tie keeps it. With no drawn planes the option stands."""
+        from fmabs_core.data.components import largest_component
+        from fmabs_core.generalist.fusion import counts_dice, merge_counts, plane_counts
+        from fmabs_core.training import distributed
+
+        drawn = [c for c in tr.train_cases if c.target is not None and (c.target == UNLABELLED).any()]
+        mine = []
+        for case in distributed.shard(drawn):
+            raw = tr.predict(self.teacher, case.image).argmax(0).astype(np.uint8)
+            mine.append((plane_counts(raw, case.target), plane_counts(largest_component(raw), case.target)))
+        pairs = [p for part in distributed.all_gather_object(mine) for p in part]
+        if not pairs:
+            self.partial["cut"] = {"apply": True, "scans": 0}
+            return
+        uncut = counts_dice(merge_counts([p[0] for p in pairs]))
+        cut = counts_dice(merge_counts([p[1] for p in pairs]))
+        apply = bool(np.isnan(uncut) or np.isnan(cut) or cut >= uncut)
+        self.partial["cut"] = {"apply": apply, "scans": len(pairs), "planes_uncut": uncut, "planes_cut": cut}
 
     def _choose_fusion(self, tr, it: int) -> None:
         """``--fusion auto``: before a round labels its scans, score every candidate rule on the drawn planes of all
@@ -360,6 +384,8 @@ class FMABS(MeanTeacher):
         start = time.time()
         self._clock = _new_clock()
         self._cleaned = {}
+        if self._tuned is None and self.config.largest_component and "cut" not in self.partial:
+            self._choose_cut(tr)
         if self._uses_auto() and "auto" not in self.partial:
             self._choose_fusion(tr, it)
         mine: dict[str, tuple[np.ndarray, dict | None]] = {}
@@ -384,7 +410,7 @@ class FMABS(MeanTeacher):
             case.pseudo = merged[case.id][0]
         if tr.dist.rank == 0 and self._tuned is None and cfg_uses_generalist(self.config):
             self._write_round_inputs(tr, it, cases)
-        auto = self.partial.get("auto")
+        auto, cut = self.partial.get("auto"), self.partial.get("cut")
         if auto is not None and tr.dist.rank == 0:
             shutil.rmtree(_stash_dir(tr), ignore_errors=True)
         self.rounds_done += 1
@@ -394,6 +420,11 @@ class FMABS(MeanTeacher):
         if resumed:
             info["resumed_after"] = resumed
         info.update(round_summary([v[1] for v in merged.values()]))
+        if cut is not None:  # --largest-component: applied this round, and why (the drawn planes, cut and uncut)
+            info["teacher_cut"] = cut["apply"]
+            if cut.get("scans") and np.isfinite([cut["planes_uncut"], cut["planes_cut"]]).all():  # JSON: no NaN
+                info.update(planes_uncut_teacher_dice=round(float(cut["planes_uncut"]), 4),
+                            planes_cut_teacher_dice=round(float(cut["planes_cut"]), 4))
         if self._uses_auto():
             info.update(auto_fields(auto))
         elif self._tuned is None and cfg_uses_generalist(self.config):

@@ -165,7 +165,7 @@ def summary_line(status: dict[str, Any]) -> str:
 
 #: what ``fmabs jobs status --json`` keeps of a pseudo_label event that scored the expert's drawn planes
 PLANES_FIELDS = ("round", "iteration", "planes_scans", "planes_teacher_dice", "planes_pseudo_dice", "planes_gain",
-                 "fusion", "planes_gain_heldout", "warning")
+                 "fusion", "planes_gain_heldout", "teacher_cut", "teacher_voxels_removed", "warning")
 
 
 def planes_rounds(run_dir: Path) -> list[dict[str, Any]]:

@@ -132,18 +132,23 @@ def test_the_teachers_islands_are_cut_before_a_round_uses_it(tmp_path, phantom_d
     from fmabs_core.data import io
     from fmabs_core.training.engine import Trainer
 
-    real = Trainer.predict
+    from fmabs_core.data.intensity import zscore
 
-    def teacher_with_an_island(self, model, image, overlap=None):
-        probs = real(self, model, image, overlap)
-        probs[:, :3, :3, :3] = 0.0
-        probs[1, :3, :3, :3] = 1.0  # 27 voxels of class 1 in a corner, away from the phantom's object
-        return probs
-
-    monkeypatch.setattr(Trainer, "predict", teacher_with_an_island)
     proj = tmp_path / "proj"
     main(["import", str(phantom_data), "--project", str(proj)])
     main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
+    scans = [(zscore(Project(proj).load_image(c).array), Project(proj).load_label(c).array)
+             for c in Project(proj).cases]
+
+    def teacher_with_an_island(self, model, image, overlap=None):
+        """A teacher that is right about the object (the scan's truth) but has an island in a corner."""
+        truth = next(lab for im, lab in scans if im.shape == image.shape and np.array_equal(im, image))
+        probs = np.stack([truth == 0, truth == 1]).astype(np.float32)
+        probs[:, :3, :3, :3] = 0.0
+        probs[1, :3, :3, :3] = 1.0  # 27 voxels of class 1 in a corner, off the drawn planes
+        return probs
+
+    monkeypatch.setattr(Trainer, "predict", teacher_with_an_island)
     common = ["--method", "fmabs", "--iterations", "4", "--patch-size", "32", "32", "32", "--width", "4",
               "--batch-size", "2", "--labelled-batch-size", "1", "--device", "cpu", "--pseudo-warmup", "0.5",
               "--pseudo-every", "0.5", "--pseudo-stop", "0.9", "--pseudo-max-slices", "1", "--fusion", "mv",
@@ -158,7 +163,8 @@ def test_the_teachers_islands_are_cut_before_a_round_uses_it(tmp_path, phantom_d
         assert len(fused) == event["cases"] == 3
         corners = [io.load_label(p, 1).array[:3, :3, :3] for p in fused]  # canonical, as the round made them
         if run == "cut":
-            assert event["teacher_voxels_removed"] >= 3 * 27
+            assert event["teacher_cut"] is True and event["teacher_voxels_removed"] >= 3 * 27
+            assert event["planes_cut_teacher_dice"] >= event["planes_uncut_teacher_dice"]  # what let it cut
             assert event["teacher_raw_dice"] < event["teacher_dice"]  # the cut alone made the teacher better
             assert not any(c.any() for c in corners)
             for p in (folder / "pseudo").glob("*_teacher.nii.gz"):  # what prompted the generalist (and replays)
@@ -169,3 +175,25 @@ def test_the_teachers_islands_are_cut_before_a_round_uses_it(tmp_path, phantom_d
                 assert all((c == 1).all() for c in corners)
     options = json.loads((project.run_dir("kept") / "config.json").read_text())["method_options"]
     assert options["largest_component"] is False
+
+
+def test_a_cut_that_loses_on_the_drawn_planes_is_not_made(tmp_path, phantom_data, monkeypatch):
+    """A round cuts the teacher only when the drawn planes do not score the cut teacher lower: here the "largest
+    part" is made wrong on purpose (nothing of the object kept), the planes see it, and the round keeps the
+    teacher whole; the event and the user's line say so."""
+    from fmabs_core.contract import planes_line
+    from fmabs_core.data import components
+
+    monkeypatch.setattr(components, "largest_component", lambda mask: np.zeros_like(mask))
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
+    assert main(["train", "--project", str(proj), "--run", "r", "--method", "fmabs", "--iterations", "4",
+                 "--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
+                 "--device", "cpu", "--pseudo-warmup", "0.5", "--pseudo-every", "0.5", "--pseudo-stop", "0.9",
+                 "--pseudo-max-slices", "1", "--pseudo-source", "teacher"]) == 0
+    (event,) = [e for e in read_events(Project(proj).run_dir("r")) if e["type"] == "pseudo_label"]
+    assert event["teacher_cut"] is False and "teacher_voxels_removed" not in event
+    assert event["planes_cut_teacher_dice"] < event["planes_uncut_teacher_dice"]
+    assert event["pseudo_dice"] == event["teacher_dice"] > 0  # the whole teacher, not the emptied one
+    assert "teacher kept whole" in planes_line(event)
