@@ -79,6 +79,9 @@ EVENT_TYPES = tuple(EVENT_FIELDS)
 COMMON_EVENT_FIELDS = ("type", "time", "iteration")
 
 
+#: the labels a training set can have: the expert's three drawn planes per scan, or whole labelled scans
+LABEL_KINDS = ("cross", "dense")
+
 def planes_line(event: dict) -> str | None:
     """What a ``pseudo_label`` event says to the user about their drawn slices (None when it has no planes).
 

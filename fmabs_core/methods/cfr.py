@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fmabs_core.contract import GENERALIST_LAYER, PSEUDO_DIR
+from fmabs_core.contract import LABEL_KINDS, GENERALIST_LAYER, PSEUDO_DIR
 from fmabs_core.errors import InputError
 from fmabs_core.methods import losses, register
 from fmabs_core.methods.base import Method, option
@@ -40,7 +40,6 @@ from fmabs_core.training.api import TrainContext
 
 log = logging.getLogger(__name__)
 
-LABEL_KINDS = ("dense", "cross")
 #: ACMT's ambiguity threshold on the normalised entropy rises from the first to the second value
 ACMT_THRESHOLD = (0.75, 0.95)
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fmabs_core.contract import LABEL_KINDS
 from fmabs_core.errors import InputError
 from fmabs_core.methods import losses, register
 from fmabs_core.methods.base import Method, option
 from fmabs_core.training.api import TrainContext
 
-LABEL_KINDS = ("dense", "cross")
 
 
 @dataclass

@@ -14,11 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fmabs_core.contract import STRATEGIES, check_name
+from fmabs_core.contract import LABEL_KINDS, STRATEGIES, check_name
 from fmabs_core.errors import InputError
 from fmabs_core.training.config import from_dict
 
-LABEL_KINDS = ("cross", "dense")
 BLENDS = ("constant", "gaussian")
 
 
