@@ -120,10 +120,14 @@ class Project:
     def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
         """Apply ``change`` to the metadata under the project lock and write it atomically."""
         with self.locked():
-            meta = self.read()
-            result = change(meta)
-            check_meta(meta, self.meta_path)  # never write a document the next read would refuse
-            io.atomic_write_text(self.meta_path, json.dumps(meta, indent=2))
+            return self._change_locked(change)
+
+    def _change_locked(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        """:meth:`update`'s work, for a caller that holds :meth:`locked` already (the lock is not re-entrant)."""
+        meta = self.read()
+        result = change(meta)
+        check_meta(meta, self.meta_path)  # never write a document the next read would refuse
+        io.atomic_write_text(self.meta_path, json.dumps(meta, indent=2))
         return result
 
     @property
@@ -238,19 +242,22 @@ class Project:
                 problems = io.check_pair(img, io.load_label(label, self.num_classes))
                 if problems:
                     raise InputError("; ".join(problems))
-        if case in self.cases:
-            raise ProjectError(f"case '{case}' already exists in {self.root}; remove it or rename the file.")
-        _copy_as_nifti_gz(image, self.image_path(case))
-        if label is not None:
-            _copy_as_nifti_gz(Path(label), self.label_path(case))
-
         def change(meta: dict[str, Any]) -> None:
             meta["cases"].append(case)
             meta["split"]["train"].append(case)
             if name is not None:
                 meta.setdefault("names", {})[case] = str(name)
 
-        self.update(change)
+        # the check, the copies and the entry under one lock: two people (or the Slicer module and a terminal)
+        # adding scans with the same case id at once get one scan and one clear refusal, never one's image
+        # under the other's entry
+        with self.locked():
+            if case in self.cases:
+                raise ProjectError(f"case '{case}' already exists in {self.root}; remove it or rename the file.")
+            _copy_as_nifti_gz(image, self.image_path(case))
+            if label is not None:
+                _copy_as_nifti_gz(Path(label), self.label_path(case))
+            self._change_locked(change)
         return case
 
     # ---- integrity --------------------------------------------------------------------------------
