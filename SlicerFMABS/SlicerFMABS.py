@@ -487,7 +487,7 @@ class SlicerFMABSWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             volume = self.logic.core.start_labelling(case)
             slicer.util.setSliceViewerLayers(background=volume, foreground=None, label=None, fit=True)
             self.onShowSlices()
-            if self.logic.params.labelSegmentation is not None and self.logic.core.drawn_slices(case):
+            if self.logic.core.drawing_is_saved_crosslabel():
                 self.ui.labelStatusLabel.text += " Shown: the saved cross-label; edit it and Save (it asks before replacing)."
 
     def onSuggest(self) -> None:

@@ -336,6 +336,13 @@ class FMABSLogic:
         node.SetAttribute(LAYER_ATTRIBUTE, "drawing")
         return node
 
+    def drawing_is_saved_crosslabel(self) -> bool:
+        """Whether the Label panel's drawing was loaded from the scan's saved cross-label (by :meth:`saved_drawing`;
+        edits since then included): what the panels tell the expert after Load."""
+        drawing, case = self.params.labelSegmentation, self.params.case
+        return (drawing is not None and bool(case)
+                and drawing.GetAttribute("FMABS.file") == str(self.require_project().crosslabel_path(case)))
+
     def label_segmentation(self) -> Any:
         """The Label panel's drawing for its volume, created (one empty segment per class) when there is none."""
         params = self.params

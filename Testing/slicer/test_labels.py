@@ -337,6 +337,9 @@ def test_loading_a_cross_labelled_scan_shows_what_was_drawn_on_its_planes(projec
     logic, volume = project_logic
     _, shape = geometry.canonical_grid(volume)
     assert logic.start_labelling("patient01") is volume and logic.params.labelSegmentation is None  # nothing saved yet
+    logic.label_segmentation()
+    assert not logic.drawing_is_saved_crosslabel()  # a new, empty drawing
+    logic.scene.RemoveNode(logic.params.labelSegmentation)
     planes = {"axial": 4, "coronal": 10, "sagittal": 6}
     cross = np.full(shape, 255, np.uint8)
     cross[6], cross[:, 10], cross[:, :, 4] = 0, 0, 0
@@ -346,7 +349,7 @@ def test_loading_a_cross_labelled_scan_shows_what_was_drawn_on_its_planes(projec
 
     logic.start_labelling("patient01")
     drawing = logic.params.labelSegmentation
-    assert drawing is not None and logic.label_segmentation() is drawing
+    assert drawing is not None and logic.label_segmentation() is drawing and logic.drawing_is_saved_crosslabel()
     segmentation = drawing.GetSegmentation()
     names = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
              for i in range(segmentation.GetNumberOfSegments())]

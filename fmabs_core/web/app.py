@@ -148,10 +148,10 @@ class WebApp:
         self.refresh_project()
 
     def load_case(self) -> None:
-        loaded = self.session.load_case(self.state.label_case or "")
+        self.session.load_case(self.state.label_case or "")
         self.state.label_warnings = []
         self.slices_status()
-        if "saved cross-label" in loaded:  # the drawn planes are shown: say so beside where they are
+        if self.session.logic.drawing_is_saved_crosslabel():  # the drawn planes are shown: say so beside them
             self.state.label_status += ": the saved cross-label (tick Replace to save changes)"
 
     def slices_status(self) -> None:

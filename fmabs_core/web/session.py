@@ -134,7 +134,7 @@ class WebSession:
         volume = self.logic.start_labelling(case)
         self.app.display_manager.show_volume(volume, do_reset_views=True)
         self.show_slices()
-        if self.logic.params.labelSegmentation is not None:
+        if self.logic.drawing_is_saved_crosslabel():
             return f"Loaded {case} with its saved cross-label."
         return f"Loaded {case}."
 
