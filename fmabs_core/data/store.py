@@ -75,6 +75,9 @@ class ScanStore:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.manifest_path = self.folder / "manifest.json"
+        #: the manifest as last read or written by this object: an entry found here is still checked against its
+        #: source file, so reading the file once (not once per scan and kind) is enough for the scans it knows
+        self._known: dict[str, Any] | None = None
 
     def _lock(self) -> FileLock:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -112,20 +115,34 @@ class ScanStore:
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: one of {KINDS}")
         source = Path(source)
-        entry = self._current(self._manifest(), case, kind, source)
+        if self._known is None:
+            self._known = self._manifest()
+        entry = self._current(self._known, case, kind, source)
         if entry is None or entry.get("_touched"):
-            with self._lock():  # one builder per scan across processes and ranks; the others wait, then read
-                manifest = self._manifest()
-                entry = self._current(manifest, case, kind, source)
-                if entry is None:
-                    entry = self._build(case, kind, source, load, check)
-                entry.pop("_touched", None)
-                manifest = self._manifest()  # another process may have added scans meanwhile
-                manifest.setdefault("version", VERSION)
-                manifest.setdefault("scans", {}).setdefault(case, {})[kind] = entry
-                io.atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
-        array = np.load(self._array_path(case, kind), mmap_mode="r", allow_pickle=False)
+            entry = self._settle(case, kind, source, load, check, rebuild=False)
+        try:
+            array = np.load(self._array_path(case, kind), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # damaged behind the manifest's back: rebuilt, not trusted
+            log.warning("%s: unreadable (%s); preprocessed again", self._array_path(case, kind), exc)
+            entry = self._settle(case, kind, source, load, check, rebuild=True)
+            array = np.load(self._array_path(case, kind), mmap_mode="r", allow_pickle=False)
         return Stored(array, grid_of(entry, source))
+
+    def _settle(self, case: str, kind: str, source: Path, load: Callable[[Path], io.Volume],
+                check: Callable[[io.Volume], None] | None, rebuild: bool) -> dict[str, Any]:
+        """Under the lock (one builder per scan across processes and ranks; the others wait, then read): the
+        current entry, built when missing, stale or ``rebuild``, and recorded in the manifest."""
+        with self._lock():
+            manifest = self._manifest()  # every writer holds this lock: what is read here stays current
+            entry = None if rebuild else self._current(manifest, case, kind, source)
+            if entry is None:
+                entry = self._build(case, kind, source, load, check)
+            entry.pop("_touched", None)
+            manifest.setdefault("version", VERSION)
+            manifest.setdefault("scans", {}).setdefault(case, {})[kind] = entry
+            io.atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
+            self._known = manifest
+        return entry
 
     def _build(self, case: str, kind: str, source: Path, load: Callable[[Path], io.Volume],
                check: Callable[[io.Volume], None] | None) -> dict[str, Any]:
@@ -154,6 +171,7 @@ class ScanStore:
                 del manifest["scans"][case]
             if gone:
                 io.atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
+            self._known = manifest
 
 
 def store_of(project_root: Path) -> ScanStore:

@@ -166,6 +166,7 @@ class Trainer:
         #: each training scan's grid (filled by load_data), so that a round writes its pseudo-labels
         #: without reading the scan again
         self._grids: dict[str, io.Volume] = {}
+        self._scan_store = None  # --scan-store disk: the project's store, made at the first scan read
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._request_cancel)
@@ -265,9 +266,7 @@ class Trainer:
         if problems:
             raise InputError(" ".join(problems) + " (`fmabs check` lists every such problem of the project.)")
         if cfg.scan_store == "disk" and self.dist.rank == 0:
-            from fmabs_core.data.store import store_of
-
-            store_of(project.root).drop(set(project.cases))  # scans removed from the project
+            self._store().drop(set(project.cases))  # scans removed from the project
         if not labelled:
             kind = "dense labels" if self.method.supervision == "dense" else "cross-labels"
             raise InputError(f"{project.root}: no training scan has {kind}; "
@@ -299,14 +298,20 @@ class Trainer:
             target = vol.array
         return zscore(volume.array), volume.grid(), label, target
 
+    def _store(self):
+        """The project's scan store (one object per trainer: it reads its manifest once)."""
+        if self._scan_store is None:
+            from fmabs_core.data.store import store_of
+
+            self._scan_store = store_of(self.project.root)
+        return self._scan_store
+
     def _read_scan_store(self, cid: str, cross: bool, problems: list[str]) -> tuple:
         """``--scan-store disk``: the same arrays, memory-mapped from the project's preprocessed files (built
         the first time, and again when a scan's file changes; see data/store.py). A label off its scan's grid
         is named in ``problems`` and not stored."""
-        from fmabs_core.data.store import store_of
-
         project = self.project
-        store = store_of(project.root)
+        store = self._store()
         image = store.get(cid, "image", project.image_path(cid), io.load_image)
 
         def on_grid(volume: io.Volume) -> None:

@@ -118,3 +118,10 @@ def test_an_unreadable_manifest_means_rebuild_not_trust(scans, tmp_path):
     (tmp_path / "store" / "manifest.json").write_text("{ torn")
     image = store.get("phantom_000", "image", _image(scans), io.load_image)
     np.testing.assert_array_equal(image.array, zscore(io.load_image(_image(scans)).array))
+
+
+def test_a_damaged_array_under_a_valid_manifest_is_rebuilt(scans, tmp_path):
+    ScanStore(tmp_path / "store").get("phantom_000", "image", _image(scans), io.load_image)
+    (tmp_path / "store" / "phantom_000.image.npy").write_bytes(b"\x93NUMPY torn")  # the manifest still vouches
+    image = ScanStore(tmp_path / "store").get("phantom_000", "image", _image(scans), io.load_image)
+    np.testing.assert_array_equal(image.array, zscore(io.load_image(_image(scans)).array))
