@@ -7,8 +7,8 @@ sub-commands only read the run folder (and ``cancel`` sends SIGTERM).
 from __future__ import annotations
 
 import argparse
-import sys
 import logging
+import sys
 
 from fmabs_core.contract import DONE, MODEL_FILE, RUNS_DIR, STATUS_FILE
 from fmabs_core.runs import jobs

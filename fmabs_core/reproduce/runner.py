@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,12 +29,12 @@ import numpy as np
 from fmabs_core import methods
 from fmabs_core.contract import CONFIG_FILE, DONE, MODEL_FILE
 from fmabs_core.data import io
+from fmabs_core.data.store import STORE_DIR
 from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.inference.metrics import CaseScores, score_case, summarise
 from fmabs_core.reproduce import data as D
 from fmabs_core.reproduce.protocol import Protocol, Row, Scale, Setting
 from fmabs_core.reproduce.report import clean, write_report
-from fmabs_core.data.store import STORE_DIR
 from fmabs_core.training.config import MUTABLE_ON_RESUME, NetConfig, TrainConfig, default_iterations, from_dict
 
 log = logging.getLogger(__name__)
