@@ -99,6 +99,9 @@ def planes_line(event: dict) -> str | None:
         line += f"; fusion chosen on them: {event['fusion']}"
         if isinstance(held, (int, float)):
             line += f" (held-out estimate {100 * held:+.1f})"
+        own = event.get("fusion_per_scan")
+        if isinstance(own, dict) and own:
+            line += f", {len(own)} scan(s) by their own slices ({', '.join(f'{k}: {v}' for k, v in own.items())})"
     if event.get("teacher_cut") is True and isinstance(event.get("teacher_voxels_removed"), int):
         line += f"; teacher cut to its largest part ({event['teacher_voxels_removed']} voxels removed)"
     elif event.get("teacher_cut") is False:

@@ -33,6 +33,8 @@ BAND_EDGE = 0.85
 #: the column of --fusion auto (each teacher is one round: chosen on the drawn planes of the project's cross-labelled
 #: scans among the bench's scans, or of all of them when none is cross-labelled)
 AUTO = "auto"
+#: the column of --fusion auto with --fusion-per-scan (the default): a scan of the choice keeps its own choice
+AUTO_PER_SCAN = "auto/scan"
 #: the column of the teacher cut to its largest part (--largest-component): the cut alone, no generalist
 CUT = "cut"
 
@@ -180,6 +182,7 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
                    "teacher_planes": plane_dice(raw, cross), "seconds": 0.0, "prompts": result.prompts}
             if largest_component:
                 row[CUT] = dice(prompt, truth)
+                row[f"{CUT} planes"] = plane_dice(prompt, cross)
             row.update({v: dice(views[v], truth) for v in VIEWS})
             fused_by = {}
             for rule_name, rule in rules.items():
@@ -196,16 +199,22 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
             if r["case"] == case:
                 r["scan_seconds"] = time.perf_counter() - t_scan
     # auto: per teacher (one round), the rule chosen on the drawn planes pooled, as a round chooses it
+    # auto per scan (--fusion-per-scan): each scan of the choice also chooses on its own planes and keeps that
     chosen = {}
     for name, items in samples.items():
-        drawn = [s for i, s, _ in items if rows[i].pop("_drawn")] or [s for _, s, _ in items]
-        choice = choose_auto(drawn)
+        used = [(i, s) for i, s, _ in items if rows[i].pop("_drawn")] or [(i, s) for i, s, _ in items]
+        choice = choose_auto([s for _, s in used], per_scan=True)
         pick = choice.rule
-        chosen[name] = {"rule": pick, "heldout_gain": choice.heldout_gain, "scans": len(drawn)}
+        own = {i: rule for (i, _), rule in zip(used, choice.per_scan)}
+        chosen[name] = {"rule": pick, "heldout_gain": choice.heldout_gain, "scans": len(used),
+                        "per_scan": {rows[i]["case"]: rule for i, rule in own.items() if rule != pick}}
         for i, _, scores in items:
-            rows[i][AUTO] = rows[i].get(CUT, rows[i]["teacher_dice"]) if pick == "teacher" else scores[pick]
+            teacher = rows[i].get(CUT, rows[i]["teacher_dice"])
+            rows[i][AUTO] = teacher if pick == "teacher" else scores[pick]
+            mine = own.get(i, pick)
+            rows[i][AUTO_PER_SCAN] = teacher if mine == "teacher" else scores[mine]
     cache.close()
-    names = [*([CUT] if largest_component else []), *rules, AUTO]
+    names = [*([CUT] if largest_component else []), *rules, AUTO, AUTO_PER_SCAN]
     return {"project": str(project.root), "generalist": repr(g), "device": str(g.device),
             "box_jitter": box_jitter if box_jitter_fraction is None else f"{box_jitter_fraction:g} of the box",
             "max_slices_per_view": max_slices, "seed": seed, "largest_component": largest_component, "rules": names,
@@ -257,4 +266,7 @@ def format_teachers(report: dict[str, Any]) -> str:
                      + " ".join(f"{e[v]['worst']:+9.4f}" if v in e else f"{'':>9}" for v in (*VIEWS, *rules)))
     lines.append("auto: the rule chosen per teacher on the drawn planes (held-out gain on those planes): "
                  + "; ".join(f"{k}: {v['rule']} ({v['heldout_gain']:+.3f})" for k, v in report["auto"].items()))
+    own = [f"{k}: " + ", ".join(f"{c} {r}" for c, r in v["per_scan"].items())
+           for k, v in report["auto"].items() if v.get("per_scan")]
+    lines.append("auto/scan: scans whose own drawn planes chose otherwise: " + ("; ".join(own) or "none"))
     return "\n".join(lines)

@@ -9,6 +9,7 @@ own orientation and affine, so that they overlay the input voxel for voxel.
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import tempfile
@@ -342,6 +343,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> int:
+    """Remove the temporary files of :func:`atomic_path` for ``path`` that a killed process left behind (they were
+    never renamed into place, so nothing uses them); return how many. Call it only while holding the lock that
+    every writer of ``path`` holds, so that no live writer's temporary file is taken."""
+    path = Path(path)
+    removed = 0
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

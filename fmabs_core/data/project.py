@@ -125,6 +125,7 @@ class Project:
     def _change_locked(self, change: Callable[[dict[str, Any]], Any]) -> Any:
         """:meth:`update`'s work, for a caller that holds :meth:`locked` already (the lock is not re-entrant)."""
         meta = self.read()
+        io.remove_stale_temporaries(self.meta_path)  # a writer killed before its rename (every writer holds the lock)
         result = change(meta)
         check_meta(meta, self.meta_path)  # never write a document the next read would refuse
         io.atomic_write_text(self.meta_path, json.dumps(meta, indent=2))
@@ -404,6 +405,8 @@ def check_new_project_folder(root: Path) -> None:
 
 
 def _copy_as_nifti_gz(src: Path, dst: Path) -> None:
+    """Under the project lock (add_case): a copy killed before its rename left a temporary file; it goes first."""
+    io.remove_stale_temporaries(dst)
     if src.name.endswith(".nii.gz"):
         with io.atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)

@@ -30,7 +30,7 @@ their data; :func:`choose_auto` uses it for ``--fusion auto``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -244,18 +244,31 @@ class AutoChoice:
     rule: str
     scores: dict[str, float]
     heldout_gain: float
+    #: per sample, the rule its own drawn planes choose (the same margin over its own teacher), for ``per_scan``
+    per_scan: list[str] = field(default_factory=list)
+    #: pooled Dice on the drawn planes with each sample fused by its own rule (NaN when not asked)
+    per_scan_score: float = float("nan")
 
 
 def choose_auto(samples: Sequence[PlaneSample], candidates: Mapping[str, FusionRule] | None = None,
-                margin: float = AUTO_MARGIN) -> AutoChoice:
+                margin: float = AUTO_MARGIN, per_scan: bool = False) -> AutoChoice:
     """``--fusion auto``: the candidate whose fused labels score best on the drawn planes of ``samples`` pooled,
     kept only if it beats the teacher's own mask by ``margin``, else "teacher".
 
     The held-out gain scores each scan with the rule chosen on the *other* scans, pooled: the chosen rule's own
-    score is optimistic, since it was picked on those planes. Each candidate is fused once per scan."""
+    score is optimistic, since it was picked on those planes. Each candidate is fused once per scan.
+
+    ``per_scan`` (``--fusion-per-scan``): also choose for each sample on its own planes alone, by the same rule and
+    margin. A cross-labelled scan whose teacher under-segments gains from the generalist while the pooled choice
+    keeps the teacher for the others (docs/pseudo-labels.md has the bench)."""
     counts = _candidate_counts(samples, AUTO_CANDIDATES if candidates is None else candidates)
     n = len(samples)
     rule, scores = _choose(counts, range(n), margin)
+    own: list[str] = []
+    own_score = float("nan")
+    if per_scan and n:
+        own = [_choose(counts, [k], margin)[0] for k in range(n)]
+        own_score = counts_dice(merge_counts([counts[name][k] for k, name in enumerate(own)]))
     held = float("nan")
     if n >= 2 and "teacher" in counts:
         fused, teacher = [], []
@@ -264,7 +277,7 @@ def choose_auto(samples: Sequence[PlaneSample], candidates: Mapping[str, FusionR
             fused.append(counts[name][k])
             teacher.append(counts["teacher"][k])
         held = counts_dice(merge_counts(fused)) - counts_dice(merge_counts(teacher))
-    return AutoChoice(rule, scores, held)
+    return AutoChoice(rule, scores, held, own, own_score)
 
 
 def choose_rule(samples: Sequence[PlaneSample], candidates: Mapping[str, FusionRule] | None = None,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -273,10 +274,12 @@ def check_inference_config(cfg: InferenceConfig) -> InferenceConfig:
     return cfg
 
 
-def plan_outputs(inputs: list[Path], output: Path, save_probabilities: bool, overwrite: bool) -> list[Path]:
+def plan_outputs(inputs: list[Path], output: Path, save_probabilities: bool, overwrite: bool,
+                 ours: Callable[[Path, Path], bool] | None = None) -> list[Path]:
     """The files ``predict_files`` will write, checked before any work: refuses a file ``--output``, one
     that is a folder of the inputs, two inputs with one case id, outputs landing on an input, and
-    outputs that exist (unless ``overwrite``); a missing parent folder or a read-only one."""
+    outputs that exist (unless ``overwrite``, or ``ours(output, input)`` says this command began it before);
+    a missing parent folder or a read-only one."""
     from fmabs_core.data import io
 
     output = Path(output)
@@ -292,15 +295,16 @@ def plan_outputs(inputs: list[Path], output: Path, save_probabilities: bool, ove
                          "another --output.")
     seen: dict[str, Path] = {}
     planned: list[Path] = []
+    source: dict[Path, Path] = {}
     for path in inputs:
         cid = io.case_id(path)
         if cid in seen:
             raise InputError(f"--input: {seen[cid]} and {path} are the same case '{cid}' and would be written to one "
                              "output; keep one of them.")
         seen[cid] = Path(path)
-        planned.append(output / f"{cid}.nii.gz")
-        if save_probabilities:
-            planned.append(output / f"{cid}_probs.nii.gz")
+        outs = outputs_of(path, output, save_probabilities)
+        planned.extend(outs)
+        source.update(dict.fromkeys(outs, Path(path)))
     inputs_resolved = {Path(p).resolve() for p in inputs}
     onto = [p for p in planned if p.resolve() in inputs_resolved]
     if onto:
@@ -309,7 +313,7 @@ def plan_outputs(inputs: list[Path], output: Path, save_probabilities: bool, ove
     if len(set(planned)) != len(planned):
         dup = sorted({str(p) for p in planned if planned.count(p) > 1})
         raise InputError(f"--input: two outputs would be written to {', '.join(dup)}; rename a scan.")
-    exist = [p for p in planned if p.exists() or p.is_symlink()]
+    exist = [p for p in planned if (p.exists() or p.is_symlink()) and not (ours is not None and ours(p, source[p]))]
     if exist and not overwrite:
         names = ", ".join(p.name for p in exist[:10]) + (f" and {len(exist) - 10} more" if len(exist) > 10 else "")
         raise InputError(f"--output {output}: {names} exist(s) already; refusing to overwrite. Choose another "
@@ -329,16 +333,22 @@ def predict_files(model: str | Path, inputs: list[Path], output: Path, cfg: Infe
     Outputs go to ``output/<case>.nii.gz`` (and ``<case>_probs.nii.gz``, float32 foreground
     probabilities per class, when asked). Everything is checked before the first scan is segmented
     (see :func:`plan_outputs`): input files are never overwritten, and existing outputs only with
-    ``overwrite``. The output folder is created when its parent exists.
+    ``overwrite``. The output folder is created when its parent exists. The same command run again after an
+    interruption keeps the outputs it finished and does the rest (see :mod:`fmabs_core.inference.record`).
     """
     from fmabs_core.data import io
+    from fmabs_core.data.store import sha256_of
+    from fmabs_core.inference.record import PredictRecord, folder_lock
 
     cfg = check_inference_config(cfg or InferenceConfig())
     inputs = [Path(p) for p in inputs]
     for path in inputs:
         io.read_header(path)
     output = Path(output)
-    plan_outputs(inputs, output, save_probabilities, overwrite)
+    record = PredictRecord(output, sha256_of(resolve_model_file(model)),
+                           {**json_safe(asdict(cfg)), "probabilities": bool(save_probabilities)})
+    done = None if overwrite else record.is_done
+    planned = plan_outputs(inputs, output, save_probabilities, overwrite, None if overwrite else record.is_ours)
     net, meta = load_model(model, device)
     patch = check_patch(tuple(cfg.patch_size or meta["patch_size"]), meta["divisor"], meta["network"],
                         "--patch-size" if cfg.patch_size else f"{meta['path']}: 'patch_size'")
@@ -350,17 +360,53 @@ def predict_files(model: str | Path, inputs: list[Path], output: Path, cfg: Infe
     io.check_writable(output, f"--output {output}")
     overlap = window_overlap(cfg, patch)
     written = []
-    for path in progress(inputs, desc="segmenting"):
-        vol = io.load_image(path)
-        probs = predict_proba(net, vol.array, patch, overlap, device, cfg.sw_batch_size, mode=cfg.mode)
-        mask = probs.argmax(0).astype(np.uint8)
-        if cfg.largest_component:
-            mask = largest_component(mask)
-        out = output / f"{io.case_id(path)}.nii.gz"
-        io.save_like(mask, vol, out, np.uint8, protect=tuple(inputs))
-        if save_probabilities:
-            fg = probs[1] if probs.shape[0] == 2 else np.moveaxis(probs[1:], 0, -1)
-            io.save_like(fg, vol, output / f"{io.case_id(path)}_probs.nii.gz", np.float32, protect=tuple(inputs))
-        written.append(out)
-        log.info("wrote %s", out)
+    lock = folder_lock(output)
+    try:
+        if sum(io.remove_stale_temporaries(p) for p in (*planned, record.path)):
+            log.info("removed temporary files an interrupted fmabs predict left in %s", output)
+        for path in progress(inputs, desc="segmenting"):
+            outs = outputs_of(path, output, save_probabilities)
+            if done is not None and all(done(p, path) for p in outs):
+                log.info("%s: written by this command before; kept", outs[0])
+                written.append(outs[0])
+                continue
+            record.begin(outs, path)
+            written.append(_predict_one(net, path, output, patch, overlap, device, cfg, save_probabilities, inputs))
+            record.add(outs, path)
+    finally:
+        lock.release()
     return written
+
+
+def outputs_of(path: Path, output: Path, save_probabilities: bool) -> list[Path]:
+    """The files one input becomes in ``output``: its mask, then (when asked) its probabilities."""
+    from fmabs_core.data import io
+
+    cid = io.case_id(path)
+    return [output / f"{cid}.nii.gz", *([output / f"{cid}_probs.nii.gz"] if save_probabilities else [])]
+
+
+def json_safe(d: dict) -> dict:
+    """A config as JSON would give it back (tuples as lists), so a record compares equal after reading."""
+    import json
+
+    return json.loads(json.dumps(d))
+
+
+def _predict_one(net, path: Path, output: Path, patch, overlap, device, cfg: InferenceConfig,
+                 save_probabilities: bool, inputs: list[Path]) -> Path:
+    """One scan: sliding windows, argmax (and the largest part), written atomically beside its probabilities."""
+    from fmabs_core.data import io
+
+    vol = io.load_image(path)
+    probs = predict_proba(net, vol.array, patch, overlap, device, cfg.sw_batch_size, mode=cfg.mode)
+    mask = probs.argmax(0).astype(np.uint8)
+    if cfg.largest_component:
+        mask = largest_component(mask)
+    out = output / f"{io.case_id(path)}.nii.gz"
+    io.save_like(mask, vol, out, np.uint8, protect=tuple(inputs))
+    if save_probabilities:
+        fg = probs[1] if probs.shape[0] == 2 else np.moveaxis(probs[1:], 0, -1)
+        io.save_like(fg, vol, output / f"{io.case_id(path)}_probs.nii.gz", np.float32, protect=tuple(inputs))
+    log.info("wrote %s", out)
+    return out

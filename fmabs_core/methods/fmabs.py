@@ -58,6 +58,10 @@ class FMABSConfig(MeanTeacherConfig):
                                  "teacher's and the views' probabilities averaged, see --teacher-weight), gate (the "
                                  "teacher where it is confident, else mv), staple (SimpleITK's STAPLE over the "
                                  "teacher and the views); docs/pseudo-labels.md")
+    fusion_per_scan: bool = option(True, "with --fusion auto: each cross-labelled scan also chooses on its own "
+                                         "drawn slices (the same candidates and margin) and keeps its own choice, "
+                                         "so a scan where the generalist helps gets it while the others keep the "
+                                         "round's rule; docs/pseudo-labels.md")
     teacher_weight: float = option(0.5, "with --fusion soft: the teacher's share of the vote (0: the views alone, 1: "
                                         "the teacher alone)", low=0, high=1)
     gate_confidence: float = option(0.9, "with --fusion gate: the teacher's probability above which its label stands",
@@ -248,7 +252,7 @@ class FMABS(MeanTeacher):
             return self._label_case_tiled(tr, case)
         from fmabs_core.generalist.fusion import combine
 
-        rule = self._round_rule()
+        rule = self._round_rule(case.id)
         teacher, result = self._unstash(tr, case) or self._generalist_views(tr, it, k, case, rule.needs_probs)
         prompt = teacher.argmax(0).astype(np.uint8)
         cleaned = self._cleaned.pop(case.id, None)
@@ -261,8 +265,9 @@ class FMABS(MeanTeacher):
         self._clock["save"] += time.perf_counter() - t
         return result["fused"].astype(np.uint8), _round_scores(case, prompt, result["fused"], cleaned)
 
-    def _round_rule(self):
-        """The fusion of this round: the option's, or the one ``--fusion auto`` chose for it."""
+    def _round_rule(self, case_id: str | None = None):
+        """The fusion of this round: the option's, or the one ``--fusion auto`` chose for it (for ``case_id``: the
+        scan's own choice when ``--fusion-per-scan`` made one)."""
         from fmabs_core.generalist.fusion import AUTO_CANDIDATES, FusionRule
 
         cfg = self.config
@@ -270,7 +275,8 @@ class FMABS(MeanTeacher):
             return AUTO_CANDIDATES["teacher"]
         if cfg.fusion != "auto":
             return FusionRule(cfg.fusion, cfg.teacher_weight, cfg.gate_confidence)
-        return AUTO_CANDIDATES[self.partial["auto"]["rule"]]
+        auto = self.partial["auto"]
+        return AUTO_CANDIDATES[auto.get("per_scan", {}).get(case_id, auto["rule"])]
 
     def _choose_cut(self, tr) -> None:
         """``--largest-component``: this round cuts the teacher to its largest part per class unless, on the drawn
@@ -308,17 +314,21 @@ class FMABS(MeanTeacher):
         mine = []
         for case in distributed.shard(drawn):
             teacher, result = self._generalist_views(tr, it, position[case.id], case, keep_probs=True)
-            mine.append(plane_sample(case.target, teacher, {v: result[v] for v in VIEWS}, result.probs))
+            mine.append((case.id, plane_sample(case.target, teacher, {v: result[v] for v in VIEWS}, result.probs)))
             if case.id in in_round:  # labelled again below: keep its answers rather than decode them twice
                 self._stash(tr, case, teacher, result)
-        samples = [s for part in distributed.all_gather_object(mine) for s in part]
-        if not samples:
+        pairs = [p for part in distributed.all_gather_object(mine) for p in part]
+        if not pairs:
             self.partial["auto"] = {"rule": "mv", "scans": 0, "why": "no drawn planes: the paper's majority vote"}
             return
-        choice = choose_auto(samples)
-        self.partial["auto"] = {"rule": choice.rule, "scans": len(samples), "scores": choice.scores,
+        per_scan = self.config.fusion_per_scan
+        choice = choose_auto([s for _, s in pairs], per_scan=per_scan)
+        self.partial["auto"] = {"rule": choice.rule, "scans": len(pairs), "scores": choice.scores,
                                 "teacher": choice.scores["teacher"], "chosen": choice.scores[choice.rule],
                                 "heldout_gain": choice.heldout_gain, "seconds": time.perf_counter() - t}
+        if per_scan:  # the scans whose own planes chose otherwise; what the round's labels score on the planes
+            own = {cid: name for (cid, _), name in zip(pairs, choice.per_scan) if name != choice.rule}
+            self.partial["auto"].update(per_scan=own, chosen=choice.per_scan_score)
 
     def _stash(self, tr, case, teacher: np.ndarray, result) -> None:
         """Keep a scan's answers of ``--fusion auto``'s pass for the round (on disk: memory stays one scan's)."""
@@ -465,6 +475,11 @@ class FMABS(MeanTeacher):
                "generalist": cfg.generalist, "seeds": {cid: round_seed(tr.cfg.seed, it, i) for cid, i in index.items()}}
         if cfg.fusion == "auto":
             doc["auto"] = self.partial["auto"]["rule"]  # the rule chosen on the drawn planes (its options are above)
+            own = {cid: name for cid, name in self.partial["auto"].get("per_scan", {}).items() if cid in index}
+            # --fusion-per-scan: these scans were fused by their own choice (replay them with these options)
+            doc["per_scan"] = {cid: {"auto": name, "fusion": self._round_rule(cid).fusion,
+                                     "teacher_weight": self._round_rule(cid).teacher_weight,
+                                     "gate_confidence": self._round_rule(cid).confidence} for cid, name in own.items()}
         atomic_write_text(tr.run_dir / PSEUDO_DIR / "round.json", json.dumps(doc, indent=2))
 
     def _stop_mid_round(self, tr, it: int, total: int) -> None:
@@ -641,6 +656,8 @@ def auto_fields(auto: dict) -> dict:
                planes_scans=auto["scans"], planes_teacher_dice=finite(auto["teacher"]),
                planes_pseudo_dice=finite(auto["chosen"]), planes_gain=finite(auto["chosen"] - auto["teacher"]),
                planes_gain_heldout=finite(auto["heldout_gain"]))
+    if auto.get("per_scan"):  # --fusion-per-scan: the cross-labelled scans fused by their own choice
+        out["fusion_per_scan"] = dict(sorted(auto["per_scan"].items()))
     return out
 
 

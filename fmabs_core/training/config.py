@@ -44,7 +44,8 @@ LEGACY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"fmabs": {"crosslabel_overri
 #: method options added later whose default changes what a run does: option -> (the behaviour before it, its
 #: default now). A new run's config names the option (so it resumes as it started); a run saved without it
 #: resumes with the behaviour before it. The defaults now equal the methods' Config defaults (a test ties them).
-ADDED_METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {"fmabs": {"largest_component": (False, True)}}
+ADDED_METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
+    "fmabs": {"largest_component": (False, True), "fusion_per_scan": (False, True)}}
 EXPERT_SLICES = ("truth", "suggested")
 
 

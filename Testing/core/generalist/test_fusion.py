@@ -200,3 +200,22 @@ def test_heldout_gain_scores_each_scan_with_a_rule_chosen_on_the_others(scene):
     hurt = [plane_sample(cross, soft_probs(truth, 0.97), wrong, view_probs_of(wrong)) for _ in range(3)]
     assert heldout_gain(hurt) == 0.0  # the teacher is kept on every held-out scan
 
+
+
+def test_per_scan_each_scan_keeps_what_its_own_planes_choose(scene):
+    """--fusion-per-scan: three scans whose teacher is right and one whose views are right. Pooled, the teacher
+    wins; the one scan's own planes choose a rule with the views, and the round's labels score higher."""
+    from fmabs_core.generalist.fusion import choose_auto
+
+    truth, views = scene
+    cross = planes_of(truth)
+    wrong = dict.fromkeys(VIEWS, np.roll(truth, 6, axis=0))  # every view off the object: every rule loses
+    right = [plane_sample(cross, soft_probs(truth, 0.55), wrong, view_probs_of(wrong)) for _ in range(3)]
+    helped = plane_sample(cross, soft_probs(ball(r=9.0), 0.6), views, view_probs_of(views))
+    pooled = choose_auto([*right, helped])
+    assert pooled.rule == "teacher" and pooled.per_scan == [] and np.isnan(pooled.per_scan_score)
+    own = choose_auto([*right, helped], per_scan=True)
+    assert own.rule == "teacher" and own.scores == pooled.scores  # the pooled choice is unchanged
+    assert own.per_scan[:3] == ["teacher"] * 3 and own.per_scan[3] != "teacher"
+    assert own.per_scan[3] == choose_auto([helped]).rule  # a scan alone chooses as the pooled rule would for it
+    assert own.per_scan_score > own.scores["teacher"] + 0.01

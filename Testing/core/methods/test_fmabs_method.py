@@ -93,6 +93,52 @@ def test_a_round_is_replayed_bit_for_bit_by_pseudo_label(tmp_path, phantom_data)
     assert main(argv) != 0  # the files exist now: refused without --overwrite
 
 
+def test_fusion_per_scan_fuses_a_scan_by_its_own_choice_and_replays(tmp_path, phantom_data, monkeypatch):
+    """--fusion-per-scan (the default): a cross-labelled scan whose own planes chose another rule is fused by it;
+    the event and the Train line name it, and round.json gives `fmabs pseudo-label` its options (bit for bit).
+    The choice itself is forced here (the planes of 32^3 phantoms decide nothing interesting); fusion.choose_auto
+    is tested on its own in Testing/core/generalist/test_fusion.py."""
+    from fmabs_core.contract import planes_line
+    from fmabs_core.generalist import fusion
+
+    real = fusion.choose_auto
+
+    def forced(samples, candidates=None, margin=fusion.AUTO_MARGIN, per_scan=False):
+        choice = real(samples, candidates, margin, per_scan)
+        assert per_scan  # the default
+        choice.rule = "soft 0.5"
+        choice.per_scan = ["ua"] + ["soft 0.5"] * (len(samples) - 1)
+        return choice
+
+    monkeypatch.setattr(fusion, "choose_auto", forced)
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
+    rc = main(["train", "--project", str(proj), "--method", "fmabs", "--iterations", "4", "--run", "r",
+               "--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
+               "--device", "cpu", "--pseudo-warmup", "0.5", "--pseudo-every", "0.5", "--pseudo-stop", "0.9",
+               "--pseudo-max-slices", "2", "--pseudo-max-cases", "8"])
+    assert rc == 0
+    run = Project(proj).run_dir("r")
+    event = [e for e in read_events(run) if e["type"] == "pseudo_label"][0]
+    info = json.loads((run / "pseudo" / "round.json").read_text())
+    assert info["auto"] == "soft 0.5" == event["fusion"]
+    (own, entry), = info["per_scan"].items()
+    assert Project(proj).crosslabel_path(own).exists() and entry["auto"] == "ua" == entry["fusion"]
+    assert event["fusion_per_scan"] == {own: "ua"} and f"{own}: ua" in planes_line(event)
+    other = sorted(c for c in info["seeds"] if c != own)[0]
+    for case, rule in ((own, entry), (other, info)):
+        out = tmp_path / f"replay-{case}"
+        assert main(["pseudo-label", "--image", str(Project(proj).image_path(case)),
+                     "--teacher-probs", str(run / "pseudo" / f"{case}_teacher.nii.gz"), "--output", str(out),
+                     "--seed", *map(str, info["seeds"][case]), "--pseudo-max-slices", str(info["max_slices"]),
+                     "--fusion", rule["fusion"], "--teacher-weight", str(rule["teacher_weight"]),
+                     "--box-jitter", str(info["box_jitter"]), "--device", "cpu"]) == 0
+        mine = np.asarray(nib.load(str(out / f"{case}_fused.nii.gz")).dataobj)
+        theirs = np.asarray(nib.load(str(run / "pseudo" / f"{case}_fused.nii.gz")).dataobj)
+        np.testing.assert_array_equal(mine, theirs)
+
+
 def test_demo_runs_end_to_end_tiny(tmp_path):
     cfg = DemoConfig(output=tmp_path / "demo", n_phantoms=6, phantom_shape=(32, 32, 32), crosslabelled=2,
                      methods=("sup", "mt"), iterations=3, patch_size=(32, 32, 32), width=4, device="cpu")

@@ -1,0 +1,22 @@
+"""Real SIGKILLs at random moments (by event and by time) during the long commands, then the same command again:
+the result equals an uninterrupted run's and nothing half-written is left (Testing/faults.py does the work; run it
+with ``--kills 20`` for the counts in the notes)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from faults import SCENARIOS, run_scenario  # noqa: E402
+
+pytestmark = pytest.mark.slow  # each start of a command is a new Python with torch
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_killed_and_run_again_equals_uninterrupted(name, tmp_path):
+    report = run_scenario(name, kills=3, seed=1, root=tmp_path)
+    assert report.kills >= 1, f"{name}: no kill landed while the command worked ({report})"
+    assert report.returncode == 0 and not report.problems, report.problems
