@@ -141,7 +141,9 @@ def test_overwrite_replaces_outputs_but_never_inputs(assets, tmp_path, capsys):
             "--device", "cpu"]
     assert main(args) == 0
     first = (out / "c1.nii.gz").stat().st_mtime_ns
-    assert main(args) == 2  # exists: refused
+    assert main(args) == 0  # the same command again: its own finished output is kept, not redone
+    assert (out / "c1.nii.gz").stat().st_mtime_ns == first
+    assert main(args + ["--overlap", "0.25"]) == 2  # other settings: not this command's output
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
     assert (out / "c1.nii.gz").stat().st_mtime_ns != first

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from fmabs_core.contract import VIEW_AXIS, VIEWS  # noqa: F401 (re-exported)
-from fmabs_core.errors import InputError
+from fmabs_core.errors import InputError, disk_full
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: view name -> canonical array axis that is constant on a slice of that view
@@ -333,9 +333,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except OSError as exc:  # a full disk while the caller wrote: say so, naming the file, keep nothing
+            full = disk_full(path, exc)
+            if full is None:
+                raise
+            raise full from None
         try:
             os.replace(tmp_path, path)
         except OSError as exc:

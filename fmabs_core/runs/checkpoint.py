@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from fmabs_core.errors import disk_full
+
 log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^iter_(\d+)\.pt$")
@@ -38,19 +40,32 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a hidden temporary file beside ``path``, fsync, then rename over ``path``."""
+    """``torch.save`` to a hidden temporary file beside ``path``, fsync, then rename over ``path``.
+
+    Serialised in memory first and written with plain writes, so that a full disk is the system's "no space"
+    error (a :class:`DiskFull` naming the file) rather than torch's opaque "unexpected pos" from its zip writer."""
+    import io
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            fh.write(buf.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        full = disk_full(path, exc)
+        if full is None:
+            raise
+        raise full from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
