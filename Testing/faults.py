@@ -168,7 +168,9 @@ class TrainScenario(Scenario):
         runs = work / "project" / "runs"
         problems = [f"left behind: {p}" for p in leftovers(runs / "faulted")]
         status = json.loads((runs / "faulted" / "status.json").read_text())
-        if status.get("state") != "finished":
+        from fmabs_core.contract import DONE
+
+        if status.get("state") != DONE:
             problems.append(f"state {status.get('state')}")
         differ = _same_state(_model_state(runs / "reference" / "model.pt"), _model_state(runs / "faulted" / "model.pt"))
         if differ:

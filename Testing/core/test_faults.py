@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow  # each start of a command is a new Python with to
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_killed_and_run_again_equals_uninterrupted(name, tmp_path):
-    report = run_scenario(name, kills=3, seed=1, root=tmp_path)
+    kills = 2 if name == "train-fmabs" else 3  # every start of an fmabs run loads LiteMedSAM: keep CI short
+    report = run_scenario(name, kills=kills, seed=1, root=tmp_path)
     assert report.kills >= 1, f"{name}: no kill landed while the command worked ({report})"
     assert report.returncode == 0 and not report.problems, report.problems
