@@ -1,4 +1,4 @@
-"""``fmabs bench memory``: peak memory of import and training as the number of scans grows.
+"""``fmabs bench memory``: peak memory of import and training as the number of scans grows, and of prediction.
 
 Synthetic scans of the size given (generated, not shipped) are imported into a project per count, then
 ``fmabs train`` runs on each project twice, with ``--scan-store ram`` (every scan read into memory) and
@@ -49,7 +49,8 @@ def median_step(run_dir: Path) -> float:
 
 def bench_memory(work: Path, counts: list[int], shape: tuple[int, int, int], iterations: int, device: str,
                  patch: tuple[int, int, int] = (96, 96, 64), width: int = 8, stores: tuple[str, ...] = ("ram", "disk"),
-                 progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+                 progress: Callable[[str], None] = lambda _m: None,
+                 predict_shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Rows (scans, step, store): peak RSS and seconds; see the module doc."""
     from fmabs_core.data.phantom import write_dataset
 
@@ -78,8 +79,39 @@ def bench_memory(work: Path, counts: list[int], shape: tuple[int, int, int], ite
                  "--device", device, "--scan-store", store], sys.executable))
             rows.append({"scans": n, "step": "train", "store": store, "peak_rss_gb": rss / 1e9, "seconds": seconds,
                          "step_s": median_step(project / "runs" / run)})
+    if predict_shape is not None:
+        rows.append(_predict_row(work, predict_shape, patch, width, device, progress))
     return {"shape": list(shape), "voxels_per_scan": shape[0] * shape[1] * shape[2], "iterations": iterations,
             "patch": list(patch), "device": device, "rows": rows}
+
+
+def _predict_row(work: Path, shape: tuple[int, int, int], patch: tuple[int, int, int], width: int, device: str,
+                 progress: Callable[[str], None]) -> dict[str, Any]:
+    """``fmabs predict`` of one synthetic scan of ``shape`` with a model trained for 2 iterations (its size, not its
+    quality, matters), windows side by side (overlap 0: the memory is the scan's, the time the fewest windows)."""
+    from fmabs_core.data.phantom import write_dataset
+
+    tag = "x".join(map(str, shape))
+    scan = work / f"predict-{tag}"
+    if not (scan / "imagesTr").is_dir():
+        progress(f"predict: generating one synthetic scan of {tag}")
+        write_dataset(scan, n_cases=1, shape=shape, seed=1)
+    project = work / "predict-model"
+    if not (project / "runs" / "m" / "model.pt").exists():
+        small = work / "predict-model-data"
+        write_dataset(small, n_cases=2, shape=tuple(max(p, 16) for p in patch), seed=2)
+        peak_rss(fmabs_argv(["import", str(small), "--project", str(project), "--val-fraction", "0"], sys.executable))
+        peak_rss(fmabs_argv(["train", "--project", str(project), "--run", "m", "--method", "sup-dense", "--iterations",
+                             "2", "--patch-size", *map(str, patch), "--width", str(width), "--batch-size", "2",
+                             "--labelled-batch-size", "2", "--device", device], sys.executable))
+    out = work / f"predict-out-{time.strftime('%Y%m%d-%H%M%S')}"  # a new folder each time: nothing is overwritten
+    progress(f"predict: fmabs predict on {tag}")
+    rss, seconds = peak_rss(fmabs_argv(["predict", "--model", str(project / "runs" / "m"), "--input",
+                                        str(scan / "imagesTr"), "--output", str(out), "--overlap", "0",
+                                        "--device", device], sys.executable))
+    model_mb = (project / "runs" / "m" / "model.pt").stat().st_size / 1e6
+    return {"scans": 1, "step": "predict", "store": "", "peak_rss_gb": rss / 1e9, "seconds": seconds,
+            "shape": list(shape), "model_mb": model_mb}
 
 
 def format_memory(report: dict[str, Any]) -> str:
@@ -88,5 +120,7 @@ def format_memory(report: dict[str, Any]) -> str:
              f"{'scans':>6} {'command':<8} {'store':<5} {'peak RSS GB':>11} {'seconds':>8} {'s/step':>7}"]
     for r in report["rows"]:
         step = f"{r['step_s']:7.3f}" if "step_s" in r else f"{'':>7}"
-        lines.append(f"{r['scans']:>6} {r['step']:<8} {r['store']:<5} {r['peak_rss_gb']:11.2f} {r['seconds']:8.1f} {step}")
+        lines.append(f"{r['scans']:>6} {r['step']:<8} {r['store']:<5} {r['peak_rss_gb']:11.2f} {r['seconds']:8.1f} {step}"
+                     + (f"  one scan of {'x'.join(map(str, r['shape']))}, model {r['model_mb']:.0f} MB"
+                        if r["step"] == "predict" else ""))
     return "\n".join(lines)

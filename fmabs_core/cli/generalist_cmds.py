@@ -161,6 +161,9 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
                    help="voxels per synthetic scan (default 256 256 160; a clinical CT: 512 512 300)")
     p.add_argument("--iterations", type=int, default=20, help="training iterations per run (default 20)")
     p.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
+    p.add_argument("--predict-shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="also segment one synthetic scan of this size with fmabs predict (a clinical CT: 512 512 600); "
+                        "its windows do not overlap, so the figure is the memory of one scan, not of the windows")
     add_device_option(p)
     add_json_option(p)
     add_overwrite_option(p, "the --json file")
@@ -544,8 +547,11 @@ def _bench_memory(args: argparse.Namespace) -> int:
     check_json_output(args)
     if min(args.scans) < 1 or min(args.shape) < 8 or args.iterations < 2:
         raise InputError("--scans must be >= 1, --shape >= 8 per axis and --iterations >= 2")
+    if args.predict_shape and min(args.predict_shape) < 8:
+        raise InputError("--predict-shape must be >= 8 per axis")
     report = bench_memory(Path(args.work), args.scans, tuple(args.shape), args.iterations, args.device,
-                          tuple(args.patch_size), progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                          tuple(args.patch_size), progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                          predict_shape=tuple(args.predict_shape) if args.predict_shape else None)
     emit(args, report, lambda: format_memory(report))
     return 0
 

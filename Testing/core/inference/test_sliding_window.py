@@ -101,3 +101,22 @@ def test_inference_options_are_checked():
                       (InferenceConfig(stride=(0, 1, 1)), "--stride")]:
         with pytest.raises(InputError, match=word):
             check_inference_config(cfg)
+
+
+def test_a_scan_normalised_in_place_segments_as_before():
+    """What `fmabs predict` does to hold a large scan once (z-score in the scan's own memory, the class map
+    slab by slab in uint8) gives the same probabilities and labels, bit for bit, as normalising a copy and
+    numpy's argmax."""
+    from fmabs_core.data.intensity import zscore
+    from fmabs_core.inference.predict import class_map
+
+    rng = np.random.default_rng(1)
+    raw = (rng.normal(300.0, 80.0, size=(40, 36, 37)) + np.linspace(-90, 90, 40)[:, None, None]).astype(np.float32)
+    net = _confident_net()
+    want = predict_proba(net, raw, (16, 16, 8), 0.5)  # normalises a copy
+    mine = raw.copy()
+    assert zscore(mine, inplace=True) is mine
+    got = predict_proba(net, mine, (16, 16, 8), 0.5, normalise=False)
+    assert np.array_equal(got, want)
+    assert np.array_equal(class_map(got, slab=5), want.argmax(0).astype(np.uint8))
+    assert class_map(got).dtype == np.uint8
