@@ -31,6 +31,8 @@ STATUS_FILE = "status.json"
 MODEL_FILE = "model.pt"
 CHECKPOINTS_DIR = "checkpoints"
 PSEUDO_DIR = "pseudo"
+#: inside PSEUDO_DIR: the labels training reads, as memory-mapped .npy (``--scan-store disk``)
+HELD_DIR = "held"
 #: pseudo-label layers a run writes as ``pseudo/<case>_<layer>.nii.gz`` (FM-ABS: the three views and
 #: their fusion; CFR: the fine-tuned generalist's prompt-free label)
 GENERALIST_LAYER = "generalist"

@@ -141,7 +141,7 @@ class CFRMethod(Method):
             if array.shape != case.image.shape:
                 raise InputError(f"{path}: pseudo-label of shape {array.shape}, but scan '{case.id}' has "
                                  f"{case.image.shape}; delete it and run the pseudo-label stage again.")
-            case.pseudo = array
+            case.pseudo = tr.hold_pseudolabel(case, array)
 
     def setup(self, tr: TrainContext) -> None:
         super().setup(tr)
@@ -237,14 +237,16 @@ class CFRST(CFRMethod):
         r = due[-1]  # rounds that start at the same iteration would label with the same network
         start = time.time()
         cases = list(tr.unlabelled)
-        mine: dict[str, np.ndarray] = {}
+        mine: dict[str, np.ndarray | None] = {}
         for case in tr.progress(distributed.shard(cases), desc=f"self-training labels (round {r + 1})"):
             label = tr.predict(tr.net, case.image).argmax(0).astype(np.uint8)
             tr.save_pseudolabels(case, {self.layer(r): label})  # each rank writes the scans it labelled
-            mine[case.id] = label
+            mine[case.id] = None if tr.pseudo_on_disk else label  # on disk: the ranks exchange no arrays
+            if tr.pseudo_on_disk:
+                tr.hold_pseudolabel(case, label)
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         for case in cases:
-            case.pseudo = merged[case.id]
+            case.pseudo = tr.held_pseudolabel(case) if tr.pseudo_on_disk else merged[case.id]
         self.rounds_done = r
         info = {"round": r + 1, "iteration": it, "cases": len(cases), "seconds": time.time() - start,
                 "layer": self.layer(r)}

@@ -407,17 +407,22 @@ class FMABS(MeanTeacher):
                 i, case = shard[n]
                 done = self.partial["done"]
                 if case.id in done:  # labelled before a cancel: its fused label is in the run folder (uint8, lossless)
-                    mine[case.id] = (tr.load_pseudolabel(case), done[case.id])
+                    label, scores = tr.load_pseudolabel(case), done[case.id]
                 else:
-                    mine[case.id] = self._label_case(tr, it, i, case)
-                    done[case.id] = mine[case.id][1]
+                    label, scores = self._label_case(tr, it, i, case)
+                    done[case.id] = scores
+                # with --scan-store disk the label goes to a memory-mapped file now: a round's labels are never
+                # all in memory, and the ranks exchange only the scores
+                mine[case.id] = (None if tr.pseudo_on_disk else label, scores)
+                if tr.pseudo_on_disk:
+                    tr.hold_pseudolabel(case, label)
             # a cancel seen by any rank stops every rank after its current scan (a collective: all ranks call it)
             if n + 1 < steps and distributed.any_true(tr.cancel_requested()):
                 self._stop_mid_round(tr, it, len(cases))
                 return
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         for case in cases:
-            case.pseudo = merged[case.id][0]
+            case.pseudo = tr.held_pseudolabel(case) if tr.pseudo_on_disk else merged[case.id][0]
         if tr.dist.rank == 0 and self._tuned is None and cfg_uses_generalist(self.config):
             self._write_round_inputs(tr, it, cases)
         auto, cut = self.partial.get("auto"), self.partial.get("cut")

@@ -17,8 +17,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from fmabs_core.contract import (CANCELLED, CHECKPOINTS_DIR, CONFIG_FILE, DONE, FAILED, MODEL_FILE, PSEUDO_DIR, RUNNING,
-                                  STARTING, TEACHER_FILE_KEY, WAITING)
+from fmabs_core.contract import (CANCELLED, CHECKPOINTS_DIR, CONFIG_FILE, DONE, FAILED, HELD_DIR, MODEL_FILE,
+                                  PSEUDO_DIR, RUNNING, STARTING, TEACHER_FILE_KEY, WAITING)
 from fmabs_core.data import io
 from fmabs_core.data.project import Project
 from fmabs_core.device import resolve_device, tune_cpu_allocator
@@ -226,12 +226,33 @@ class Trainer:
         """A pseudo-label this run wrote for ``case`` (uint8, as written)."""
         return io.load_label(self.run_dir / PSEUDO_DIR / f"{case.id}_{key}.nii.gz", self.project.num_classes).array
 
+    @property
+    def pseudo_on_disk(self) -> bool:
+        """Whether pseudo-labels are held as memory-mapped files (``--scan-store disk``) rather than in RAM."""
+        return self.cfg.scan_store == "disk"
+
+    def hold_pseudolabel(self, case: Case, label: np.ndarray) -> np.ndarray:
+        """What training reads of ``case``'s pseudo-label: with ``--scan-store disk`` the label written (atomically)
+        to ``pseudo/held/<case>.npy`` and memory-mapped back, so that the rounds' labels of a large data set stay
+        on disk (the page cache, shared by the ranks); with ``ram``, the array itself."""
+        if not self.pseudo_on_disk:
+            return label
+        path = self.run_dir / PSEUDO_DIR / HELD_DIR / f"{case.id}.npy"
+        with io.atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(label, dtype=np.uint8), allow_pickle=False)
+        return self.held_pseudolabel(case)
+
+    def held_pseudolabel(self, case: Case) -> np.ndarray:
+        """The label :meth:`hold_pseudolabel` wrote for ``case`` (by any rank), memory-mapped read-only."""
+        return np.load(self.run_dir / PSEUDO_DIR / HELD_DIR / f"{case.id}.npy", mmap_mode="r", allow_pickle=False)
+
     def restore_pseudolabels(self) -> None:
         """After a resume: the fused pseudo-labels of the last round, as written (uint8, lossless)."""
         for case in self.train_cases:
             path = self.run_dir / PSEUDO_DIR / f"{case.id}_fused.nii.gz"
             if path.exists():
-                case.pseudo = io.load_label(path, self.project.num_classes).array
+                case.pseudo = self.hold_pseudolabel(case, io.load_label(path, self.project.num_classes).array)
 
     # ---- data ---------------------------------------------------------------------------------------
     def load_data(self) -> None:

@@ -44,7 +44,9 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     chosen = rounds[0]["fusion_scores"][rounds[0]["fusion"]]
     assert chosen == best or rounds[0]["fusion"] == "teacher"
     assert json.loads((run / "pseudo" / "round.json").read_text())["auto"] == rounds[0]["fusion"]
-    written = sorted(p.name for p in (run / "pseudo").iterdir() if p.name != "round.json")
+    written = sorted(p.name for p in (run / "pseudo").iterdir() if p.name not in ("round.json", "held"))
+    held = sorted(p.name for p in (run / "pseudo" / "held").iterdir())  # what training reads (--scan-store disk)
+    assert held == sorted(f"{c}.npy" for c in Project(proj).split("train"))
     assert len(written) == 5 * rounds[0]["cases"] and all(n.endswith(("_axial.nii.gz", "_coronal.nii.gz", "_sagittal.nii.gz",
                                                  "_fused.nii.gz", "_teacher.nii.gz")) for n in written)
     case = written[0].rsplit("_", 1)[0]

@@ -51,3 +51,27 @@ def test_the_disk_store_refuses_a_label_off_its_grid_before_any_step(project):
     assert status["state"] == "failed" and f"{case}.nii.gz: shape" in status["error"]
     assert status.get("iteration", 0) == 0 and not project.run_dir("off").joinpath("checkpoints").exists()
     assert not (project.root / "preprocessed" / f"{case}.label.npy").exists()  # refused, not stored
+
+
+@pytest.mark.slow  # runs LiteMedSAM in two pseudo-label rounds
+def test_pseudo_labels_held_on_disk_train_the_same_model_as_in_ram(project):
+    """FM-ABS rounds: with ``disk`` each round's labels go to memory-mapped files (pseudo/held/) and training reads
+    them there; the model is bitwise the one trained with the labels in RAM."""
+    import numpy as np
+
+    from fmabs_core.data import io
+
+    options = {"pseudo_warmup": 0.25, "pseudo_every": 0.25, "pseudo_stop": 0.6, "pseudo_max_slices": 1}
+    cfg = dict(method="fmabs", iterations=8, method_options=options, val_every=100, ckpt_every=100)
+    Trainer(project, "ram", _config("ram", **cfg)).train().raise_for_failure()
+    assert not (project.run_dir("ram") / "pseudo" / "held").exists()
+    tr = Trainer(project, "disk", _config("disk", **cfg))
+    tr.train().raise_for_failure()
+    held = sorted((project.run_dir("disk") / "pseudo" / "held").glob("*.npy"))
+    assert len(held) == len(project.split("train"))
+    assert all(isinstance(c.pseudo, np.memmap) for c in tr.train_cases)  # read from the files, not held in RAM
+    for case in tr.train_cases:
+        fused = io.load_label(project.run_dir("disk") / "pseudo" / f"{case.id}_fused.nii.gz", 1).array
+        assert np.array_equal(np.asarray(case.pseudo), fused)
+    ram, disk = _weights(project, "ram"), _weights(project, "disk")
+    assert all(torch.equal(ram[k], disk[k]) for k in ram)
