@@ -64,7 +64,8 @@ def kill_and_rerun(argv: list[str], kills: int, rng: np.random.Generator, at_wor
     t0 = time.monotonic()
     for _ in range(kills):
         busy = at_work() if rng.random() < 0.5 else (lambda: True)
-        delay = max_delay if busy() is False else whole_run
+        # by time: within the first 60 % of an uninterrupted run's length, as each start has less left to do
+        delay = max_delay if busy() is False else 0.6 * whole_run
         proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         report.starts += 1
         deadline = time.monotonic() + timeout
@@ -147,6 +148,8 @@ def _phantom_project(work: Path, crosslabels: int = 3) -> Path:
 
 class TrainScenario(Scenario):
     """``fmabs train``: the final weights of the killed and resumed run equal the uninterrupted run's, bit for bit."""
+
+    max_delay = 0.3  # a tiny step takes milliseconds: a kill soon after a step, or the run is over
 
     def __init__(self, method: str, iterations: int, extra: tuple[str, ...] = ()):
         self.method, self.iterations, self.extra = method, iterations, extra
@@ -233,6 +236,7 @@ class PredictScenario(Scenario):
     """``fmabs predict`` on a folder: the same outputs as an uninterrupted run, none half-written."""
 
     name = "predict"
+    max_delay = 0.3  # a scan takes about a second
 
     def prepare(self, work: Path) -> None:
         from fmabs_core.data.phantom import write_dataset
@@ -241,7 +245,7 @@ class PredictScenario(Scenario):
         done = run(fmabs("train", "--project", str(project), "--run", "m", "--method", "sup", "--iterations", "2",
                          *TINY))
         assert done.returncode == 0, done.stderr
-        write_dataset(work / "scans", n_cases=10, shape=(48, 48, 40), seed=9)
+        write_dataset(work / "scans", n_cases=16, shape=(64, 64, 48), seed=9)
 
     def argv(self, work: Path, which: str) -> list[str]:
         return fmabs("predict", "--model", str(work / "project" / "runs" / "m"), "--input",
@@ -266,9 +270,9 @@ class PredictScenario(Scenario):
 
 
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
-    "train-sup": lambda: TrainScenario("sup", 24),
-    "train-mt": lambda: TrainScenario("mt", 24),
-    "train-fmabs": lambda: TrainScenario("fmabs", 12, ("--pseudo-warmup", "0.25", "--pseudo-every", "0.25",
+    "train-sup": lambda: TrainScenario("sup", 60),
+    "train-mt": lambda: TrainScenario("mt", 60),
+    "train-fmabs": lambda: TrainScenario("fmabs", 16, ("--pseudo-warmup", "0.25", "--pseudo-every", "0.25",
                                                        "--pseudo-max-slices", "1")),
     "import": ImportScenario,
     "predict": PredictScenario,

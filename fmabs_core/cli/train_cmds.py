@@ -159,7 +159,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = _inputs(args.input)
     device = resolve_device(args.device)
     cfg = InferenceConfig(overlap=args.overlap, largest_component=args.largest_component,
-                          sw_batch_size=args.sw_batch_size, mode=args.blend,
+                          sw_batch_size=args.sw_batch_size, mode=args.blend, accumulate=args.accumulate,
                           stride=tuple(args.stride) if args.stride else None)
     if args.patch_size:
         cfg.patch_size = tuple(args.patch_size)
@@ -318,6 +318,10 @@ def register(sub: argparse._SubParsersAction, light: bool = False) -> None:
                    help="how the windows' probabilities are weighted where they overlap: plainly (default, as the papers' "
                         "code) or more at each window's centre (gaussian)")
     p.add_argument("--sw-batch-size", type=POSITIVE_INT, default=2, help="windows per forward pass, at least 1")
+    p.add_argument("--accumulate", choices=["float32", "float16"], default="float32",
+                   help="number format the windows' probabilities are averaged in: float32 (default, as the papers' "
+                        "code) or float16, half the memory for very large scans (labels may differ where two classes "
+                        "nearly tie; docs/performance.md)")
     p.add_argument("--largest-component", action="store_true")
     p.add_argument("--probabilities", action="store_true", help="also write foreground probabilities")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist in --output")

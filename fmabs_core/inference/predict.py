@@ -29,6 +29,8 @@ Overlap = float | tuple[float, float, float]
 #: the references' sliding-window stride on LA (UA-MT, FM-ABS, CFR: 18 x 18 x 4 voxels with 112x112x80 windows)
 REFERENCE_STRIDE_LA = (18, 18, 4)
 BLEND_MODES = ("constant", "gaussian")
+#: number formats the windows' probabilities are averaged in (float32: the references)
+ACCUMULATE = ("float32", "float16")
 
 
 @dataclass
@@ -42,6 +44,8 @@ class InferenceConfig:
     mode: str = "constant"
     sw_batch_size: int = 2
     largest_component: bool = False
+    #: ``float16`` halves the memory of the averaged windows (very large scans); ``float32`` is the references'
+    accumulate: str = "float32"
 
 
 def overlap_for_stride(patch_size: tuple[int, ...], stride: tuple[int, ...]) -> tuple[float, ...]:
@@ -64,33 +68,39 @@ def window_overlap(cfg: InferenceConfig, patch_size: tuple[int, int, int]) -> Ov
 class _WindowProbabilities(torch.nn.Module):
     """A window's class probabilities: the network's softmax, taken per window before windows are blended."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model = model
+        self.dtype = dtype  # MONAI accumulates the windows in the dtype they come in
 
     def forward(self, window: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(window).float(), dim=1)
+        return torch.softmax(self.model(window.float()).float(), dim=1).to(self.dtype)
 
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[int, int, int], overlap: Overlap = 0.5,
                   device: str | torch.device = "cpu", sw_batch_size: int = 2, normalise: bool = True,
-                  mode: str = "constant") -> np.ndarray:
+                  mode: str = "constant", accumulate: str = "float32") -> np.ndarray:
     """Class probabilities (C+1, X, Y, Z) for a canonical-grid scan, by sliding windows.
 
     Each window's logits are turned into probabilities first and the windows' probabilities are then
     averaged, as the references do (UA-MT's and FM-ABS's ``test_single_case``: ``softmax`` per window,
     summed into a score map, divided by the count). Averaging logits instead lets one confident window
     outvote the others. ``overlap``: one fraction or one per axis. ``mode``: ``constant`` takes the
-    plain mean (the references), ``gaussian`` weights each window's centre more.
+    plain mean (the references), ``gaussian`` weights each window's centre more. ``accumulate``: ``float32`` (the
+    references) or ``float16``: the scan, the averaged windows and the result (returned as float16) take half the
+    memory, for scans too large for it, at the price of labels that may differ where two classes nearly tie (each
+    window still runs the network in float32).
     """
     if mode not in BLEND_MODES:
         raise InputError(f"sliding-window mode '{mode}': choose {' or '.join(BLEND_MODES)}")
+    if accumulate not in ACCUMULATE:
+        raise InputError(f"--accumulate {accumulate}: choose {' or '.join(ACCUMULATE)}")
     if torch.device(device).type == "cpu":
         tune_cpu_allocator()  # measured 1.7x on a V-Net window: its 3D activations are no longer re-mapped each time
     was_training = model.training
     model.eval()
-    arr = zscore(image) if normalise else np.asarray(image, dtype=np.float32)
+    arr = np.asarray(zscore(image) if normalise else image, dtype=getattr(np, accumulate))
     if not arr.flags.writeable:  # a memory-mapped scan of the store: torch wants memory it may write
         arr = arr.copy()
     x = torch.from_numpy(arr)[None, None].to(device)
@@ -98,8 +108,9 @@ def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[i
     ov = tuple(float(o) for o in overlap) if isinstance(overlap, (tuple, list)) else float(overlap)
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
         probs = sliding_window_inference(x, roi_size=tuple(patch_size), sw_batch_size=sw_batch_size,
-                                         predictor=_WindowProbabilities(model), overlap=ov, mode=mode)
-    out = probs.float()[0].cpu().numpy()
+                                         predictor=_WindowProbabilities(model, getattr(torch, accumulate)), overlap=ov,
+                                         mode=mode)
+    out = probs[0].cpu().numpy()
     model.train(was_training)
     return out
 
@@ -269,6 +280,8 @@ def check_inference_config(cfg: InferenceConfig) -> InferenceConfig:
         raise InputError(f"--overlap must be one number or three numbers in [0, 1) (got {cfg.overlap})")
     if cfg.mode not in BLEND_MODES:
         raise InputError(f"--blend {cfg.mode}: choose {' or '.join(BLEND_MODES)}")
+    if cfg.accumulate not in ACCUMULATE:
+        raise InputError(f"--accumulate {cfg.accumulate}: choose {' or '.join(ACCUMULATE)}")
     if cfg.stride is not None and (len(cfg.stride) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                   and v >= 1 for v in cfg.stride)):
         raise InputError(f"--stride must be three positive integers (got {cfg.stride})")
@@ -412,7 +425,11 @@ def _predict_one(net, path: Path, output: Path, patch, overlap, device, cfg: Inf
 
     vol = io.load_image(path)
     image = zscore(vol.array, inplace=True)  # the raw voxels are not needed again: one copy of the scan, not two
-    probs = predict_proba(net, image, patch, overlap, device, cfg.sw_batch_size, normalise=False, mode=cfg.mode)
+    if cfg.accumulate == "float16":  # MONAI averages in the input's format: the scan goes float16 too
+        image = image.astype(np.float16)
+    vol = vol.grid()  # what writing the outputs needs, without the voxels
+    probs = predict_proba(net, image, patch, overlap, device, cfg.sw_batch_size, normalise=False, mode=cfg.mode,
+                          accumulate=cfg.accumulate)
     del image
     mask = class_map(probs)
     if cfg.largest_component:

@@ -120,3 +120,23 @@ def test_a_scan_normalised_in_place_segments_as_before():
     assert np.array_equal(got, want)
     assert np.array_equal(class_map(got, slab=5), want.argmax(0).astype(np.uint8))
     assert class_map(got).dtype == np.uint8
+
+
+def test_float16_accumulation_is_close_and_says_so():
+    """--accumulate float16 (very large scans): probabilities within 0.01 of the references' float32 mean (the scan
+    and the sums are rounded to float16), labels the same but where two classes nearly tie; an unknown format is
+    refused by name."""
+    from fmabs_core.inference.predict import class_map
+
+    rng = np.random.default_rng(2)
+    image = (rng.normal(size=(40, 36, 24)) + np.linspace(-2, 2, 40)[:, None, None]).astype(np.float32)
+    net = _confident_net()
+    want = predict_proba(net, image, (16, 16, 8), 0.5, normalise=False)
+    got = predict_proba(net, image, (16, 16, 8), 0.5, normalise=False, accumulate="float16")
+    assert got.dtype == np.float16 and want.dtype == np.float32
+    assert np.abs(got.astype(np.float32) - want).max() < 1e-2  # a network made very sensitive to its input
+    differ = class_map(got) != class_map(want)
+    top2 = np.sort(want, axis=0)[-2:]
+    assert differ.mean() < 0.002 and (top2[1] - top2[0])[differ].max(initial=0) < 1e-2  # only near-ties
+    with pytest.raises(InputError, match="--accumulate float64"):
+        predict_proba(net, image, (16, 16, 8), 0.5, accumulate="float64")
