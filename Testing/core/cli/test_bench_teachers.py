@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fmabs_core.cli import main
-from fmabs_core.cli.bench_teachers import AUTO, bench_teachers, format_teachers, made_teachers, soft_teacher
+from fmabs_core.cli.bench_teachers import (AUTO, AUTO_PER_SCAN, bench_teachers, format_teachers, made_teachers,
+                                          soft_teacher)
 from fmabs_core.contract import VIEWS
 from fmabs_core.generalist.fusion import AUTO_CANDIDATES
 
@@ -78,7 +79,7 @@ def test_bench_scores_every_rule_on_the_same_answers(tmp_path, phantom_data):
     main(["import", str(phantom_data), "--project", str(proj)])
     main(["crosslabel", "simulate", "--project", str(proj), "--count", "1"])
     rep = bench_teachers(str(proj), scans=2, device="cpu", max_slices=1)
-    assert rep["rules"] == [*[k for k in AUTO_CANDIDATES if k != "teacher"], AUTO]
+    assert rep["rules"] == [*[k for k in AUTO_CANDIDATES if k != "teacher"], AUTO, AUTO_PER_SCAN]
     kinds = {r["teacher"] for r in rep["rows"]}
     assert len(rep["rows"]) == 2 * len(kinds) == 2 * 6
     for r in rep["rows"]:
@@ -89,8 +90,12 @@ def test_bench_scores_every_rule_on_the_same_answers(tmp_path, phantom_data):
         assert chosen["rule"] in AUTO_CANDIDATES and chosen["scans"] >= 1
         for r in (r for r in rep["rows"] if r["teacher"] == kind):
             assert r[AUTO] == (r["teacher_dice"] if chosen["rule"] == "teacher" else r[chosen["rule"]])
+            # auto/scan: the scan's own choice where its planes chose otherwise (the one cross-labelled scan),
+            # else the pooled one
+            own = chosen["per_scan"].get(r["case"], chosen["rule"])
+            assert r[AUTO_PER_SCAN] == (r["teacher_dice"] if own == "teacher" else r[own])
     text = format_teachers(rep)
-    assert "worst gain" in text and "auto:" in text
+    assert "worst gain" in text and "auto:" in text and "auto/scan:" in text
 
 
 @pytest.mark.slow  # runs LiteMedSAM
