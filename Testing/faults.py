@@ -238,6 +238,9 @@ class PredictScenario(Scenario):
     name = "predict"
     max_delay = 0.3  # a scan takes about a second
 
+    def __init__(self, scans: int = 16, shape: tuple[int, int, int] = (64, 64, 48), overlap: str = "0.75"):
+        self.scans, self.shape, self.overlap = scans, shape, overlap
+
     def prepare(self, work: Path) -> None:
         from fmabs_core.data.phantom import write_dataset
 
@@ -245,12 +248,12 @@ class PredictScenario(Scenario):
         done = run(fmabs("train", "--project", str(project), "--run", "m", "--method", "sup", "--iterations", "2",
                          *TINY))
         assert done.returncode == 0, done.stderr
-        write_dataset(work / "scans", n_cases=16, shape=(64, 64, 48), seed=9)
+        write_dataset(work / "scans", n_cases=self.scans, shape=self.shape, seed=9)
 
     def argv(self, work: Path, which: str) -> list[str]:
         return fmabs("predict", "--model", str(work / "project" / "runs" / "m"), "--input",
                      str(work / "scans" / "imagesTr"), "--output", str(work / which), "--probabilities",
-                     "--overlap", "0.75", "--device", "cpu")
+                     "--overlap", self.overlap, "--device", "cpu")
 
     def at_work(self, work: Path) -> Callable[[], bool]:
         out = work / "faulted"
@@ -279,9 +282,18 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
 }
 
 
-def run_scenario(name: str, kills: int, seed: int = 0, root: Path | None = None) -> FaultReport:
-    """Prepare, run once uninterrupted, run again under ``kills`` SIGKILLs, and compare."""
-    scenario = SCENARIOS[name]()
+#: smaller work for the test suite (each start of a command is a new Python with torch): fewer kills land
+QUICK: dict[str, Callable[[], Scenario]] = {
+    "train-fmabs": lambda: TrainScenario("fmabs", 8, ("--pseudo-warmup", "0.25", "--pseudo-every", "0.5",
+                                                      "--pseudo-max-slices", "1")),
+    "predict": lambda: PredictScenario(6, (48, 48, 40), "0.5"),
+}
+
+
+def run_scenario(name: str, kills: int, seed: int = 0, root: Path | None = None, quick: bool = False) -> FaultReport:
+    """Prepare, run once uninterrupted, run again under ``kills`` SIGKILLs, and compare (``quick``: the smaller
+    work of :data:`QUICK` where it has one)."""
+    scenario = (QUICK.get(name, SCENARIOS[name]) if quick else SCENARIOS[name])()
     work = Path(tempfile.mkdtemp(prefix=f"faults-{name}-", dir=root))
     try:
         scenario.prepare(work)

@@ -23,6 +23,7 @@ IN_SUITE = ("train-sup", "train-fmabs", "import", "predict")
 @pytest.mark.parametrize("name", IN_SUITE)
 def test_killed_and_run_again_equals_uninterrupted(name, tmp_path):
     assert set(IN_SUITE) <= set(SCENARIOS)
-    report = run_scenario(name, kills=2, seed=1, root=tmp_path)  # each start is a new Python: CI stays short
+    # each start is a new Python with torch (and LiteMedSAM for fmabs): smaller work and fewer kills keep CI short
+    report = run_scenario(name, kills=1 if name == "train-fmabs" else 2, seed=1, root=tmp_path, quick=True)
     assert report.kills >= 1, f"{name}: no kill landed while the command worked ({report})"
     assert report.returncode == 0 and not report.problems, report.problems
