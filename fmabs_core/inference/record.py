@@ -40,6 +40,8 @@ class PredictRecord:
         self.key = {"model_sha256": model_sha256, "settings": settings}
         self.path = self.folder / RECORD_FILE
         self.done: dict[str, dict[str, str]] = {}
+        #: output name -> ((size, mtime_ns), sha256): planning and the loop ask about the same file, hashed once
+        self._hashes: dict[str, tuple[tuple[int, int], str]] = {}
         doc = self._read()
         if doc is not None and doc.get("key") == self.key and isinstance(doc.get("done"), dict):
             self.done = {k: v for k, v in doc["done"].items() if isinstance(v, dict)}
@@ -60,7 +62,7 @@ class PredictRecord:
         if entry is None or entry.get("input") != _input_id(source) or not entry.get("sha256") or \
                 not Path(output).is_file():
             return False
-        return entry.get("sha256") == sha256_of(Path(output))
+        return entry.get("sha256") == self._hash(Path(output))
 
     def is_ours(self, output: Path, source: Path) -> bool:
         """Whether ``output`` is this command's for ``source``: begun and not finished (a kill came between), or
@@ -79,8 +81,18 @@ class PredictRecord:
     def add(self, outputs: list[Path], source: Path) -> None:
         """Record ``outputs`` (in place already) as the finished answer for ``source``."""
         for out in outputs:
-            self.done[Path(out).name] = {"input": _input_id(source), "sha256": sha256_of(Path(out))}
+            self.done[Path(out).name] = {"input": _input_id(source), "sha256": self._hash(Path(out))}
         self._write()
+
+    def _hash(self, output: Path) -> str:
+        """sha256 of ``output``, computed again only when its size or modification time changed."""
+        st = output.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+        known = self._hashes.get(output.name)
+        if known is None or known[0] != stamp:
+            known = (stamp, sha256_of(output))
+            self._hashes[output.name] = known
+        return known[1]
 
     def _write(self) -> None:
         doc = {"version": RECORD_VERSION, "key": self.key, "done": self.done}

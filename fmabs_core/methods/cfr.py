@@ -241,12 +241,10 @@ class CFRST(CFRMethod):
         for case in tr.progress(distributed.shard(cases), desc=f"self-training labels (round {r + 1})"):
             label = tr.predict(tr.net, case.image).argmax(0).astype(np.uint8)
             tr.save_pseudolabels(case, {self.layer(r): label})  # each rank writes the scans it labelled
-            mine[case.id] = None if tr.pseudo_on_disk else label  # on disk: the ranks exchange no arrays
-            if tr.pseudo_on_disk:
-                tr.hold_pseudolabel(case, label)
+            mine[case.id] = tr.pseudolabel_to_send(tr.hold_pseudolabel(case, label))
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         for case in cases:
-            case.pseudo = tr.held_pseudolabel(case) if tr.pseudo_on_disk else merged[case.id]
+            case.pseudo = tr.pseudolabel_received(case, merged[case.id])
         self.rounds_done = r
         info = {"round": r + 1, "iteration": it, "cases": len(cases), "seconds": time.time() - start,
                 "layer": self.layer(r)}

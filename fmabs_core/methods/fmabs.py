@@ -398,7 +398,7 @@ class FMABS(MeanTeacher):
             self._choose_cut(tr)
         if self._uses_auto() and "auto" not in self.partial:
             self._choose_fusion(tr, it)
-        mine: dict[str, tuple[np.ndarray, dict | None]] = {}
+        mine: dict[str, tuple[np.ndarray | None, dict | None]] = {}
         position = {c.id: k for k, c in enumerate(tr.train_cases)}
         shard = distributed.shard([(position[c.id], c) for c in cases])
         steps = -(-len(cases) // tr.dist.world_size)  # shares differ by one: every rank checks as often
@@ -411,18 +411,15 @@ class FMABS(MeanTeacher):
                 else:
                     label, scores = self._label_case(tr, it, i, case)
                     done[case.id] = scores
-                # with --scan-store disk the label goes to a memory-mapped file now: a round's labels are never
-                # all in memory, and the ranks exchange only the scores
-                mine[case.id] = (None if tr.pseudo_on_disk else label, scores)
-                if tr.pseudo_on_disk:
-                    tr.hold_pseudolabel(case, label)
+                # held now (with --scan-store disk: on disk, so a round's labels are never all in memory)
+                mine[case.id] = (tr.pseudolabel_to_send(tr.hold_pseudolabel(case, label)), scores)
             # a cancel seen by any rank stops every rank after its current scan (a collective: all ranks call it)
             if n + 1 < steps and distributed.any_true(tr.cancel_requested()):
                 self._stop_mid_round(tr, it, len(cases))
                 return
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         for case in cases:
-            case.pseudo = tr.held_pseudolabel(case) if tr.pseudo_on_disk else merged[case.id][0]
+            case.pseudo = tr.pseudolabel_received(case, merged[case.id][0])
         if tr.dist.rank == 0 and self._tuned is None and cfg_uses_generalist(self.config):
             self._write_round_inputs(tr, it, cases)
         auto, cut = self.partial.get("auto"), self.partial.get("cut")
@@ -480,11 +477,13 @@ class FMABS(MeanTeacher):
                "generalist": cfg.generalist, "seeds": {cid: round_seed(tr.cfg.seed, it, i) for cid, i in index.items()}}
         if cfg.fusion == "auto":
             doc["auto"] = self.partial["auto"]["rule"]  # the rule chosen on the drawn planes (its options are above)
-            own = {cid: name for cid, name in self.partial["auto"].get("per_scan", {}).items() if cid in index}
             # --fusion-per-scan: these scans were fused by their own choice (replay them with these options)
-            doc["per_scan"] = {cid: {"auto": name, "fusion": self._round_rule(cid).fusion,
-                                     "teacher_weight": self._round_rule(cid).teacher_weight,
-                                     "gate_confidence": self._round_rule(cid).confidence} for cid, name in own.items()}
+            doc["per_scan"] = {}
+            for cid, name in self.partial["auto"].get("per_scan", {}).items():
+                if cid in index:
+                    own = self._round_rule(cid)
+                    doc["per_scan"][cid] = {"auto": name, "fusion": own.fusion, "teacher_weight": own.teacher_weight,
+                                            "gate_confidence": own.confidence}
         atomic_write_text(tr.run_dir / PSEUDO_DIR / "round.json", json.dumps(doc, indent=2))
 
     def _stop_mid_round(self, tr, it: int, total: int) -> None:

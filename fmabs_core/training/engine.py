@@ -247,6 +247,15 @@ class Trainer:
         """The label :meth:`hold_pseudolabel` wrote for ``case`` (by any rank), memory-mapped read-only."""
         return np.load(self.run_dir / PSEUDO_DIR / HELD_DIR / f"{case.id}.npy", mmap_mode="r", allow_pickle=False)
 
+    def pseudolabel_to_send(self, held: np.ndarray) -> np.ndarray | None:
+        """What the other ranks need of a label this rank held: nothing when it is on disk (they map the file,
+        so a round's labels never travel or pile up in memory), else the array."""
+        return None if self.pseudo_on_disk else held
+
+    def pseudolabel_received(self, case: Case, sent: np.ndarray | None) -> np.ndarray:
+        """``case``'s label as :meth:`pseudolabel_to_send` sent it from the rank that made it."""
+        return self.held_pseudolabel(case) if sent is None else sent
+
     def restore_pseudolabels(self) -> None:
         """After a resume: the fused pseudo-labels of the last round, as written (uint8, lossless)."""
         for case in self.train_cases:
