@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -59,39 +60,53 @@ def test_fmabs_run_makes_pseudolabels_and_uses_them(tmp_path, phantom_data):
     assert json.loads((run / "config.json").read_text())["method_options"]["generalist"] == "litemedsam"
 
 
-def test_a_round_is_replayed_bit_for_bit_by_pseudo_label(tmp_path, phantom_data):
-    """`fmabs pseudo-label` given a round's inputs (the teacher's probabilities it wrote, its generator key and
-    options from round.json) writes the round's fused label again; the round scores the drawn planes."""
+def _train_one_round(tmp_path, phantom_data, crosslabelled: int, *options: str) -> tuple[Project, Path]:
+    """A 4-iteration fmabs run on phantoms with one pseudo-label round (at iteration 2) and 2 slices per view."""
     proj = tmp_path / "proj"
     main(["import", str(phantom_data), "--project", str(proj)])
-    main(["crosslabel", "simulate", "--project", str(proj), "--count", "3"])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", str(crosslabelled)])
     rc = main(["train", "--project", str(proj), "--method", "fmabs", "--iterations", "4", "--run", "r",
                "--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
                "--device", "cpu", "--pseudo-warmup", "0.5", "--pseudo-every", "0.5", "--pseudo-stop", "0.9",
-               "--pseudo-max-slices", "2", "--fusion", "soft", "--teacher-weight", "0.4"])
+               "--pseudo-max-slices", "2", *options])
     assert rc == 0
-    run = Project(proj).run_dir("r")
+    return Project(proj), Project(proj).run_dir("r")
+
+
+def _replay_argv(project: Project, run, out, case: str, info: dict, rule: dict) -> list[str]:
+    """`fmabs pseudo-label` with a round's inputs for ``case`` (round.json ``info``) and fusion options ``rule``."""
+    return ["pseudo-label", "--image", str(project.image_path(case)),
+            "--teacher-probs", str(run / "pseudo" / f"{case}_teacher.nii.gz"), "--output", str(out),
+            "--seed", *map(str, info["seeds"][case]), "--pseudo-max-slices", str(info["max_slices"]),
+            "--fusion", rule["fusion"], "--teacher-weight", str(rule["teacher_weight"]),
+            "--box-jitter", str(info["box_jitter"]), "--device", "cpu"]
+
+
+def _assert_replayed(run, out, case: str, keys=("fused",)) -> None:
+    for key in keys:
+        mine = np.asarray(nib.load(str(out / f"{case}_{key}.nii.gz")).dataobj)
+        theirs = np.asarray(nib.load(str(run / "pseudo" / f"{case}_{key}.nii.gz")).dataobj)
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_a_round_is_replayed_bit_for_bit_by_pseudo_label(tmp_path, phantom_data):
+    """`fmabs pseudo-label` given a round's inputs (the teacher's probabilities it wrote, its generator key and
+    options from round.json) writes the round's fused label again; the round scores the drawn planes."""
+    project, run = _train_one_round(tmp_path, phantom_data, 3, "--fusion", "soft", "--teacher-weight", "0.4")
     rounds = [e for e in read_events(run) if e["type"] == "pseudo_label"]
     assert len(rounds) == 1
     info = json.loads((run / "pseudo" / "round.json").read_text())
     assert info["fusion"] == "soft" and info["teacher_weight"] == 0.4
-    assert sorted(info["seeds"]) == sorted(Project(proj).split("train"))
+    assert sorted(info["seeds"]) == sorted(project.split("train"))
     # the three cross-labelled scans are scored on their drawn planes
-    assert rounds[0]["planes_scans"] == 3 == sum(Project(proj).crosslabel_path(c).exists() for c in info["seeds"])
+    assert rounds[0]["planes_scans"] == 3 == sum(project.crosslabel_path(c).exists() for c in info["seeds"])
     gain = rounds[0]["planes_pseudo_dice"] - rounds[0]["planes_teacher_dice"]
     assert 0 <= rounds[0]["planes_teacher_dice"] <= 1 and rounds[0]["planes_gain"] == pytest.approx(gain)
     case = sorted(info["seeds"])[0]
     out = tmp_path / "replay"
-    argv = ["pseudo-label", "--image", str(Project(proj).image_path(case)),
-            "--teacher-probs", str(run / "pseudo" / f"{case}_teacher.nii.gz"), "--output", str(out),
-            "--seed", *map(str, info["seeds"][case]), "--pseudo-max-slices", str(info["max_slices"]),
-            "--fusion", info["fusion"], "--teacher-weight", str(info["teacher_weight"]),
-            "--box-jitter", str(info["box_jitter"]), "--device", "cpu"]
+    argv = _replay_argv(project, run, out, case, info, info)
     assert main(argv) == 0
-    for key in ("fused", "axial", "coronal", "sagittal"):
-        mine = np.asarray(nib.load(str(out / f"{case}_{key}.nii.gz")).dataobj)
-        theirs = np.asarray(nib.load(str(run / "pseudo" / f"{case}_{key}.nii.gz")).dataobj)
-        np.testing.assert_array_equal(mine, theirs)
+    _assert_replayed(run, out, case, ("fused", "axial", "coronal", "sagittal"))
     assert main(argv) != 0  # the files exist now: refused without --overwrite
 
 
@@ -113,32 +128,18 @@ def test_fusion_per_scan_fuses_a_scan_by_its_own_choice_and_replays(tmp_path, ph
         return choice
 
     monkeypatch.setattr(fusion, "choose_auto", forced)
-    proj = tmp_path / "proj"
-    main(["import", str(phantom_data), "--project", str(proj)])
-    main(["crosslabel", "simulate", "--project", str(proj), "--count", "2"])
-    rc = main(["train", "--project", str(proj), "--method", "fmabs", "--iterations", "4", "--run", "r",
-               "--patch-size", "32", "32", "32", "--width", "4", "--batch-size", "2", "--labelled-batch-size", "1",
-               "--device", "cpu", "--pseudo-warmup", "0.5", "--pseudo-every", "0.5", "--pseudo-stop", "0.9",
-               "--pseudo-max-slices", "2", "--pseudo-max-cases", "8"])
-    assert rc == 0
-    run = Project(proj).run_dir("r")
+    project, run = _train_one_round(tmp_path, phantom_data, 2, "--pseudo-max-cases", "8")
     event = [e for e in read_events(run) if e["type"] == "pseudo_label"][0]
     info = json.loads((run / "pseudo" / "round.json").read_text())
     assert info["auto"] == "soft 0.5" == event["fusion"]
     (own, entry), = info["per_scan"].items()
-    assert Project(proj).crosslabel_path(own).exists() and entry["auto"] == "ua" == entry["fusion"]
+    assert project.crosslabel_path(own).exists() and entry["auto"] == "ua" == entry["fusion"]
     assert event["fusion_per_scan"] == {own: "ua"} and f"{own}: ua" in planes_line(event)
     other = sorted(c for c in info["seeds"] if c != own)[0]
     for case, rule in ((own, entry), (other, info)):
         out = tmp_path / f"replay-{case}"
-        assert main(["pseudo-label", "--image", str(Project(proj).image_path(case)),
-                     "--teacher-probs", str(run / "pseudo" / f"{case}_teacher.nii.gz"), "--output", str(out),
-                     "--seed", *map(str, info["seeds"][case]), "--pseudo-max-slices", str(info["max_slices"]),
-                     "--fusion", rule["fusion"], "--teacher-weight", str(rule["teacher_weight"]),
-                     "--box-jitter", str(info["box_jitter"]), "--device", "cpu"]) == 0
-        mine = np.asarray(nib.load(str(out / f"{case}_fused.nii.gz")).dataobj)
-        theirs = np.asarray(nib.load(str(run / "pseudo" / f"{case}_fused.nii.gz")).dataobj)
-        np.testing.assert_array_equal(mine, theirs)
+        assert main(_replay_argv(project, run, out, case, info, rule)) == 0
+        _assert_replayed(run, out, case)
 
 
 def test_demo_runs_end_to_end_tiny(tmp_path):
