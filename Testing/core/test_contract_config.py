@@ -135,3 +135,16 @@ def test_bad_training_values_are_refused_by_name(tmp_path, phantom_data, option,
     assert main(["train", "--project", str(proj), "--run", "r", option, *value.split()]) == 2
     assert option in capsys.readouterr().err
     assert not (proj / "runs" / "r" / "config.json").exists()
+
+
+def test_the_optimiser_defaults_follow_the_method_and_a_saved_run_keeps_its_own(tmp_path):
+    """sam-lora gets AdamW's 1e-4 on 2 crops (SGD's 0.01, its default before, collapsed the tuned generalist);
+    the 3D methods keep SGD's 0.01 on 4; a run saved with other values resumes with them."""
+    assert (TrainConfig(method="sam-lora").lr, TrainConfig(method="sam-lora").batch_size) == (1e-4, 2)
+    for method in ("sup", "mt", "fmabs", "cfr-mt"):
+        assert (TrainConfig(method=method).lr, TrainConfig(method=method).batch_size) == (0.01, 4)
+    assert TrainConfig(method="sam-lora", lr=0.003, batch_size=3).lr == 0.003
+    old = TrainConfig(method="sam-lora", lr=0.01, batch_size=4)
+    path = tmp_path / "config.json"
+    path.write_text(old.to_json())
+    assert (TrainConfig.load(path).lr, TrainConfig.load(path).batch_size) == (0.01, 4)

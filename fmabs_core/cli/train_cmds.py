@@ -18,7 +18,7 @@ from fmabs_core.data.project import Project
 from fmabs_core.errors import FmabsError, InputError
 from fmabs_core.training.api import Outcome
 from fmabs_core.training.config import (CROP_MODES, EXPERT_SLICES, MUTABLE_ON_RESUME, SCAN_STORES, NetConfig, TrainConfig,
-                                       default_iterations)
+                                       default_iterations, method_default)
 
 # torch/MONAI are imported inside the commands (the method registry imports torch for `fmabs train` only)
 
@@ -206,7 +206,8 @@ def add_train_arguments(p: argparse.ArgumentParser, light: bool = False) -> None
     p.add_argument("--iterations", type=int, default=S, help="default: the method's paper's count (fmabs, mt, sup, ua-mt, cps: 20000; cfr-*: 6000)")
     p.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=S,
                    help=f"default: {' '.join(map(str, d.patch_size))}")
-    p.add_argument("--batch-size", type=int, default=S, help=f"default: {d.batch_size}")
+    p.add_argument("--batch-size", type=int, default=S,
+                   help=f"default: {d.batch_size} (sam-lora: {method_default('sam-lora', 'batch_size')})")
     p.add_argument("--labelled-cases", nargs="+", metavar="CASE", default=S,
                    help="learn from the labels of these training scans only (e.g. CFR's one densely labelled scan; "
                         "default: every scan with labels of the method's kind)")
@@ -214,7 +215,8 @@ def add_train_arguments(p: argparse.ArgumentParser, light: bool = False) -> None
                    help=f"crops from labelled scans per batch (default: {d.labelled_bs})")
     p.add_argument("--device", default=S, help=DEVICE_HINT)
     p.add_argument("--seed", type=int, default=S, help=f"default: {d.seed}")
-    p.add_argument("--lr", type=float, default=S, help=f"default: {d.lr}")
+    p.add_argument("--lr", type=float, default=S,
+                   help=f"default: {d.lr} (SGD; sam-lora: {method_default('sam-lora', 'lr')}, AdamW)")
     p.add_argument("--network", default=S, help="vnet (default), unet, segresnet, basicunet")
     p.add_argument("--width", type=int, default=S, help=f"base filters (default {d.net.width}, the papers' V-Net)")
     p.add_argument("--dropout", type=float, default=S, help=f"default: {d.net.dropout}")

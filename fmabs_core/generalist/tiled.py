@@ -13,16 +13,25 @@ What one forward pass does, per crop of the batch:
    SAM at 1024 px: 80 slices of 112 px -> 9 x 9 -> 1016 px, padded to 1024).
 2. **Model frame**: SAM-size models (1024 px) get the canvas padded to their input (no resampling,
    the authors' layout; a larger canvas is shrunk); LiteMedSAM (256 px) gets it resized, so a slice
-   keeps the same share of the input whatever the crop size. The canvas is copied to 3 channels as
-   it is: CFR feeds z-scored intensities with pixel mean 0 and std 1, so the model's own pixel
-   normalisation (SAM's ImageNet mean/std, LiteMedSAM's [0, 1] stretch) is not applied.
+   keeps the same share of the input whatever the crop size. The canvas is copied to 3 channels.
+   Intensities (``input_norm``): CFR's authors feed SAM the z-scored crop as it is (``zscore``), which
+   sits near SAM's own ImageNet-normalised input. LiteMedSAM and MedSAM were trained on slices
+   stretched to [0, 1], and z-scored input is far from that: each crop is min-max scaled to [0, 1]
+   first (``unit``, their default; the gaps between tiles are black). Measured on LA (one dense
+   training scan, a toy crop whose intensities are its label): the encoder's features vary 3x more
+   across the canvas in [0, 1] than z-scored, and the decoder learns the toy in 60 steps only then
+   (docs/cfr.md).
 3. **Encode** with the frozen image encoder plus LoRA on q and v (:func:`~fmabs_core.generalist.lora.add_lora`).
 4. **Decode without prompts**: the prompt encoder is called with no points, boxes or masks (an empty
    sparse embedding; the dense one is its learnt "no mask" embedding), and the mask decoder has
    ``C + 1`` mask tokens, all used, one per class with background (SAMed's deterministic head, in
    place of SAM's ambiguity outputs). It is SAM's ``MaskDecoder(num_multimask_outputs=C)``: the
-   pretrained two-way transformer and upscaling are kept; mask token ``i``, its hypernetwork MLP
-   and IoU output ``i`` start from the pretrained ones of index ``i mod 4`` (SAM has 4 mask tokens).
+   pretrained two-way transformer and upscaling are kept. Every mask token, its hypernetwork MLP
+   and IoU output start from the pretrained single-mask ones (``head_init="shared"``), so every
+   class starts with the same logit and the first step sees uniform probabilities. Copying token
+   ``i mod 4`` instead (``"cycled"``, the first version) gave logits 12 apart before any training:
+   the first cross-entropy was about 10, AdamW's first steps swung the head to all background, and
+   a run of 100 iterations on one LA scan ended empty on every scan.
 5. The decoder's masks (256 x 256 for both SAM at 1024 and LiteMedSAM at 256: LiteMedSAM's masks
    are at its full input resolution) are brought back to the canvas (bilinear) and untiled to
    ``(B, C+1, X, Y, Z)`` logits; softmax over the channels gives the class probabilities.
@@ -42,7 +51,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -62,6 +71,12 @@ DEFAULT_GRID: dict[str, int | None] = {"litemedsam": 4}
 DEFAULT_PAD = 1
 #: pretrained SAM-family mask decoders have 4 mask tokens (1 single-mask + 3 multimask outputs)
 _PRETRAINED_TOKENS = 4
+HeadInit = Literal["shared", "cycled"]
+HEAD_INITS: tuple[str, ...] = ("shared", "cycled")
+InputNorm = Literal["unit", "zscore"]
+INPUT_NORMS: tuple[str, ...] = ("unit", "zscore")
+#: what an adapter whose metadata predates a key was trained with (it must be rebuilt the same way)
+LEGACY_META = {"input_norm": "zscore", "head_init": "cycled"}
 
 
 def default_fit(image_size: int) -> Fit:
@@ -69,20 +84,23 @@ def default_fit(image_size: int) -> Fit:
     return "pad" if image_size >= 1024 else "resize"
 
 
-def multiclass_decoder(decoder: nn.Module, num_masks: int) -> nn.Module:
+def multiclass_decoder(decoder: nn.Module, num_masks: int, init: HeadInit = "shared") -> nn.Module:
     """A copy of a pretrained SAM ``MaskDecoder`` with ``num_masks`` mask outputs (C + 1).
 
     The same module as ``MaskDecoder(num_multimask_outputs=num_masks - 1)``, built by resizing a
     deep copy: the transformer, output upscaling and IoU token are the pretrained ones; mask token
-    ``i``, hypernetwork MLP ``i`` and IoU output ``i`` are copied from pretrained index ``i mod n``.
+    ``i``, hypernetwork MLP ``i`` and IoU output ``i`` are copied from pretrained index 0 (``init``
+    "shared": every class starts with the same logit) or ``i mod n`` ("cycled").
     """
     if num_masks < 2:
         raise InputError(f"a multi-class head needs at least 2 masks (background + 1 class), got {num_masks}.")
+    if init not in HEAD_INITS:
+        raise InputError(f"head initialisation {init!r}: choose {' or '.join(HEAD_INITS)}.")
     src = decoder
     n_old = int(src.num_mask_tokens)
     dec = copy.deepcopy(src)
     dim = src.mask_tokens.weight.shape[1]
-    idx = [i % n_old for i in range(num_masks)]
+    idx = [0] * num_masks if init == "shared" else [i % n_old for i in range(num_masks)]
     dec.num_multimask_outputs = num_masks - 1
     dec.num_mask_tokens = num_masks
     dec.mask_tokens = nn.Embedding(num_masks, dim).to(src.mask_tokens.weight)
@@ -105,15 +123,20 @@ class TiledSegmenter(nn.Module):
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
                  num_classes: int, generalist: str, rank: int = 4, grid: int | None = None,
-                 pad: int = DEFAULT_PAD, fit: Fit | None = None, alpha: float | None = None) -> None:
+                 pad: int = DEFAULT_PAD, fit: Fit | None = None, alpha: float | None = None,
+                 input_norm: InputNorm = "zscore", head_init: HeadInit = "shared") -> None:
         super().__init__()
         if grid is not None and int(grid) < 1:
             raise InputError(f"grid must be >= 1 slice per canvas side (or None: one canvas per crop), got {grid}.")
         if int(rank) < 1:
             raise InputError(f"LoRA rank must be >= 1, got {rank}.")
+        if input_norm not in INPUT_NORMS:
+            raise InputError(f"input normalisation {input_norm!r}: choose {' or '.join(INPUT_NORMS)}.")
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
-        self.mask_decoder = multiclass_decoder(mask_decoder, int(num_classes))
+        self.mask_decoder = multiclass_decoder(mask_decoder, int(num_classes), head_init)
+        self.input_norm: InputNorm = input_norm
+        self.head_init: HeadInit = head_init
         self.num_classes = int(num_classes)  # C + 1 output channels
         self.generalist = generalist
         self.grid = None if grid is None else int(grid)
@@ -154,11 +177,13 @@ class TiledSegmenter(nn.Module):
     def meta(self) -> dict[str, Any]:
         """What :func:`load_tuned` needs to rebuild this network (kept in the adapter file)."""
         return {"generalist": self.generalist, "num_classes": self.num_classes, "rank": self.rank,
-                "grid": self.grid, "pad": self.pad, "fit": self.fit, "image_size": self.image_size}
+                "grid": self.grid, "pad": self.pad, "fit": self.fit, "image_size": self.image_size,
+                "input_norm": self.input_norm, "head_init": self.head_init}
 
     def extra_repr(self) -> str:
         return (f"generalist={self.generalist!r}, classes={self.num_classes}, rank={self.rank}, "
-                f"grid={self.grid}, pad={self.pad}, fit={self.fit!r}, image_size={self.image_size}")
+                f"grid={self.grid}, pad={self.pad}, fit={self.fit!r}, image_size={self.image_size}, "
+                f"input_norm={self.input_norm!r}, head_init={self.head_init!r}")
 
     # ------------------------------------------------------------------------------------ forward
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -176,6 +201,9 @@ class TiledSegmenter(nn.Module):
         if x.ndim != 5 or x.shape[1] != 1:
             raise InputError(f"TiledSegmenter takes (B, 1, X, Y, Z) crops, got shape {tuple(x.shape)}.")
         b, _, sx, sy, sz = x.shape
+        if self.input_norm == "unit":  # each crop to [0, 1], as LiteMedSAM/MedSAM were trained
+            lo = x.amin(dim=(1, 2, 3, 4), keepdim=True)
+            x = (x - lo) / (x.amax(dim=(1, 2, 3, 4), keepdim=True) - lo).clamp_min(1e-6)
         plan = self.layouts((sx, sy, sz))
         frame = ModelFrame.for_layout(plan[0][2], self.image_size, self.fit)  # one canvas side for all chunks
         canvases = torch.cat([tile_image(x[:, 0, :, :, a:e], layout, fill=0.0) for a, e, layout in plan])
@@ -190,12 +218,15 @@ class TiledSegmenter(nn.Module):
 # ---------------------------------------------------------------------------------------- building
 def build_tiled_segmenter(generalist: str, num_classes_plus_bg: int, checkpoint: str | os.PathLike | None = None,
                           rank: int = 4, grid: int | None = None, *, alpha: float | None = None,
-                          fit: Fit | None = None, pad: int = DEFAULT_PAD, use_default_grid: bool = True
+                          fit: Fit | None = None, pad: int = DEFAULT_PAD, use_default_grid: bool = True,
+                          input_norm: InputNorm | None = None, head_init: HeadInit = "shared"
                           ) -> TiledSegmenter:
     """A fresh :class:`TiledSegmenter` on the CPU from the pretrained ``generalist`` weights.
 
     ``grid=None`` takes the generalist's default (:data:`DEFAULT_GRID`: 4 for LiteMedSAM, else one
     canvas per crop) unless ``use_default_grid=False`` (then None means one canvas per crop).
+    ``input_norm=None`` takes the generalist's own convention: ``unit`` for models trained on [0, 1]
+    slices (LiteMedSAM, MedSAM), ``zscore`` (CFR's authors) for SAM-normalised ones.
     The model is built afresh (not the cached frozen one of ``get_generalist``, which other code shares).
     """
     from fmabs_core.generalist.models import GENERALISTS, canonical_name
@@ -203,10 +234,13 @@ def build_tiled_segmenter(generalist: str, num_classes_plus_bg: int, checkpoint:
     name = canonical_name(generalist)
     if grid is None and use_default_grid:
         grid = DEFAULT_GRID.get(name)
-    _cls, build = GENERALISTS[name]
+    cls, build = GENERALISTS[name]
+    if input_norm is None:
+        input_norm = "unit" if getattr(cls, "normalization", "sam") == "unit" else "zscore"
     sam = build(str(checkpoint) if checkpoint else None, True)
     net = TiledSegmenter(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, num_classes_plus_bg, name,
-                         rank=rank, grid=grid, pad=pad, fit=fit, alpha=alpha)
+                         rank=rank, grid=grid, pad=pad, fit=fit, alpha=alpha, input_norm=input_norm,
+                         head_init=head_init)
     log.info("tiled %s: %d classes, LoRA rank %d, grid %s, %s to %d px; %d trainable parameters", name,
              net.num_classes, net.rank, net.grid or "ceil(sqrt(Z))", net.fit, net.image_size,
              sum(p.numel() for p in net.trainable_parameters()))
@@ -222,12 +256,16 @@ def read_adapter_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightsError(f"{path}: this LoRA adapter was not written by a tiled (CFR) fine-tuning run: its metadata "
                            f"lacks {', '.join(missing)}.")
     kinds = {"generalist": (str,), "num_classes": (int,), "grid": (int, type(None)), "pad": (int,),
-             "patch_size": (list, type(None))}
+             "patch_size": (list, type(None)), "input_norm": (str,), "head_init": (str,)}
     for key, allowed in kinds.items():
         value = meta.get(key)
         if key in meta and (isinstance(value, bool) or not isinstance(value, allowed)):
             raise WeightsError(f"{path}: adapter metadata {key!r} is {value!r}, not a "
                                f"{' or '.join(t.__name__ for t in allowed)}; the file is damaged.")
+    for key, allowed in (("input_norm", INPUT_NORMS), ("head_init", HEAD_INITS)):
+        if key in meta and meta[key] not in allowed:
+            raise WeightsError(f"{path}: adapter metadata {key!r} is {meta[key]!r}, not one of {', '.join(allowed)}; "
+                               "the file is damaged or from a newer version.")
     if meta["num_classes"] < 1 or (meta.get("grid") is not None and meta["grid"] < 1):
         raise WeightsError(f"{path}: adapter metadata num_classes {meta['num_classes']} / grid {meta.get('grid')} "
                            "must be at least 1; the file is damaged.")
@@ -245,9 +283,11 @@ def load_tuned(adapter_path: str | os.PathLike, device: str | torch.device = "cp
     """
     head = read_adapter_meta(adapter_path)
     meta = head["meta"]
+    old = {k: meta.get(k, v) for k, v in LEGACY_META.items()}  # an older adapter: built as it was trained
     net = build_tiled_segmenter(meta["generalist"], int(meta["num_classes"]), checkpoint, int(head["rank"]),
                                 meta.get("grid"), alpha=float(head["alpha"]), fit=meta.get("fit"),
-                                pad=int(meta.get("pad", DEFAULT_PAD)), use_default_grid=False)
+                                pad=int(meta.get("pad", DEFAULT_PAD)), use_default_grid=False,
+                                input_norm=old["input_norm"], head_init=old["head_init"])
     sha = lora.base_sha256(net.generalist, checkpoint)
     lora.load_adapter(adapter_path, net, net.generalist, sha)
     net.adapter_meta = meta

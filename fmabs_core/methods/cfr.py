@@ -55,7 +55,8 @@ class CFRConfig(TeacherConfig):
                                     "over several canvases (default: 4 for litemedsam, measured by fmabs tile-grid; "
                                     "one canvas per crop for SAM)", low=1)
     finetune_iterations: int = option(6000, "CFR: iterations of the generalist's fine-tuning stage", low=1)
-    finetune_lr: float = option(0.001, "CFR: AdamW learning rate of the fine-tuning stage", above=0)
+    finetune_lr: float = option(1e-4, "CFR: AdamW learning rate of the fine-tuning stage (the authors: 1e-3, "
+                                      "which collapses to background here; see docs/methods.md)", above=0)
     finetune_batch: int = option(2, "CFR: crops per batch of the fine-tuning stage", low=1)
     pl_weight: float = option(1.0, "CFR: weight of the pseudo-label loss on the unlabelled crops", low=0)
     st_rounds: int = option(1, "cfr-st: self-training rounds; after the first (the generalist's labels) the "

@@ -32,6 +32,12 @@ METHOD_ITERATIONS: dict[str, int] = {
     "cfr-mt": 6000, "cfr-acmt": 6000, "cfr-st": 6000, "sam-lora": 6000,
 }
 FALLBACK_ITERATIONS = 6000
+#: the optimiser settings a run gets when none are given: the engine's SGD for the 3D networks (UA-MT, FM-ABS),
+#: and for ``sam-lora`` AdamW at 1e-4 on 2 crops (CFR's authors: 1e-3). On one dense LA training scan and on
+#: phantoms, AdamW at 1e-3 (and 3e-4) swung the tuned generalist's head to all background within 40 steps, 1e-4
+#: learnt (docs/methods.md, CFR); SGD's 0.01, the default before, collapsed at once.
+TRAIN_DEFAULTS: dict[str, Any] = {"lr": 0.01, "batch_size": 4}
+METHOD_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {"sam-lora": {"lr": 1e-4, "batch_size": 2}}
 CROP_MODES = ("uniform", "anchored")
 #: where training reads the scans from: ``disk`` (preprocessed once into the project's memory-mapped
 #: ``preprocessed/`` files, memory bounded by the patch) or ``ram`` (every scan read into memory at start)
@@ -52,6 +58,11 @@ EXPERT_SLICES = ("truth", "suggested")
 def default_iterations(method: str) -> int:
     """Iterations a run of ``method`` gets when none are given (see ``METHOD_ITERATIONS``)."""
     return METHOD_ITERATIONS.get(method, FALLBACK_ITERATIONS)
+
+
+def method_default(method: str, key: str) -> Any:
+    """``lr`` or ``batch_size`` of a run of ``method`` when none is given (see ``METHOD_TRAIN_DEFAULTS``)."""
+    return METHOD_TRAIN_DEFAULTS.get(method, {}).get(key, TRAIN_DEFAULTS[key])
 
 
 @dataclass
@@ -77,7 +88,7 @@ class TrainConfig:
     device: str = "auto"
     # data
     patch_size: tuple[int, int, int] = (112, 112, 80)
-    batch_size: int = 4
+    batch_size: int | None = None  # None: the method's default (method_default), set on creation
     labelled_bs: int = 2  # of batch_size, from cross-labelled scans (semi-supervised methods)
     augment: bool = True
     #: axes (canonical RAS: 0 = R-L, 1 = A-P, 2 = S-I) a patch may be flipped on; the references flip in-plane
@@ -90,7 +101,7 @@ class TrainConfig:
     #: where the scans are read from (SCAN_STORES); the same voxels either way, so a resume may change it
     scan_store: str = "disk"
     # optimiser: SGD with poly decay, as in UA-MT / FM-ABS
-    lr: float = 0.01
+    lr: float | None = None  # None: the method's default (method_default), set on creation
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
@@ -119,6 +130,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.iterations is None:
             self.iterations = default_iterations(self.method)
+        if self.lr is None:
+            self.lr = float(method_default(self.method, "lr"))
+        if self.batch_size is None:
+            self.batch_size = int(method_default(self.method, "batch_size"))
         added = ADDED_METHOD_OPTIONS.get(self.method, {})
         if added and any(k not in self.method_options for k in added):  # named, so that a resume keeps it
             self.method_options = {**{k: v[1] for k, v in added.items()}, **self.method_options}

@@ -25,6 +25,7 @@ from fmabs_core.generalist.tiled import (TiledSegmenter, build_tiled_segmenter, 
 from fmabs_core.methods import get_method, losses
 from fmabs_core.methods.sam_lora import bezier_augment
 from fmabs_core.data.intensity import zscore
+from fmabs_core.training.config import method_default
 
 pytestmark = pytest.mark.slow  # the real LiteMedSAM encoder, and a real training run
 
@@ -66,6 +67,7 @@ def test_output_shape_one_class_odd_crop_and_batch(net1):
 
 def test_output_shape_two_classes_chunked_and_chunks_are_independent(net2):
     x = torch.randn(1, 1, 13, 11, 9)  # 9 slices on 2 x 2 grids: 3 canvases (3 + 3 + 3 slices)
+    x[0, 0, 0, 0, 0], x[0, 0, 0, 0, 1] = -9.0, 9.0  # the crop's extremes in the first chunk: the same [0, 1] scaling
     plan = net2.layouts((13, 11, 9))
     assert [(a, b) for a, b, _ in plan] == [(0, 3), (3, 6), (6, 9)]
     with torch.no_grad():
@@ -113,12 +115,15 @@ def test_multiclass_decoder_starts_from_the_pretrained_tokens(net2):
     from fmabs_core.generalist.models import get_generalist
 
     pre = get_generalist("litemedsam", device="cpu").model.mask_decoder
-    dec = multiclass_decoder(pre, 6)  # more masks than the 4 pretrained tokens: cycles through them
-    assert dec.num_mask_tokens == 6 and dec.num_multimask_outputs == 5 and pre.num_mask_tokens == 4
-    for i in range(6):
-        torch.testing.assert_close(dec.mask_tokens.weight[i], pre.mask_tokens.weight[i % 4], atol=0, rtol=0)
-        a, b = dec.output_hypernetworks_mlps[i].state_dict(), pre.output_hypernetworks_mlps[i % 4].state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    for init, source in (("shared", lambda i: 0), ("cycled", lambda i: i % 4)):  # cycled: the first version
+        dec = multiclass_decoder(pre, 6, init)  # more masks than the 4 pretrained tokens
+        assert dec.num_mask_tokens == 6 and dec.num_multimask_outputs == 5 and pre.num_mask_tokens == 4
+        for i in range(6):
+            torch.testing.assert_close(dec.mask_tokens.weight[i], pre.mask_tokens.weight[source(i)], atol=0, rtol=0)
+            a, b = dec.output_hypernetworks_mlps[i].state_dict(), pre.output_hypernetworks_mlps[source(i)].state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(InputError, match="head initialisation"):
+        multiclass_decoder(pre, 3, "random")
     assert dec.iou_prediction_head.layers[-1].out_features == 6
     assert all(torch.equal(dec.transformer.state_dict()[k], v) for k, v in pre.transformer.state_dict().items())
     # the same module as SAM's MaskDecoder(num_multimask_outputs=C): identical state-dict keys and shapes
@@ -167,24 +172,39 @@ def test_bezier_augment_keeps_range_and_is_monotonic():
 
 
 # ---------------------------------------------------------------------------------- method, adapter
+#: fine-tuning on two phantom scans must reach this prompt-free Dice on two others within LEARN_STEPS steps
+LEARN_FLOOR, LEARN_STEPS = 0.6, 20
+
+
+def _dice(net: TiledSegmenter, scans) -> float:
+    with torch.no_grad():
+        preds = [(net(x).argmax(1) == 1, y == 1) for x, y in scans]
+    return float(np.mean([2 * (p & t).sum().item() / max(1, p.sum().item() + t.sum().item()) for p, t in preds]))
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """A few AdamW steps of sam-lora on one phantom crop, then the exported adapter."""
+    """sam-lora with its default learning rate, head and input scaling: LEARN_STEPS AdamW steps on two whole
+    24x24x16 phantom scans (one canvas each), then the exported adapter, and the prompt-free Dice on two
+    other phantoms before and after."""
     torch.manual_seed(0)
     method = get_method("sam-lora", {"bezier": 0.0, "rank": 2})
-    x, y = _crop((24, 24, 8), seed=0)
-    tr = SimpleNamespace(cfg=SimpleNamespace(lr=1e-3, iterations=4),
-                         project=SimpleNamespace(num_classes=1, classes={1: "phantom"}), patch=(24, 24, 8))
+    train = [_crop((24, 24, 16), seed=s) for s in (0, 1)]
+    held = [_crop((24, 24, 16), seed=s) for s in (5, 6)]
+    x, y = torch.cat([a for a, _ in train]), torch.cat([b for _, b in train])
+    tr = SimpleNamespace(cfg=SimpleNamespace(lr=method_default("sam-lora", "lr"), iterations=LEARN_STEPS),
+                         project=SimpleNamespace(num_classes=1, classes={1: "phantom"}), patch=(24, 24, 16))
     net = method.build_network(tr)
     tr.net = net
     opt = method.build_optimizer(tr, net)
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in net.trainable_parameters()}
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.1
+    untuned = _dice(net.eval(), held)
     net.train()
     before = [m.running_var.clone() for m in net.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     frozen = {n: p.detach().clone() for n, p in net.image_encoder.named_parameters() if not p.requires_grad}
     history = []
-    for _ in range(4):
+    for _ in range(LEARN_STEPS):
         loss = method.supervised_loss(net(x), y)
         opt.zero_grad()
         loss.backward()
@@ -193,7 +213,37 @@ def tuned(tmp_path_factory):
     net.eval()
     path = tmp_path_factory.mktemp("adapter") / "model.pt"
     method.export(tr, path)
-    return SimpleNamespace(method=method, net=net, x=x, history=history, path=path, before=before, frozen=frozen)
+    return SimpleNamespace(method=method, net=net, x=held[0][0], history=history, path=path, before=before,
+                           frozen=frozen, untuned=untuned, dice=_dice(net, held))
+
+
+def test_fine_tuning_learns_past_the_floor_without_collapsing(tuned):
+    """The failure this guards against: with SGD's learning rate, z-scored input and the head copied from
+    SAM's four tokens, the head fell to all background within a few steps (Dice 0 here, and on LA)."""
+    assert tuned.untuned < 0.3
+    assert tuned.dice >= LEARN_FLOOR, (tuned.untuned, tuned.dice, tuned.history)
+    assert tuned.dice >= tuned.untuned + 0.3
+
+
+def test_the_head_starts_with_equal_logits_and_the_encoder_sees_unit_intensities(net1, net2):
+    x, _ = _crop((24, 24, 16), seed=3)
+    with torch.no_grad():
+        for net in (net1, net2):
+            logits = net(x)
+            assert torch.allclose(logits, logits[:, :1].expand_as(logits))  # p = 1 / (C + 1) everywhere at first
+    assert net1.input_norm == "unit" and net1.head_init == "shared"
+    seen = {}
+    hook = net1.image_encoder.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            net1(x * 50.0 + 7.0)  # any intensity scale reaches the encoder in [0, 1]
+    finally:
+        hook.remove()
+    assert float(seen["x"].min()) >= 0.0 and float(seen["x"].max()) <= 1.0 + 1e-6
+    old = build_tiled_segmenter("litemedsam", 2, None, rank=2, input_norm="zscore", head_init="cycled")
+    with torch.no_grad():
+        logits = old(x)
+    assert not torch.allclose(logits[:, 0], logits[:, 1])
 
 
 def test_a_few_adamw_steps_reduce_the_loss(tuned):
@@ -210,7 +260,8 @@ def test_exported_adapter_reloads_to_the_same_logits(tuned):
     meta = head["meta"]
     assert head["base_name"] == "litemedsam" and head["rank"] == 2
     assert meta["num_classes"] == 2 and meta["grid"] == 4 and meta["rank"] == 2 and meta["generalist"] == "litemedsam"
-    assert meta["classes"] == {"1": "phantom"} and meta["patch_size"] == [24, 24, 8]
+    assert meta["classes"] == {"1": "phantom"} and meta["patch_size"] == [24, 24, 16]
+    assert meta["input_norm"] == "unit" and meta["head_init"] == "shared"
     loaded = load_tuned(tuned.path, "cpu")
     assert not loaded.training and loaded.grid == 4 and loaded.num_classes == 2
     with torch.no_grad():
