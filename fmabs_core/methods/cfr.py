@@ -54,6 +54,8 @@ class CFRConfig(TeacherConfig):
     grid: int | None = option(None, "slices per canvas side; a crop with more than grid^2 axial slices is split "
                                     "over several canvases (default: 4 for litemedsam, measured by fmabs tile-grid; "
                                     "one canvas per crop for SAM)", low=1)
+    gradient_checkpointing: bool = option(True, "CFR fine-tuning: recompute the generalist's encoder blocks in the "
+                                                "backward pass (memory bounded, each step takes longer)")
     finetune_iterations: int = option(6000, "CFR: iterations of the generalist's fine-tuning stage", low=1)
     finetune_lr: float = option(1e-4, "CFR: AdamW learning rate of the fine-tuning stage (the authors: 1e-3, "
                                       "which collapses to background here; see docs/methods.md)", above=0)

@@ -38,6 +38,8 @@ class SamLoraConfig:
                                     "one canvas per crop for SAM)", low=1)
     labels: str = option("dense", "labels to fine-tune on: dense (labels/) or cross (cross-labels, 255 ignored)")
     bezier: float = option(0.5, "probability of the Bezier intensity-curve augmentation of each crop", low=0, high=1)
+    gradient_checkpointing: bool = option(True, "recompute the generalist's encoder blocks in the backward pass: "
+                                                "memory stays bounded, each step takes longer (false: keep every activation)")
 
     def check(self) -> None:
         if self.labels not in LABEL_KINDS:
@@ -109,7 +111,7 @@ class SamLora(Method):
 
         cfg = self.config
         net = build_tiled_segmenter(cfg.generalist, tr.project.num_classes + 1, cfg.generalist_checkpoint,
-                                    cfg.rank, cfg.grid)
+                                    cfg.rank, cfg.grid, recompute=cfg.gradient_checkpointing)
         # hashed now: the adapter must name the weights actually trained on, and a bad file fails at start
         self.base_sha256 = lora.base_sha256(net.generalist, cfg.generalist_checkpoint)
         return net

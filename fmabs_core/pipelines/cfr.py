@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("finetune", "pseudo", "retrain")
 #: the options of a CFR method that configure its fine-tuning stage (method ``sam-lora``)
-FINETUNE_OPTIONS = ("generalist", "generalist_checkpoint", "rank", "grid", "labels")
+FINETUNE_OPTIONS = ("generalist", "generalist_checkpoint", "rank", "grid", "labels", "gradient_checkpointing")
 
 
 def finetune_config(cfg: TrainConfig) -> TrainConfig:

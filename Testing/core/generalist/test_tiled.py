@@ -246,6 +246,25 @@ def test_the_head_starts_with_equal_logits_and_the_encoder_sees_unit_intensities
     assert not torch.allclose(logits[:, 0], logits[:, 1])
 
 
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_the_adapter_keys():
+    x, y = _crop((24, 24, 16), seed=4)
+    grads, keys = [], []
+    for recompute in (False, True):
+        torch.manual_seed(2)
+        net = build_tiled_segmenter("litemedsam", 2, None, rank=2, recompute=recompute).train()
+        assert net.recompute is recompute
+        with torch.no_grad():  # LoRA's B starts at zero: give the encoder's path a gradient worth comparing
+            for _n, layer in lora.lora_layers(net.image_encoder):
+                layer.lora_q_B.normal_(0, 0.01)
+        losses.partial_dice_ce(net(x), y).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad})
+        keys.append(sorted(lora.adapter_state(net)))
+    assert keys[0] == keys[1]
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-5, rtol=1e-4)
+    assert any(float(g.abs().sum()) > 0 for n, g in grads[1].items() if "lora_q_A" in n)
+
+
 def test_a_few_adamw_steps_reduce_the_loss(tuned):
     assert all(np.isfinite(tuned.history))
     assert tuned.history[-1] < tuned.history[0]

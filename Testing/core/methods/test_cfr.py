@@ -30,7 +30,7 @@ from killing import Killed, KillAt
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = ("cfr-mt", "cfr-acmt", "cfr-st")
-FIELDS = ("labels", "generalist", "generalist_checkpoint", "rank", "grid", "finetune_iterations", "finetune_lr",
+FIELDS = ("labels", "generalist", "generalist_checkpoint", "rank", "grid", "gradient_checkpointing", "finetune_iterations", "finetune_lr",
           "finetune_batch", "pl_weight", "ema", "consistency", "noise_std", "noise_clip", "st_rounds")
 
 
@@ -49,7 +49,7 @@ def test_registered_with_shared_options_in_train_help():
     assert {f"--{f.replace('_', '-')}" for f in FIELDS} <= _train_option_strings()
     cfg = methods.get_method("cfr-mt").config
     assert asdict(cfg) == {"labels": "dense", "generalist": "litemedsam", "generalist_checkpoint": None, "rank": 4,
-                           "grid": None, "finetune_iterations": 6000, "finetune_lr": 1e-4, "finetune_batch": 2,
+                           "grid": None, "gradient_checkpointing": True, "finetune_iterations": 6000, "finetune_lr": 1e-4, "finetune_batch": 2,
                            "pl_weight": 1.0, "ema": 0.99, "consistency": 0.1, "noise_std": 0.1, "noise_clip": 0.2,
                            "st_rounds": 1}
     # the mean-teacher options are one shared command-line option each: same defaults and help
