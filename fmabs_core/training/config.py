@@ -51,7 +51,8 @@ LEGACY_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"fmabs": {"crosslabel_overri
 #: default now). A new run's config names the option (so it resumes as it started); a run saved without it
 #: resumes with the behaviour before it. The defaults now equal the methods' Config defaults (a test ties them).
 ADDED_METHOD_OPTIONS: dict[str, dict[str, tuple[Any, Any]]] = {
-    "fmabs": {"largest_component": (False, True), "fusion_per_scan": (False, True)}}
+    "fmabs": {"largest_component": (False, True), "fusion_per_scan": (False, True)},
+    **{m: {"gradient_checkpointing": (False, True)} for m in ("sam-lora", "cfr-mt", "cfr-acmt", "cfr-st")}}
 EXPERT_SLICES = ("truth", "suggested")
 
 

@@ -202,3 +202,24 @@ def test_the_added_options_defaults_are_the_methods_defaults():
         for option, (_before, now) in added.items():
             assert defaults[option] == now, (method, option)
         assert {k: v[1] for k, v in added.items()}.items() <= TrainConfig(method=method).method_options.items()
+
+
+def test_a_sam_lora_or_cfr_run_saved_before_gradient_checkpointing_resumes_as_it_started(tmp_path):
+    """The option changes memory and time, not results; an older run still resumes with what it had (no
+    recomputation), so that its saved options and the resumed ones agree."""
+    import json
+    from dataclasses import asdict
+
+    from fmabs_core.methods import get_method
+    from fmabs_core.training.config import TrainConfig
+
+    path = tmp_path / "config.json"
+    for method in ("sam-lora", "cfr-mt"):
+        new = json.loads(json.dumps(asdict(TrainConfig(method=method))))
+        assert new["method_options"]["gradient_checkpointing"] is True
+        old = {**new, "method_options": {k: v for k, v in new["method_options"].items()
+                                         if k != "gradient_checkpointing"}}
+        path.write_text(json.dumps(old))
+        cfg = TrainConfig.load(path)
+        assert get_method(method, cfg.method_options).config.gradient_checkpointing is False
+        assert not TrainConfig.load(path).differences(cfg)
