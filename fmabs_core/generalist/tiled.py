@@ -263,7 +263,7 @@ def build_tiled_segmenter(generalist: str, num_classes_plus_bg: int, checkpoint:
         grid = DEFAULT_GRID.get(name)
     cls, build = GENERALISTS[name]
     if input_norm is None:
-        input_norm = "unit" if getattr(cls, "normalization", "sam") == "unit" else "zscore"
+        input_norm = "unit" if cls.normalization == "unit" else "zscore"
     sam = build(str(checkpoint) if checkpoint else None, True)
     net = TiledSegmenter(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, num_classes_plus_bg, name,
                          rank=rank, grid=grid, pad=pad, fit=fit, alpha=alpha, input_norm=input_norm,
@@ -310,11 +310,11 @@ def load_tuned(adapter_path: str | os.PathLike, device: str | torch.device = "cp
     """
     head = read_adapter_meta(adapter_path)
     meta = head["meta"]
-    old = {k: meta.get(k, v) for k, v in LEGACY_META.items()}  # an older adapter: built as it was trained
+    trained_as = {k: meta.get(k, v) for k, v in LEGACY_META.items()}  # an older adapter lacks the keys
     net = build_tiled_segmenter(meta["generalist"], int(meta["num_classes"]), checkpoint, int(head["rank"]),
                                 meta.get("grid"), alpha=float(head["alpha"]), fit=meta.get("fit"),
                                 pad=int(meta.get("pad", DEFAULT_PAD)), use_default_grid=False,
-                                input_norm=old["input_norm"], head_init=old["head_init"])
+                                input_norm=trained_as["input_norm"], head_init=trained_as["head_init"])
     sha = lora.base_sha256(net.generalist, checkpoint)
     lora.load_adapter(adapter_path, net, net.generalist, sha)
     net.adapter_meta = meta

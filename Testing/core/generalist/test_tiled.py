@@ -289,6 +289,18 @@ def test_exported_adapter_reloads_to_the_same_logits(tuned):
     assert torch.equal(a, b)
 
 
+def test_an_adapter_from_before_input_norm_and_head_init_rebuilds_as_it_was_trained(tuned, tmp_path):
+    old = tmp_path / "old.pt"
+    meta = {k: v for k, v in tuned.net.meta().items() if k not in ("input_norm", "head_init")}
+    lora.save_adapter(old, tuned.net, "litemedsam", lora.base_sha256("litemedsam"), extra_meta=meta)
+    loaded = load_tuned(old, "cpu")
+    assert (loaded.input_norm, loaded.head_init) == ("zscore", "cycled")
+    bad = tmp_path / "bad.pt"
+    lora.save_adapter(bad, tuned.net, "litemedsam", lora.base_sha256("litemedsam"), extra_meta={**meta, "input_norm": "hu"})
+    with pytest.raises(Exception, match="input_norm"):
+        load_tuned(bad, "cpu")
+
+
 def test_load_tuned_refuses_other_base_weights(tuned, tmp_path):
     other = tmp_path / "other.pt"
     lora.save_adapter(other, tuned.net, "litemedsam", "0" * 64, extra_meta=tuned.net.meta())
