@@ -190,6 +190,56 @@ class TrainScenario(Scenario):
         return problems
 
 
+class CfrScenario(TrainScenario):
+    """``fmabs train --method cfr-mt``, killed in any of its three stages (LoRA fine-tuning, the tuned generalist's
+    pseudo-labels, the re-training): the adapter, every pseudo-label and the final weights equal the uninterrupted
+    run's, bit for bit."""
+
+    max_delay = 1.0  # a fine-tuning step of the tiled LiteMedSAM takes about a second
+
+    def __init__(self, finetune: int = 4, iterations: int = 8):
+        super().__init__("cfr-mt", iterations, ("--labels", "cross", "--finetune-iterations", str(finetune),
+                                                "--finetune-batch", "1", "--grid", "6"))
+        self.name = "train-cfr"
+        self.finetune = finetune
+
+    def at_work(self, work: Path) -> Callable[[], bool]:
+        """At work: a step of either training stage, or a new pseudo-label file, since this start."""
+        run_dir = work / "project" / "runs" / "faulted"
+
+        def progress() -> tuple[int, int, int]:
+            stage = 0
+            try:
+                stage = {"finetune": 0, "pseudo": 1, "retrain": 2}.get(
+                    json.loads((run_dir / "status.json").read_text()).get("stage"), 0)
+            except (OSError, ValueError, AttributeError):
+                pass
+            return stage, _status_iteration(run_dir), len(list((run_dir / "pseudo").glob("*_generalist.nii.gz")))
+
+        start = progress()
+        return lambda: progress() > start
+
+    def compare(self, work: Path) -> list[str]:
+        from fmabs_core.contract import ADAPTER_FILE
+
+        problems = super().compare(work)
+        runs = work / "project" / "runs"
+        ref, got = (torch_load(runs / r / ADAPTER_FILE) for r in ("reference", "faulted"))
+        if ref is None or got is None or _same_state(ref["state"], got["state"]):
+            problems.append("the tuned generalist's adapter differs from the uninterrupted run's")
+        for p in sorted((runs / "reference" / "pseudo").glob("*_generalist.nii.gz")):
+            q = runs / "faulted" / "pseudo" / p.name
+            if not q.is_file() or not np.array_equal(_voxels(p), _voxels(q)):
+                problems.append(f"pseudo-label {p.name} differs or is missing")
+        return problems
+
+
+def torch_load(path: Path) -> dict | None:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
 def _voxels(path: Path) -> np.ndarray:
     import nibabel as nib
 
@@ -277,6 +327,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "train-mt": lambda: TrainScenario("mt", 60),
     "train-fmabs": lambda: TrainScenario("fmabs", 16, ("--pseudo-warmup", "0.25", "--pseudo-every", "0.25",
                                                        "--pseudo-max-slices", "1")),
+    "train-cfr": CfrScenario,
     "import": ImportScenario,
     "predict": PredictScenario,
 }

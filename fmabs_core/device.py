@@ -41,25 +41,31 @@ def cpu_tuning_enabled() -> bool:
 
     return os.environ.get(ENV_CPU_TUNING) != "0"
 _ALLOCATOR_TUNED: bool | None = None
+#: glibc's own starting thresholds (<malloc.h>: 128 KiB), restored by ``tune_cpu_allocator(False)``
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 
-def tune_cpu_allocator() -> bool:
-    """Keep freed memory in glibc's heap instead of giving it back to the kernel after every tensor.
+def tune_cpu_allocator(keep_heap: bool = True) -> bool:
+    """Keep freed memory in glibc's heap instead of giving it back to the kernel after every tensor
+    (``keep_heap=False``: glibc's starting thresholds again, for what fragments such a heap).
 
     Why: LiteMedSAM's first stage makes 67 MB activations (256 channels at 256 x 256); with glibc's
     defaults each is a fresh ``mmap`` whose pages fault in and are unmapped again, which measured
     ~30 % of the encoder's time as kernel time (``os.times``). Raising the mmap and trim thresholds
-    (``mallopt``) removed it, with identical numbers. The cost: the process keeps its peak heap.
-    Process-wide and once; a no-op off glibc (macOS, Windows, musl) or with FMABS_CPU_TUNING=0.
-    Returns whether the thresholds are set.
+    (``mallopt``) removed it, with identical numbers. The cost: the process keeps its peak heap, and a
+    heap that never unmaps fragments when many differently sized activations live at once (training the
+    tiled generalist: :attr:`fmabs_core.methods.base.Method.cpu_allocator_tuning`).
+    Process-wide; a no-op off glibc (macOS, Windows, musl) or with FMABS_CPU_TUNING=0. Returns whether
+    the thresholds are raised now.
     """
     global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED is not None:
+    if _ALLOCATOR_TUNED is None:
+        _ALLOCATOR_TUNED = False
+    if bool(keep_heap) == _ALLOCATOR_TUNED:
         return _ALLOCATOR_TUNED
     import ctypes
     import platform
 
-    _ALLOCATOR_TUNED = False
     if not cpu_tuning_enabled() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -67,7 +73,11 @@ def tune_cpu_allocator() -> bool:
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    big = 1 << 30
-    _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, big)) and bool(libc.mallopt(m_trim_threshold, big))
-    log.debug("glibc malloc thresholds raised: %s", _ALLOCATOR_TUNED)
+    value = 1 << 30 if keep_heap else _GLIBC_DEFAULT_THRESHOLD
+    ok = bool(libc.mallopt(m_mmap_threshold, value)) and bool(libc.mallopt(m_trim_threshold, value))
+    if ok:
+        _ALLOCATOR_TUNED = bool(keep_heap)
+        if not keep_heap:
+            libc.malloc_trim(0)  # give back what the tuned heap kept
+    log.debug("glibc malloc thresholds %s: %s", "raised" if keep_heap else "restored", ok)
     return _ALLOCATOR_TUNED

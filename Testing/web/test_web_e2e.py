@@ -121,13 +121,16 @@ def test_web_end_to_end(phantom_project, server_factory, browser_page, tmp_path)
     from fmabs_core.runs.events import RunLog
 
     rounds = [RunLog(run_dir).event("pseudo_label", iteration=60, round=1, cases=1, planes_scans=1,
-                                    planes_teacher_dice=0.828, planes_pseudo_dice=0.84, planes_gain=0.012),
+                                    planes_teacher_dice=0.828, planes_pseudo_dice=0.84, planes_gain=0.012,
+                                    fusion="teacher", fusion_scores={"teacher": 0.828, "mv": 0.81},
+                                    planes_gain_heldout=-0.004, fusion_per_scan={"phantom_001": "soft 0"}),
               RunLog(run_dir).event("pseudo_label", iteration=60, round=2, cases=1, planes_scans=1,
                                     planes_teacher_dice=0.8, planes_pseudo_dice=0.75, planes_gain=-0.05,
                                     warning="the pseudo-labels are worse than the teacher on your drawn slices")]
     page.click("#btn-train-watch")
     wait_text(page, "#train-rounds", r"round 2: .*WARNING", 60)
     assert text_of(page, "#train-rounds").splitlines() == [planes_line(e) for e in rounds]  # newest last
+    assert "1 scan(s) by their own slices (phantom_001: soft 0)" in text_of(page, "#train-rounds")  # --fusion-per-scan
     assert "worse than the teacher" in text_of(page, "#train-rounds-warning")
     assert "60/60" in text_of(page, "#train-state") and planes_line(rounds[1]) in page.input_value("#train-log")
     shot(page, "3-train-rounds")

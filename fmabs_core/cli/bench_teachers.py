@@ -129,12 +129,15 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
                    generalist: str = "litemedsam", checkpoint: str | None = None, device: str = "cpu",
                    box_jitter: int = 10, max_slices: int | None = None, seed: int = 0,
                    cache_dir: str | None = None, progress=None, box_jitter_fraction: float | None = None,
-                   largest_component: bool = False) -> dict[str, Any]:
-    """Rows of (scan, teacher): the teacher's, each view's and each fusion rule's Dice; see the module doc."""
+                   largest_component: bool = False, adapter: str | None = None) -> dict[str, Any]:
+    """Rows of (scan, teacher): the teacher's, each view's and each fusion rule's Dice; see the module doc.
+
+    ``adapter``: a sam-lora run's LoRA adapter merged into the generalist's encoder, prompted as an fmabs run
+    with ``--adapter`` prompts it (the lever "a generalist tuned on the drawn planes")."""
     from fmabs_core.data.components import keep_largest_probs
     from fmabs_core.data.crosslabel import simulate
     from fmabs_core.data.project import Project
-    from fmabs_core.generalist import get_generalist
+    from fmabs_core.generalist.adapted import get_adapted
     from fmabs_core.generalist.embcache import EmbeddingCache
     from fmabs_core.generalist.fusion import (AUTO_CANDIDATES, choose_auto, combine, fill_unprompted,
                                               plane_dice, plane_sample)
@@ -147,7 +150,7 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
     if not made and not teachers_real:
         raise InputError("no teachers: give --runs, or leave out --no-made")
     nc = project.num_classes
-    g = get_generalist(generalist, device=device, checkpoint=checkpoint)
+    g = get_adapted(generalist, adapter, device=device, checkpoint=checkpoint)
     cache = EmbeddingCache(g.device, tier="disk" if cache_dir else "auto", folder=cache_dir,
                            name=f"bench-{g.identity[:16]}" if cache_dir else "embeddings")
     rules = {k: v for k, v in AUTO_CANDIDATES.items() if k != "teacher"}
@@ -217,7 +220,8 @@ def bench_teachers(project_dir: str, cases: list[str] | None = None, scans: int 
     names = [*([CUT] if largest_component else []), *rules, AUTO, AUTO_PER_SCAN]
     return {"project": str(project.root), "generalist": repr(g), "device": str(g.device),
             "box_jitter": box_jitter if box_jitter_fraction is None else f"{box_jitter_fraction:g} of the box",
-            "max_slices_per_view": max_slices, "seed": seed, "largest_component": largest_component, "rules": names,
+            "max_slices_per_view": max_slices, "seed": seed, "largest_component": largest_component,
+            "adapter": str(adapter) if adapter else None, "generalist_identity": g.identity, "rules": names,
             "rows": rows,
             "auto": chosen, "summary": summarise(rows, names)}
 
@@ -250,7 +254,7 @@ def format_teachers(report: dict[str, Any]) -> str:
     rules = report["rules"]
     lines = [f"{report['generalist']}, box jitter 0-{report['box_jitter']} (px unless said), "
              f"{report['max_slices_per_view'] or 'every'} prompted slice(s) per view; Dice against the label; "
-             "gain = rule - teacher"]
+             "gain = rule - teacher" + (f"; adapter {report['adapter']}" if report.get("adapter") else "")]
     head = f"{'case':<22} {'teacher':<18} {'its Dice':>8} " + " ".join(f"{v[:8]:>8}" for v in (*VIEWS, *rules)) \
         + f" {'s':>6}"
     lines.append(head)

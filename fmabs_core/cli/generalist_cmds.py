@@ -220,6 +220,9 @@ def register(subparsers: argparse._SubParsersAction, light: bool = False) -> Non
     p.add_argument("--largest-component", action="store_true", help="cut each teacher to its largest part per class "
                    "before it prompts (as fmabs's --largest-component): the gains then include the cut, and the "
                    "column 'cut' is the cut teacher alone")
+    p.add_argument("--adapter", metavar="FILE", help="LoRA adapter of a sam-lora run (its model.pt) merged into the "
+                   "generalist's encoder and prompted as fmabs --adapter does (e.g. tuned on the drawn slices: "
+                   "sam-lora --labels cross)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="keep slice embeddings in this folder, so a later run encodes nothing")
     add_json_option(p)
@@ -511,7 +514,7 @@ def _bench_teachers(args: argparse.Namespace) -> int:
     report = bench_teachers(args.project, args.cases, args.scans, args.runs, args.iterations, not args.no_made,
                             args.generalist, args.generalist_checkpoint, args.device, args.box_jitter, args.pseudo_max_slices,
                             args.seed, args.cache_dir, progress=progress, box_jitter_fraction=args.box_jitter_fraction,
-                            largest_component=args.largest_component)
+                            largest_component=args.largest_component, adapter=args.adapter)
     emit(args, report, lambda: format_teachers(report))
     return 0
 

@@ -56,6 +56,7 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +74,12 @@ log = logging.getLogger(__name__)
 #: prompted Dice per tile on 112x112x80 crops): grid 9 0.790, 5 0.784, 4 0.850, 3 0.859 (1, 4, 5, 9 canvases
 #: per crop); 4 is the fewest canvases within 0.02 of the best.
 DEFAULT_GRID: dict[str, int | None] = {"litemedsam": 4}
+#: memory of one training step on the CPU, by generalist: (GiB whatever the batch, GiB per canvas with
+#: ``recompute``, GiB per canvas without), beyond the built network. LiteMedSAM measured 2026-12-07 on 2 cores
+#: (peak RSS of two AdamW steps in a fresh process, 112x112x80 crops = 5 canvases of 256 px each, minus the
+#: 0.90 GiB of the built network): with recompute 2.79 GiB for 1 crop, 4.15 GiB for 2; without, 6.30 GiB
+#: for 1 crop (and growing). Other generalists are not measured: no estimate, no check.
+STEP_MEMORY_GIB: dict[str, tuple[float, float, float]] = {"litemedsam": (1.43, 0.272, 1.26)}
 #: pixels between tiles (CFR's authors: 0; see tiling.py for why 1)
 DEFAULT_PAD = 1
 #: pretrained SAM-family mask decoders have 4 mask tokens (1 single-mask + 3 multimask outputs)
@@ -200,6 +207,20 @@ class TiledSegmenter(nn.Module):
         g = self.grid_for_depth(z)
         ranges = chunk_ranges(z, g) if g * g < z else [(0, z)]
         return [(a, b, TileLayout((x, y, b - a), g, self.pad)) for a, b in ranges]
+
+    def canvases(self, shape: Sequence[int]) -> int:
+        """How many canvases one crop of ``shape`` (X, Y, Z) is encoded as."""
+        return len(self.layouts(tuple(int(v) for v in shape)))
+
+    def step_memory(self, shape: Sequence[int], batch: int) -> int | None:
+        """Bytes one training step on ``batch`` crops of ``shape`` needs on the CPU beyond the built network
+        (:data:`STEP_MEMORY_GIB`), or None for a generalist that was not measured."""
+        figures = STEP_MEMORY_GIB.get(self.generalist)
+        if figures is None:
+            return None
+        fixed, with_recompute, without = figures
+        per_canvas = with_recompute if self.recompute else without
+        return int((fixed + per_canvas * batch * self.canvases(shape)) * 2**30)
 
     def meta(self) -> dict[str, Any]:
         """What :func:`load_tuned` needs to rebuild this network (kept in the adapter file)."""

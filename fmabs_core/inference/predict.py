@@ -80,7 +80,7 @@ class _WindowProbabilities(torch.nn.Module):
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[int, int, int], overlap: Overlap = 0.5,
                   device: str | torch.device = "cpu", sw_batch_size: int = 2, normalise: bool = True,
-                  mode: str = "constant", accumulate: str = "float32") -> np.ndarray:
+                  mode: str = "constant", accumulate: str = "float32", tune_allocator: bool = True) -> np.ndarray:
     """Class probabilities (C+1, X, Y, Z) for a canonical-grid scan, by sliding windows.
 
     Each window's logits are turned into probabilities first and the windows' probabilities are then
@@ -90,13 +90,14 @@ def predict_proba(model: torch.nn.Module, image: np.ndarray, patch_size: tuple[i
     plain mean (the references), ``gaussian`` weights each window's centre more. ``accumulate``: ``float32`` (the
     references) or ``float16``: the scan, the averaged windows and the result (returned as float16) take half the
     memory, for scans too large for it, at the price of labels that may differ where two classes nearly tie (each
-    window still runs the network in float32).
+    window still runs the network in float32). ``tune_allocator=False`` leaves glibc's allocator as the caller set it
+    (validation inside a run whose method trains with glibc's defaults: :attr:`Method.cpu_allocator_tuning`).
     """
     if mode not in BLEND_MODES:
         raise InputError(f"sliding-window mode '{mode}': choose {' or '.join(BLEND_MODES)}")
     if accumulate not in ACCUMULATE:
         raise InputError(f"--accumulate {accumulate}: choose {' or '.join(ACCUMULATE)}")
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu" and tune_allocator:
         tune_cpu_allocator()  # measured 1.7x on a V-Net window: its 3D activations are no longer re-mapped each time
     was_training = model.training
     model.eval()

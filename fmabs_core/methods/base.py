@@ -72,6 +72,10 @@ class Method:
     supervision: ClassVar[str] = "cross"  # which labels the labelled pool uses: cross | dense
     uses_unlabelled: ClassVar[bool] = False
     Config: ClassVar[type] = MethodConfig
+    #: whether training on the CPU keeps freed memory in glibc's heap (:func:`fmabs_core.device.tune_cpu_allocator`):
+    #: faster for V-Nets, but a heap that keeps its peak fragments under networks with many differently sized
+    #: activations (see :class:`~fmabs_core.methods.sam_lora.SamLora`)
+    cpu_allocator_tuning: ClassVar[bool] = True
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
@@ -107,6 +111,19 @@ class Method:
         from fmabs_core.inference.predict import save_model
 
         save_model(path, self.eval_model(tr).state_dict(), tr.cfg.net, tr.patch, tr.project.classes)
+
+    def step_memory(self, tr: TrainContext) -> int | None:
+        """Bytes one training step needs on the CPU beyond the built network, when the method can say (the
+        engine refuses to start when they are not free); None: no estimate, no check."""
+        return None
+
+    def memory_terms(self, tr: TrainContext) -> str:
+        """What :meth:`step_memory` grows with, in the user's options (for the refusal message)."""
+        return f"{tr.option('batch_size')} {tr.cfg.batch_size}, --patch-size {' '.join(map(str, tr.patch))}"
+
+    def memory_advice(self, tr: TrainContext) -> str:
+        """What to change when :meth:`step_memory` is not free."""
+        return f"Lower {tr.option('batch_size')} or --patch-size, or close other programs."
 
     def setup(self, tr: TrainContext) -> None:
         """Called once before the first step (after resume state is known)."""

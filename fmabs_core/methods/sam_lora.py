@@ -99,6 +99,10 @@ class SamLora(Method):
     supervision = "dense"  # the default of the 'labels' option; each instance takes its own
     uses_unlabelled = False
     Config = SamLoraConfig
+    #: glibc's default allocator: with the heap keeping its peak, two steps at the default options (2 crops of
+    #: 112x112x80, 10 canvases, recompute on) peaked at 11.75 GiB and grew step by step, against 5.05 GiB
+    #: (measured 2026-12-07, one process each, 2 cores; docs/methods.md, CFR)
+    cpu_allocator_tuning = False
 
     def __init__(self, config: SamLoraConfig | None = None):
         super().__init__(config)
@@ -115,6 +119,24 @@ class SamLora(Method):
         # hashed now: the adapter must name the weights actually trained on, and a bad file fails at start
         self.base_sha256 = lora.base_sha256(net.generalist, cfg.generalist_checkpoint)
         return net
+
+    def step_memory(self, tr: TrainContext) -> int | None:
+        """The tiled generalist's measured memory per canvas (:data:`~fmabs_core.generalist.tiled.STEP_MEMORY_GIB`):
+        without it, 4 crops of 112x112x80 (20 canvases, no recompute) were killed by the kernel on 24 GB."""
+        return tr.net.step_memory(tr.patch, tr.cfg.batch_size)
+
+    def memory_terms(self, tr: TrainContext) -> str:
+        per_crop = tr.net.canvases(tr.patch)
+        return (f"{tr.option('batch_size')} {tr.cfg.batch_size} crops of {'x'.join(map(str, tr.patch))}, {per_crop} canvas(es) "
+                f"each, --gradient-checkpointing {str(tr.net.recompute).lower()}")
+
+    def memory_advice(self, tr: TrainContext) -> str:
+        slices = tr.net.grid_for_depth(int(tr.patch[2])) ** 2
+        advice = (f"Lower {tr.option('batch_size')}, or the crop's depth (the third --patch-size: one canvas per {slices} "
+                  f"slices)")
+        if not tr.net.recompute:
+            advice += ", turn --gradient-checkpointing true"
+        return advice + ", or close other programs."
 
     def build_optimizer(self, tr: TrainContext, net: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in net.parameters() if p.requires_grad]

@@ -44,6 +44,10 @@ STAGES = ("finetune", "pseudo", "retrain")
 #: the options of a CFR method that configure its fine-tuning stage (method ``sam-lora``)
 FINETUNE_OPTIONS = ("generalist", "generalist_checkpoint", "rank", "grid", "labels", "gradient_checkpointing")
 
+#: the run options that set stage 1's TrainConfig fields (named in its messages)
+FINETUNE_OPTION_NAMES = {"batch_size": "--finetune-batch", "labelled_bs": "--finetune-batch",
+                         "iterations": "--finetune-iterations", "lr": "--finetune-lr"}
+
 
 def finetune_config(cfg: TrainConfig) -> TrainConfig:
     """Stage 1's configuration, derived from the run's: the CFR paper's AdamW schedule on the same crops.
@@ -95,7 +99,7 @@ def run(project: Project, run: str, cfg: TrainConfig, progress: Progress | None 
         adapter = run_dir / ADAPTER_FILE
         if not adapter.exists():
             _stage_event(runlog, "finetune")
-            stage = Stage("finetune", last=False, output=adapter, lock=lock)
+            stage = Stage("finetune", last=False, output=adapter, lock=lock, options=FINETUNE_OPTION_NAMES)
             outcome = Trainer(project, run, finetune_config(cfg), progress, install_signal_handlers, stage).train()
             if outcome.state != DONE:
                 return outcome

@@ -10,7 +10,7 @@ import random
 import signal
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -66,6 +66,9 @@ class Stage:
     last: bool = True
     output: Path | None = None  # what the method exports (default: the run's model.pt)
     lock: RunLock | None = None  # the run's lock, held by the pipeline across its stages
+    #: the command-line option that sets a TrainConfig field of this stage, where it is not the field's own
+    #: (CFR's fine-tuning: ``batch_size`` is ``--finetune-batch``), for messages that tell the user what to change
+    options: dict[str, str] = field(default_factory=dict)
 
     @property
     def config_file(self) -> str:
@@ -140,9 +143,9 @@ class Trainer:
         self.run_name = run
         self._owns_group = distributed.env_info().enabled and not distributed.is_initialized()
         self.dist, self.device = distributed.init(resolve_device(cfg.device))
-        if self.device.type == "cpu":
-            tune_cpu_allocator()  # a V-Net step measured 1.35-1.75x faster (its 3D activations are 30-60 MB each)
         self.method: Method = get_method(cfg.method, cfg.method_options)
+        if self.device.type == "cpu":  # a V-Net step measured 1.35-1.75x faster (its 3D activations are 30-60 MB)
+            tune_cpu_allocator(self.method.cpu_allocator_tuning)
         self.runlog = RunLog(self.run_dir, enabled=self.dist.is_main)
         ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         self.ckpts = CheckpointStore(ckpt_dir / stage.name if stage else ckpt_dir, keep_last=cfg.keep_last)
@@ -200,6 +203,10 @@ class Trainer:
     def progress(self, items: Iterable, desc: str = "", total: int | None = None) -> Iterable:
         return self._progress(items, desc=desc, total=total) if self._progress else items
 
+    def option(self, name: str) -> str:
+        """The command-line option that sets ``TrainConfig.<name>`` for this run (or stage)."""
+        return (self.stage.options.get(name) if self.stage else None) or "--" + name.replace("_", "-")
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda" and self.cfg.amp:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -207,7 +214,7 @@ class Trainer:
 
     def predict(self, model: torch.nn.Module, image: np.ndarray, overlap: float | None = None) -> np.ndarray:
         return predict_proba(model, image, self.patch, overlap if overlap is not None else self.cfg.val_overlap,
-                             self.device, normalise=False)
+                             self.device, normalise=False, tune_allocator=self.method.cpu_allocator_tuning)
 
     def save_pseudolabels(self, case: Case, result: dict[str, np.ndarray], teacher_probs: np.ndarray | None = None
                           ) -> None:
@@ -497,6 +504,7 @@ class Trainer:
             return 0
         self.load_data()
         self.net = self.method.build_network(self).to(self.device)
+        self._check_step_memory()
         self.optimizer = self.method.build_optimizer(self, self.net)
         self.best_dice = -1.0
         start = 0
@@ -523,6 +531,24 @@ class Trainer:
             hook.setup(self)
         return start
 
+    def _check_step_memory(self) -> None:
+        """Refuse to start on the CPU when one training step needs more memory than is free (the method's
+        estimate, :meth:`Method.step_memory`): the kernel would kill the run without a word. On a GPU,
+        CUDA's out-of-memory error is caught and explained instead (:meth:`_oom_advice`)."""
+        if self.device.type != "cpu":
+            return
+        need = self.method.step_memory(self)
+        if need is None:
+            return
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+        log.info("one training step needs about %.1f GiB; %.1f GiB free", need / 2**30, free / 2**30)
+        if need > free:
+            raise InputError(f"method {self.method.name}: one training step needs about {need / 2**30:.1f} GiB "
+                             f"({self.method.memory_terms(self)}), more than the {free / 2**30:.1f} GiB free now. "
+                             f"{self.method.memory_advice(self)} Nothing was trained.")
+
     def _preflight(self) -> None:
         """Own the run folder before touching it: the lock, a finished run, leftovers of a kill."""
         if not self.dist.is_main:
@@ -548,9 +574,10 @@ class Trainer:
         smaller = tuple(max(size_divisor(cfg.net), (p // 2 // size_divisor(cfg.net)) * size_divisor(cfg.net))
                         for p in self.patch) if hasattr(self, "patch") else None
         where = f"{self.device}" + (f" (rank {self.dist.rank})" if self.dist.enabled else "")
-        advice = (f"CUDA ran out of memory on {where} at iteration {it} with --batch-size {cfg.batch_size} "
+        batch = self.option("batch_size")
+        advice = (f"CUDA ran out of memory on {where} at iteration {it} with {batch} {cfg.batch_size} "
                   f"and --patch-size {' '.join(map(str, getattr(self, 'patch', cfg.patch_size)))}. "
-                  f"Lower --batch-size (e.g. {max(1, cfg.batch_size // 2)})")
+                  f"Lower {batch} (e.g. {max(1, cfg.batch_size // 2)})")
         if smaller:
             advice += f" or --patch-size (e.g. {' '.join(map(str, smaller))})"
         advice += (", close other programs using the GPU (nvidia-smi), or train with --device cpu. "

@@ -117,3 +117,25 @@ def test_bench_with_the_teacher_cut_to_its_largest_part(tmp_path, phantom_data):
         if chosen["rule"] == "teacher":
             assert rows[kind][AUTO] == rows[kind][CUT]
     assert f"{CUT:>8}" in format_teachers(rep).splitlines()[1]
+
+
+@pytest.mark.slow  # runs LiteMedSAM
+def test_bench_with_a_tuned_adapter_prompts_the_adapted_encoder(tmp_path, phantom_data, capsys):
+    """--adapter: the lever "a generalist tuned on the drawn planes" is measured with the adapter merged into the
+    prompted encoder (its own embeddings, never the plain model's cache); a file that is no adapter is refused by
+    name before any scan is read."""
+    from adapters import write_adapter
+
+    proj = tmp_path / "proj"
+    main(["import", str(phantom_data), "--project", str(proj)])
+    main(["crosslabel", "simulate", "--project", str(proj), "--count", "1"])
+    write_adapter(tmp_path / "tuned.pt")
+    rep = bench_teachers(str(proj), scans=1, device="cpu", max_slices=1, adapter=str(tmp_path / "tuned.pt"))
+    plain = bench_teachers(str(proj), scans=1, device="cpu", max_slices=1)
+    assert rep["adapter"] == str(tmp_path / "tuned.pt") and "adapter=" in rep["generalist_identity"]
+    assert plain["adapter"] is None and "adapter=" not in plain["generalist_identity"]
+    assert "adapter " in format_teachers(rep).splitlines()[0]
+    (tmp_path / "notes.pt").write_bytes(b"not an adapter")
+    assert main(["bench", "teachers", "--project", str(proj), "--scans", "1", "--adapter",
+                 str(tmp_path / "notes.pt")]) == 2
+    assert "notes.pt" in capsys.readouterr().err

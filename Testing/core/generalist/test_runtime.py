@@ -81,9 +81,10 @@ def test_runtime_choices_are_checked(monkeypatch):
         resolve_runtime("onnx", cpu)
 
 
-def test_allocator_tuning_is_on_by_default_on_glibc_and_off_with_the_switch():
+def test_allocator_tuning_is_on_by_default_on_glibc_reversible_and_off_with_the_switch():
     code = ("from fmabs_core import device; import platform; t = device.tune_cpu_allocator(); "
-            "assert t == device.tune_cpu_allocator(); print(t, platform.libc_ver()[0])")
+            "assert t == device.tune_cpu_allocator(); assert device.tune_cpu_allocator(False) is False; "
+            "assert device.tune_cpu_allocator() == t; print(t, platform.libc_ver()[0])")
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert on[0] == str(on[1] == "glibc")
     env = {**__import__("os").environ, fdevice.ENV_CPU_TUNING: "0"}

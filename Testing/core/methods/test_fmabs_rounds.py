@@ -14,13 +14,13 @@ from fmabs_core.cli import main
 from fmabs_core.data import io
 from fmabs_core.generalist import get_generalist
 from fmabs_core.generalist.adapted import get_adapted
-from fmabs_core.generalist.lora import add_lora, base_sha256, lora_layers, save_adapter
-from fmabs_core.generalist.models import GENERALISTS
+from fmabs_core.generalist.lora import base_sha256, lora_layers, save_adapter
 from fmabs_core.runs.events import read_events
 from fmabs_core.training.api import Hook
 from fmabs_core.training.config import TrainConfig
 from fmabs_core.training.engine import Trainer
 from fmabs_core.training.nets import NetConfig
+from adapters import write_adapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # trains and runs LiteMedSAM
 
@@ -113,22 +113,8 @@ def test_kill_inside_a_round_then_resume_equals_uninterrupted(project):
 
 
 # ------------------------------------------------------------------------------------- adapters
-def _adapter(path, seed: int = 0):
-    """A sam-lora-style adapter for LiteMedSAM with non-zero LoRA (it changes the embeddings)."""
-    model = GENERALISTS["litemedsam"][1](None, True)
-    add_lora(model.image_encoder, rank=2)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _name, layer in lora_layers(model):
-            layer.lora_q_B.copy_(torch.randn(layer.lora_q_B.shape, generator=gen) * 0.05)
-            layer.lora_v_B.copy_(torch.randn(layer.lora_v_B.shape, generator=gen) * 0.05)
-    save_adapter(path, model, "litemedsam", base_sha256("litemedsam"),
-                 extra_meta={"generalist": "litemedsam", "num_classes": 2}, heads=False)
-    return model
-
-
 def test_adapter_is_merged_into_the_prompted_encoder(tmp_path):
-    lora_model = _adapter(tmp_path / "a.pt").eval()
+    lora_model = write_adapter(tmp_path / "a.pt").eval()
     tuned = get_adapted("litemedsam", tmp_path / "a.pt", device="cpu", dtype="float32")
     plain = get_generalist("litemedsam", device="cpu", dtype="float32")
     assert tuned is not plain and "adapter=" in tuned.identity and tuned.identity != plain.identity
@@ -152,7 +138,7 @@ def _phantom_fmabs(tmp_path, phantom_data, iterations: str, patch: tuple[str, st
 
 
 def test_fmabs_round_with_an_adapter_and_a_bad_adapter_refused(tmp_path, phantom_data, capsys):
-    _adapter(tmp_path / "tuned.pt", seed=1)
+    write_adapter(tmp_path / "tuned.pt", seed=1)
     proj, base = _phantom_fmabs(tmp_path, phantom_data, "2", ("16", "16", "16"), "--pseudo-warmup", "0.5",
                                 "--pseudo-max-slices", "1")
     assert main([*base, "--run", "tuned", "--adapter", str(tmp_path / "tuned.pt")]) == 0
