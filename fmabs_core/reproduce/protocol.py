@@ -59,6 +59,9 @@ class Row:
     settings: tuple[str, ...] | None = None  # run only in these settings (None: every one)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for this row (over the scale's)
     paper: dict[str, dict[str, float]] = field(default_factory=dict)  # setting key -> the paper's figures
+    #: the key of an earlier CFR row: this row trains nothing and scores that row's tuned generalist (its run's
+    #: LoRA adapter, prompt-free on the test scans), e.g. CFR's "fine-tuned SAM alone"
+    generalist_of: str | None = None
 
 
 @dataclass
@@ -153,6 +156,15 @@ class Protocol:
             unknown = set(r.settings or ()) - set(keys) | (set(r.paper) - set(keys))
             if unknown:
                 raise InputError(f"{w}: row '{r.key}' names unknown setting(s) {sorted(unknown)} (known: {keys})")
+            if r.generalist_of is not None:
+                source = next((s for s in self.rows[:self.rows.index(r)] if s.key == r.generalist_of), None)
+                if source is None or source.generalist_of is not None or not source.method.startswith("cfr-"):
+                    raise InputError(f"{w}: row '{r.key}': generalist_of '{r.generalist_of}' must be the key of an "
+                                     "earlier row with a CFR method (cfr-mt, cfr-acmt, cfr-st), whose run holds the "
+                                     "tuned generalist")
+                if r.method != source.method or (r.settings or None) != (source.settings or None):
+                    raise InputError(f"{w}: row '{r.key}': a generalist_of row takes the method and settings of "
+                                     f"row '{source.key}' ({source.method})")
         for name, sc in self.scales.items():
             safe(name, "scale name")
             where = f"{w}: scales.{name}"

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from fmabs_core import methods
-from fmabs_core.contract import CONFIG_FILE, DONE, MODEL_FILE
+from fmabs_core.contract import ADAPTER_FILE, CONFIG_FILE, DONE, MODEL_FILE
 from fmabs_core.data import io
 from fmabs_core.data.store import STORE_DIR
 from fmabs_core.errors import FmabsError, InputError
@@ -70,6 +70,11 @@ def plan(protocol: Protocol, scale: Scale, seeds: int, rows: list[str] | None) -
                 cells += [Cell(setting, row, s, i) for s in range(seeds)]
     if not cells:
         raise InputError(f"--methods: no row of protocol '{protocol.name}' runs in any of its settings")
+    missing = sorted({f"{c.row.key} (needs {c.row.generalist_of})" for c in cells
+                      if c.row.generalist_of and c.row.generalist_of not in chosen})
+    if missing:
+        raise InputError(f"--methods: {', '.join(missing)}: a row that scores another row's tuned generalist needs "
+                         "that row too")
     return cells
 
 
@@ -144,6 +149,8 @@ def run_cell(protocol: Protocol, scale: Scale, cell: Cell, out: Path, split: D.S
     if done.exists():
         log.info("cell %s: finished before, skipped", cell.name)
         return json.loads(done.read_text(encoding="utf-8"))
+    if cell.row.generalist_of:
+        return _score_generalist_of(cell, out, split, prepared, scale, device, progress)
     project = D.cell_project(folder / "project", prepared, split, protocol.classes)
     labelled: list[str] | None
     if cell.row.all_labelled:
@@ -182,20 +189,48 @@ def run_cell(protocol: Protocol, scale: Scale, cell: Cell, out: Path, split: D.S
     return clean(result)
 
 
+def _score_generalist_of(cell: Cell, out: Path, split: D.Split, prepared: Path, scale: Scale, device: str,
+                         progress: Progress | None) -> dict:
+    """A ``generalist_of`` row: the tuned generalist of the same setting and seed's CFR cell (run before it, in
+    table order), scored on the test scans; nothing is trained."""
+    source_name = f"{cell.setting.key}.{cell.row.generalist_of}.seed{cell.seed}"
+    source = out / "cells" / source_name
+    if not (source / SCORES_FILE).exists():
+        raise FmabsError(f"cell {cell.name}: cell {source_name} has not finished; run the same command again")
+    ran = json.loads((source / SCORES_FILE).read_text(encoding="utf-8"))
+    run_dir = source / "project" / "runs" / RUN
+    t1 = time.time()
+    scores = score_cell(run_dir, split, prepared, scale, device, progress, generalist=True)
+    result = {"cell": cell.name, "setting": cell.setting.key, "row": cell.row.key, "method": cell.row.method,
+              "seed": cell.seed, "iterations": ran["iterations"], "labelled": ran["labelled"], "resumed": False,
+              "train_seconds_this_call": 0.0, "predict_seconds": time.time() - t1, "run": str(run_dir),
+              "scored": "tuned generalist", "cases": [s.as_dict() for s in scores], "summary": summarise(scores)}
+    (out / "cells" / cell.name).mkdir(parents=True, exist_ok=True)
+    io.atomic_write_text(out / "cells" / cell.name / SCORES_FILE, json.dumps(clean(result), indent=2))
+    return clean(result)
+
+
 def _active_choice(project) -> list[str]:
     return sorted(project.crosslabelled())
 
 
 def score_cell(run_dir: Path, split: D.Split, prepared: Path, scale: Scale, device: str,
-               progress: Progress | None) -> list[CaseScores]:
+               progress: Progress | None, generalist: bool = False) -> list[CaseScores]:
     """The final model on every test scan: predicted at the scale's resolution, scored at the scan's own
-    (probabilities resampled back), against its original label."""
+    (probabilities resampled back), against its original label. ``generalist``: the run's tuned generalist
+    (a CFR run's LoRA adapter) instead, prompt-free on tiled slices, by the same sliding windows."""
     from fmabs_core.device import resolve_device
     from fmabs_core.inference.predict import load_model, overlap_for_stride, predict_proba
 
     dev = resolve_device(device)
-    net, meta = load_model(run_dir, dev)
-    patch = tuple(meta["patch_size"])
+    if generalist:
+        from fmabs_core.generalist.tiled import load_tuned
+
+        net = load_tuned(run_dir / ADAPTER_FILE, dev)
+        patch = tuple(net.adapter_meta.get("patch_size") or scale.patch_size)
+    else:
+        net, meta = load_model(run_dir, dev)
+        patch = tuple(meta["patch_size"])
     overlap = overlap_for_stride(patch, tuple(scale.stride)) if scale.stride else scale.overlap
     test_dir = prepared / "test"
     scores = []

@@ -3,6 +3,7 @@ resampling, and the report's statistics (no training here)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -109,6 +110,21 @@ def test_plan_and_train_config():
     proto.scales["cpu"].method_options["fmabs"]["no_such_option"] = 1
     with pytest.raises(InputError, match="row 'fmabs[a-z-]*'.*no_such_option"):
         train_config(proto, proto.scale("cpu"), cells[-1], ["a"], "cpu")
+
+
+def test_the_tuned_generalist_row_scores_an_earlier_cfr_row():
+    cfr = P.load("la-cfr")
+    names = [c.name for c in plan(cfr, cfr.scale("cpu"), 1, None)]
+    assert names.index("l1.cfr-ft.seed0") == names.index("l1.cfr-mt.seed0") + 1
+    with pytest.raises(InputError, match="cfr-ft \\(needs cfr-mt\\).*needs that row too"):
+        plan(cfr, cfr.scale("cpu"), 1, ["cfr-ft"])
+    data = json.loads(json.dumps(cfr.to_dict()))
+    for source, why in (("mt", "generalist_of 'mt'.*with a CFR method"), ("nope", "generalist_of 'nope'.*earlier row"),
+                        ("cfr-acmt", "a generalist_of row takes the method and settings of row 'cfr-acmt'")):
+        bad = copy.deepcopy(data)
+        next(r for r in bad["rows"] if r["key"] == "cfr-ft")["generalist_of"] = source
+        with pytest.raises(InputError, match=f"row 'cfr-ft': {why}"):
+            P.Protocol.from_dict(bad, "p.json")
 
 
 def test_a_scale_with_fewer_iterations_for_a_time_budget():

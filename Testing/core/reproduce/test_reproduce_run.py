@@ -101,3 +101,27 @@ def test_reproduce_with_fewer_iterations_says_so(tmp_path, phantom_data, capsys,
     # the same folder with another count: refused by name, nothing trained
     assert main([*argv[:-1], "3"]) == 2
     assert "protocol or scale" in capsys.readouterr().err
+
+
+def test_a_cfr_row_and_its_tuned_generalist_alone(tmp_path, phantom_data, one_thread):
+    """A ``generalist_of`` row (CFR's "fine-tuned SAM alone", Table IX) trains nothing: it scores the CFR cell's
+    LoRA adapter, prompt-free on the test scans, beside the CFR row's re-trained V-Net."""
+    protocol = copy.deepcopy(PROTOCOL)
+    protocol["rows"] = [{"key": "cfr-mt", "label": "CFR (MT)", "method": "cfr-mt"},
+                        {"key": "cfr-ft", "label": "CFR tuned generalist alone", "method": "cfr-mt",
+                         "generalist_of": "cfr-mt", "paper": {"c2": {"dice": 74.78}}}]
+    protocol["scales"]["tiny"]["method_options"] = {"cfr-mt": {"labels": "cross", "finetune_iterations": 2,
+                                                               "finetune_batch": 1, "grid": 6}}
+    proto = tmp_path / "proto.json"
+    proto.write_text(json.dumps(protocol))
+    out = tmp_path / "out"
+    assert main(["reproduce", str(proto), "--train", str(phantom_data), "--scale", "tiny", "--out", str(out),
+                 "--device", "cpu", "--seeds", "1"]) == 0
+    tuned = json.loads((out / "cells" / "c2.cfr-ft.seed0" / "scores.json").read_text())
+    retrained = json.loads((out / "cells" / "c2.cfr-mt.seed0" / "scores.json").read_text())
+    assert tuned["scored"] == "tuned generalist" and tuned["train_seconds_this_call"] == 0.0
+    assert not (out / "cells" / "c2.cfr-ft.seed0" / "project").exists()  # nothing trained for it
+    assert tuned["labelled"] == retrained["labelled"] and len(tuned["cases"]) == len(retrained["cases"]) == 2
+    assert [c["dice"] for c in tuned["cases"]] != [c["dice"] for c in retrained["cases"]]  # another model scored
+    table = (out / "table.md").read_text()
+    assert "| CFR tuned generalist alone |" in table and "74.78" in table
